@@ -1,0 +1,41 @@
+# `make test` works on a fresh machine with only Python and make: it creates
+# .venv and installs the package with its dev extras on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
+
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: install test test-fast test-jax demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The whole suite on the TensorFlow backend, then the layer tests on JAX.
+test: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PYTEST)
+	$(MAKE) --no-print-directory test-jax
+
+test-jax: $(STAMP)
+	KERAS_BACKEND=jax $(PYTEST) tests/layers tests/ops
+
+## A quick subset: everything not marked slow, TensorFlow backend.
+test-fast: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PYTEST) -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/layer.py
+	$(BIN)/python benchmarks/fold.py
+
+clean:
+	rm -rf build .pytest_cache

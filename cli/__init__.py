@@ -1,0 +1,1 @@
+"""The `kerasbn` command line (installed as the `kerasbn_cli` package)."""

@@ -1,0 +1,1 @@
+"""Backend-agnostic numerical kernels behind the layer."""

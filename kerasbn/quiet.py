@@ -1,0 +1,63 @@
+"""Import TensorFlow without its start-up noise, keeping every real error.
+
+TensorFlow 2.21 writes an absl preamble, a oneDNN notice and CUDA probe
+messages straight to file descriptor 2 at import, even with
+``TF_CPP_MIN_LOG_LEVEL=3``. They are caught at the descriptor level while
+TensorFlow and Keras load; lines that are not known start-up noise are written
+back to stderr, and a failed import shows everything it printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from typing import Iterator
+
+_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog"
+    r"|oneDNN custom operations are on"
+    r"|cudart_stub\.cc|cuda_platform\.cc|cuda_executor\.cc|cuInit"
+    r"|Could not find cuda drivers"
+    r"|rebuild TensorFlow with the appropriate compiler flags"
+    r"|This TensorFlow binary is optimized"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|TF-TRT Warning"
+)
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Hold back known TensorFlow start-up noise written to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace")
+            kept = [ln for ln in text.splitlines() if failed or not _NOISE.search(ln)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+
+
+def import_tensorflow():
+    """Import TensorFlow and Keras quietly; returns the `tensorflow` module."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with quiet_stderr():
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    return tf
