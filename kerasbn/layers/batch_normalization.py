@@ -87,6 +87,11 @@ class BatchNormalization(keras.layers.Layer):
         mask: Optional boolean tensor of rank ``rank(inputs) − 1``; masked
             positions do not enter the batch statistics.
 
+    float16/bfloat16 inputs are normalized with float32 statistics and the
+    output is cast back to the layer's compute dtype; the moving statistics
+    are stored in at least float32 whatever the dtype policy, since the
+    variance of float16 data can exceed float16's range.
+
     A training batch with a single value per feature (``m = 1``) carries no
     variance: when ``m`` is known when the layer is traced this is an error;
     when it is only known at run time, the moving statistics are left
@@ -271,6 +276,9 @@ class BatchNormalization(keras.layers.Layer):
         return {**super().get_config(), **config}
 
     def _param(self, name, initializer, trainable, regularizer=None, constraint=None):
+        # A float16 moving variance overflows for float16 data beyond ~256:
+        # the statistics are stored in at least float32 whatever the policy.
+        dtype = self.variable_dtype if trainable else backend.result_type(self.variable_dtype, "float32")
         return self.add_weight(
             shape=self._param_shape,
             name=name,
@@ -279,6 +287,7 @@ class BatchNormalization(keras.layers.Layer):
             constraint=constraint,
             trainable=trainable,
             autocast=False,
+            dtype=dtype,
         )
 
     def _bcast(self, v, dtype):

@@ -1,0 +1,81 @@
+"""Shared test set-up: quiet TensorFlow, one way to run a layer in each execution mode."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import kerasbn  # noqa: E402,F401  (imports keras with TensorFlow's start-up noise held back)
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+# The execution modes a user can run the layer in on the active backend.
+MODES = ("eager", "function", "xla") if BACKEND == "tensorflow" else ("eager", "jit")
+
+
+def run(layer, x, *, training: bool, mode: str, mask=None):
+    """Call `layer` on `x` in `mode`, applying its state updates; returns NumPy."""
+    if not layer.built:
+        layer.build(tuple(x.shape))
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        if mode == "eager":
+            out = layer(x, training=training, mask=mask)
+        else:
+            fn = tf.function(lambda t, m: layer(t, training=training, mask=m), jit_compile=(mode == "xla"))
+            out = fn(tf.constant(x), mask)
+        return keras.ops.convert_to_numpy(out)
+    import jax
+
+    if mode == "eager":
+        return keras.ops.convert_to_numpy(layer(x, training=training, mask=mask))
+
+    @jax.jit
+    def step(trainable, non_trainable, t, m):
+        return layer.stateless_call(trainable, non_trainable, t, training=training, mask=m)
+
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+    out, new_state = step(trainable, non_trainable, x, mask)
+    for variable, value in zip(layer.non_trainable_variables, new_state):
+        variable.assign(value)
+    return np.asarray(out)
+
+
+def gradients(layer, x, dy):
+    """(dL/dx, {weight name: dL/dw}) for L = Σ y·dy in training mode."""
+    if not layer.built:
+        layer.build(tuple(x.shape))
+    weights = layer.trainable_variables
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            loss = tf.reduce_sum(tf.cast(layer(xt, training=True), tf.float64) * dy)
+        grads = tape.gradient(loss, [xt] + [w.value for w in weights])
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss(t, trainable):
+            y, _ = layer.stateless_call(trainable, non_trainable, t, training=True)
+            return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+
+        gx, gw = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), [w.value for w in weights])
+        grads = [gx] + list(gw)
+    grads = [keras.ops.convert_to_numpy(g) for g in grads]
+    return grads[0], {w.name: g for w, g in zip(weights, grads[1:])}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
