@@ -1,0 +1,154 @@
+"""Options shared by every command, defined once, and the one place that maps
+outcomes to exit codes.
+
+Exit codes (as black reports them): 0 success; 1 a verification failed or
+`--strict` found something; 2 bad usage, or an input that cannot be read or is
+not supported. Errors are one line on stderr; tracebacks only with `-v`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_ERROR = 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The common options of one invocation."""
+
+    imports: tuple[str, ...]
+    unsafe: bool
+    quiet: bool
+    verbose: bool
+    force: bool
+
+    @property
+    def safe_mode(self) -> bool:
+        return not self.unsafe
+
+    def say(self, message: str = "") -> None:
+        """A human-readable line on stdout, unless --quiet."""
+        if not self.quiet:
+            click.echo(message)
+
+
+class Failed(Exception):
+    """A command's own verdict: verification failed (exit 1), already reported."""
+
+
+_COMMON = (
+    click.option(
+        "--import",
+        "imports",
+        multiple=True,
+        metavar="MODULE",
+        help="Import MODULE first (repeatable); it registers the custom layers the model uses.",
+    ),
+    click.option(
+        "--unsafe",
+        is_flag=True,
+        help="Let Keras deserialize Python lambdas. This runs code from the file: trusted files only.",
+    ),
+    click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
+    click.option("-v", "--verbose", is_flag=True, help="Show tracebacks for unexpected errors."),
+    click.option("--force", is_flag=True, help="Overwrite an existing output file."),
+)
+
+MODEL_ARGUMENT = click.argument("model", metavar="MODEL", type=click.Path(path_type=Path))
+
+
+def output_option(default_help: str) -> Callable:
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Path(path_type=Path, dir_okay=False),
+        metavar="OUT",
+        help=f"Output file [default: {default_help}].",
+    )
+
+
+def verify_options(fn: Callable) -> Callable:
+    """Options of the rewrite commands that check the new model against the old."""
+    options = (
+        click.option(
+            "--verify/--no-verify",
+            default=True,
+            show_default=True,
+            help="Compare the new model with the original, in memory and as reloaded from disk.",
+        ),
+        click.option("--atol", type=click.FloatRange(min=0), default=1e-5, show_default=True, help="Absolute tolerance."),
+        click.option("--rtol", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Relative tolerance."),
+        click.option(
+            "--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Batch size of the random inputs."
+        ),
+        click.option(
+            "--inputs",
+            "inputs_file",
+            type=click.Path(path_type=Path),
+            metavar="FILE.npz",
+            help="Verify on these arrays (named after the model inputs) instead of random ones.",
+        ),
+    )
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def common_options(fn: Callable) -> Callable:
+    """Add the shared options; the command receives them as `settings` and runs guarded."""
+
+    @functools.wraps(fn)
+    def command(*, imports: tuple[str, ...], unsafe: bool, quiet: bool, verbose: bool, force: bool, **kwargs: Any):
+        settings = Settings(tuple(imports), unsafe, quiet, verbose, force)
+        return run_guarded(settings, lambda: fn(settings=settings, **kwargs))
+
+    for option in reversed(_COMMON):
+        command = option(command)
+    return command
+
+
+def run_guarded(settings: Settings, body: Callable[[], int | None]) -> None:
+    """Run a command body and turn its outcome into an exit code and one line."""
+    from kerasbn.errors import KerasbnError, VerificationError
+
+    try:
+        code = body() or EXIT_OK
+    except click.exceptions.Exit:
+        raise
+    except click.ClickException:
+        raise
+    except Failed:
+        code = EXIT_FINDINGS
+    except VerificationError as exc:
+        _error(str(exc))
+        code = EXIT_FINDINGS
+    except KerasbnError as exc:
+        _error(str(exc))
+        code = EXIT_ERROR
+    except KeyboardInterrupt:
+        _error("interrupted")
+        code = 130
+    except Exception as exc:  # the last guard: a bug must still end in one line
+        if settings.verbose:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        hint = "" if settings.verbose else " (rerun with -v for the traceback)"
+        _error(f"unexpected {type(exc).__name__}: {first}{hint}")
+        code = EXIT_ERROR
+    sys.stdout.flush()
+    raise click.exceptions.Exit(code)
+
+
+def _error(message: str) -> None:
+    one_line = " ".join(message.split())
+    click.echo(f"kerasbn: error: {one_line}", err=True)

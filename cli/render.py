@@ -1,0 +1,104 @@
+"""Printing: rich tables on a terminal, plain text when piped, JSON and Markdown
+for machines and pull requests; a progress spinner only on a terminal.
+
+rich is imported inside the functions so `kerasbn --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Any, Callable, Iterator, Sequence
+
+
+def console() -> Any:
+    from rich.console import Console
+
+    # soft_wrap keeps long lines (paths) whole when output is piped into a file.
+    return Console(soft_wrap=not sys.stdout.isatty(), highlight=False)
+
+
+@contextlib.contextmanager
+def progress(quiet: bool) -> Iterator[Callable[[str], None]]:
+    """Yield `step(message)`; shows a spinner on stderr only when stdout and stderr are terminals."""
+    if quiet or not (sys.stdout.isatty() and sys.stderr.isatty()):
+        yield lambda _message: None
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status("Starting") as status:
+        yield lambda message: status.update(f"{message}…")
+
+
+def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]], *, numeric: Sequence[int] = ()) -> Any:
+    """A rich Table; columns listed in `numeric` are right-aligned."""
+    from rich.table import Table
+
+    result = Table(title=title, title_justify="left", show_lines=False)
+    for i, header in enumerate(headers):
+        result.add_column(header, justify="right" if i in numeric else "left", overflow="fold")
+    for row in rows:
+        result.add_row(*("" if cell is None else str(cell) for cell in row))
+    return result
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return ("" if value is None else str(value)).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "item"):  # NumPy scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def error(value: float) -> str:
+    return f"{value:.2e}"
+
+
+def op_rows(op_table: Sequence[tuple[str, int | None, int]]) -> list[tuple[str, str, str]]:
+    """onnx-simplifier's before/after rows, the changed ones marked."""
+    rows = []
+    for op, before, after in op_table:
+        if before is None:
+            rows.append((op, "", str(after)))
+        else:
+            rows.append((op, str(before), str(after) if before == after else f"{after} ({after - before:+d})"))
+    return rows
+
+
+def print_export(settings: Any, result: Any) -> None:
+    """What export_onnx wrote: the op table and the ONNX Runtime checks."""
+    if settings.quiet:
+        return
+    out = console()
+    folded = result.op_counts_unfolded is not None
+    headers = ("Op", "Before fold", "After fold") if folded else ("Op", "Count")
+    rows = op_rows(result.op_table()) if folded else [(op, n) for op, n in result.op_counts.items()]
+    if folded:
+        totals = (sum(result.op_counts_unfolded.values()), sum(result.op_counts.values()))
+        rows.append(("Total", str(totals[0]), str(totals[1])))
+    out.print(table(f"ONNX graph of {result.path.name} (opset {result.opset})", headers, rows, numeric=range(1, 3)))
+    for check in result.checks:
+        verdict = "ok" if check.passed else "FAILED"
+        out.print(
+            f"ONNX Runtime vs Keras, batch {check.batch_size}: max |Δ| {error(check.max_abs_error)}, "
+            f"max rel {error(check.max_rel_error)}: {verdict}"
+        )
+    if not result.checks:
+        out.print("Not verified (--no-verify).")
+    out.print(f"Wrote {result.path}")

@@ -1,0 +1,317 @@
+"""Export a Keras model to ONNX, folded first and checked with ONNX Runtime.
+
+The conversion goes through `tf2onnx.convert.from_function` on a
+`tf.function` whose input signature has a dynamic batch dimension, the path
+Keras's own ``model.export(format="onnx")`` takes; ``from_keras`` is
+unreliable on Keras 3. The written file is then run by ONNX Runtime at two
+batch sizes and compared with the original Keras model (``rtol=1e-4,
+atol=1e-5`` as tf2onnx and onnx-simplifier test), so a bad fold or a bad
+conversion never reaches the output path.
+
+TensorFlow, tf2onnx and ONNX Runtime are imported inside the functions: they
+cost seconds, and `import kerasbn.export` should not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
+from kerasbn.io import atomic_output
+
+ATOL = 1e-5
+RTOL = 1e-4
+
+
+@dataclass(frozen=True)
+class BatchCheck:
+    """ONNX Runtime against Keras at one batch size.
+
+    `max_rel_error` is ``max |onnx − keras| / max(|keras|, atol)``, so
+    near-zero reference values do not blow it up.
+    """
+
+    batch_size: int
+    max_abs_error: float
+    max_rel_error: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What `export_onnx` wrote and how it checked it.
+
+    Attributes:
+        path: the ONNX file (written only when every check passed).
+        opset: the ONNX opset of the graph.
+        op_counts: op type → count in the written graph.
+        op_counts_unfolded: the same for the model converted without folding
+            (None with ``fold=False``): the "before" column of the table.
+        fold_report: the fold engine's report, or None with ``fold=False``.
+        checks: one `BatchCheck` per batch size (empty with ``verify=False``).
+    """
+
+    path: Path
+    opset: int
+    op_counts: dict[str, int]
+    op_counts_unfolded: dict[str, int] | None = None
+    fold_report: Any = None
+    checks: tuple[BatchCheck, ...] = field(default_factory=tuple)
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def op_table(self) -> list[tuple[str, int | None, int]]:
+        """Rows (op type, count before fold or None, count after), onnx-simplifier style."""
+        before = self.op_counts_unfolded or {}
+        ops = sorted(set(before) | set(self.op_counts))
+        return [(op, before.get(op, 0) if self.op_counts_unfolded is not None else None, self.op_counts.get(op, 0)) for op in ops]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "opset": self.opset,
+            "op_counts": dict(self.op_counts),
+            "op_counts_unfolded": None if self.op_counts_unfolded is None else dict(self.op_counts_unfolded),
+            "verified": self.verified,
+            "checks": [c.__dict__ for c in self.checks],
+        }
+
+
+class ExportVerificationError(VerificationError):
+    """ONNX Runtime disagrees with Keras; `result` holds the numbers (nothing was written)."""
+
+    def __init__(self, message: str, result: ExportResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def export_onnx(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    fold: bool = True,
+    verify: bool = True,
+    overwrite: bool = False,
+    batch_sizes: Sequence[int] = (1, 8),
+    inputs: Any = None,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    seed: int = 0,
+    on_step: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Fold BatchNormalization away, convert to ONNX and check it with ONNX Runtime.
+
+    Args:
+        model: a functional or Sequential `keras.Model` (TensorFlow backend).
+        path: the `.onnx` file to write (atomically).
+        opset: ONNX opset; tf2onnx's default when None.
+        fold: run `kerasbn.fold` first so no BatchNormalization, and no
+            per-channel Mul/Add left over from one, reaches the graph.
+        verify: compare ONNX Runtime with the original Keras model at every
+            batch size in `batch_sizes` before the file is put in place.
+        overwrite: replace an existing `path`.
+        batch_sizes: batch sizes of the random verification inputs; two
+            different ones show the batch dimension is really dynamic.
+        inputs: verification inputs (an array, or a list in input order)
+            instead of random ones; checked whole and as its first row.
+        atol, rtol: elementwise tolerance ``|onnx − keras| ≤ atol + rtol·|keras|``.
+        seed: seed of the random inputs.
+        on_step: called with a short description before each long step.
+
+    Returns:
+        An `ExportResult`.
+
+    Raises:
+        ExportVerificationError: ONNX Runtime disagrees with Keras; no file is written.
+        UnsupportedModelError: the model cannot be traced or converted.
+        KerasbnError: the output path is not writable or exists.
+    """
+    step = on_step or (lambda _message: None)
+    path = Path(path)
+    if verify and not batch_sizes and inputs is None:
+        raise KerasbnError("export_onnx: verification needs at least one batch size")
+    fold_report = None
+    before = None
+    target = model
+    if fold:
+        from kerasbn.fold import fold as fold_model
+
+        step("Folding BatchNormalization")
+        folded = fold_model(model)
+        target, fold_report = folded.model, folded.report
+        step("Converting the unfolded model (for the op table)")
+        before = op_counts(to_onnx(model, opset=opset))
+    step("Converting to ONNX")
+    proto = to_onnx(target, opset=opset)
+    after = op_counts(proto)
+    opset_used = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+        checks: tuple[BatchCheck, ...] = ()
+        if verify:
+            step("Checking with ONNX Runtime")
+            checks = _check_with_onnxruntime(tmp, model, batch_sizes, inputs, atol, rtol, seed)
+        result = ExportResult(path, opset_used, after, before, fold_report, checks)
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            worst = max(failed, key=lambda c: c.max_abs_error)
+            raise ExportVerificationError(
+                f"ONNX Runtime disagrees with Keras at batch size {worst.batch_size}: "
+                f"max |error| {worst.max_abs_error:.3g} exceeds atol={atol:g} + rtol={rtol:g}·|y|; nothing written",
+                result,
+            )
+    return result
+
+
+def to_onnx(model: Any, *, opset: int | None = None) -> Any:
+    """Convert `model` to an `onnx.ModelProto` with a dynamic batch dimension.
+
+    Inputs keep the model's input names; outputs are the model's outputs in
+    `keras.tree.flatten` order.
+    """
+    from kerasbn.quiet import import_tensorflow
+
+    tf = import_tensorflow()
+    import keras
+
+    try:
+        tensors = list(model.inputs)
+    except (AttributeError, ValueError) as exc:
+        raise UnsupportedModelError(f"cannot export {type(model).__name__}: the model has no input signature") from exc
+    specs = [tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=_onnx_name(t.name, i)) for i, t in enumerate(tensors)]
+    structure = model.input
+
+    def forward(*args):
+        outputs = model(keras.tree.pack_sequence_as(structure, list(args)), training=False)
+        return tuple(keras.tree.flatten(outputs))
+
+    function = tf.function(forward, input_signature=specs, autograph=False)
+    with _tf2onnx() as tf2onnx:
+        try:
+            proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
+        except Exception as exc:  # tf2onnx raises bare Exceptions for unsupported ops
+            raise UnsupportedModelError(f"tf2onnx cannot convert the model: {_first_line(exc)}") from exc
+    return proto
+
+
+def op_counts(proto: Any) -> dict[str, int]:
+    """Op type → number of nodes, subgraphs (If, Loop, Scan bodies) included."""
+    counts: Counter[str] = Counter()
+
+    def visit(graph: Any) -> None:
+        for node in graph.node:
+            counts[node.op_type] += 1
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    visit(attribute.g)
+                for sub in attribute.graphs:
+                    visit(sub)
+
+    visit(proto.graph)
+    return dict(sorted(counts.items()))
+
+
+def sample_inputs(model: Any, batch_size: int, seed: int = 0) -> list[Any]:
+    """Random inputs in the model's input order: standard normal floats, small integers.
+
+    Unknown non-batch dimensions get size 8.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for tensor in model.inputs:
+        shape = (batch_size, *(8 if d is None else d for d in tensor.shape[1:]))
+        dtype = np.dtype(tensor.dtype)
+        if np.issubdtype(dtype, np.floating):
+            arrays.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype == np.bool_:
+            arrays.append(rng.integers(0, 2, shape).astype(dtype))
+        else:
+            arrays.append(rng.integers(0, 4, shape).astype(dtype))
+    return arrays
+
+
+def _check_with_onnxruntime(
+    file: Path, model: Any, batch_sizes: Sequence[int], inputs: Any, atol: float, rtol: float, seed: int
+) -> tuple[BatchCheck, ...]:
+    import keras
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    if inputs is not None:
+        arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        cases = [arrays, [a[:1] for a in arrays]]
+    else:
+        cases = [sample_inputs(model, b, seed + k) for k, b in enumerate(batch_sizes)]
+    checks = []
+    for arrays in cases:
+        expected = [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(model(_pack(model, arrays), training=False))]
+        got = session.run(None, {n: a for n, a in zip(names, arrays)})
+        worst_abs = worst_rel = 0.0
+        passed = len(got) == len(expected)
+        for g, e in zip(got, expected):
+            if g.shape != e.shape:
+                passed, worst_abs, worst_rel = False, float("inf"), float("inf")
+                continue
+            diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
+            scale = np.abs(e.astype(np.float64))
+            if diff.size:
+                worst_abs = max(worst_abs, float(diff.max()))
+                worst_rel = max(worst_rel, float((diff / np.maximum(scale, atol)).max()))
+            passed = passed and bool(np.all(diff <= atol + rtol * scale))
+        checks.append(BatchCheck(int(arrays[0].shape[0]), worst_abs, worst_rel, passed))
+    return tuple(checks)
+
+
+def _pack(model: Any, arrays: list[Any]) -> Any:
+    import keras
+
+    return keras.tree.pack_sequence_as(model.input, arrays)
+
+
+@contextlib.contextmanager
+def _tf2onnx() -> Iterator[Any]:
+    """tf2onnx, patched for NumPy 2 the way Keras does it, with its chatter turned down."""
+    from keras.src.export.tf2onnx_lib import patch_tf2onnx
+
+    from kerasbn.quiet import quiet_stderr
+
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    with warnings.catch_warnings(), quiet_stderr():
+        warnings.simplefilter("ignore")
+        logger.setLevel(logging.ERROR)
+        try:
+            import tf2onnx
+
+            patch_tf2onnx()
+            yield tf2onnx
+        finally:
+            logger.setLevel(level)
+
+
+def _onnx_name(name: str, index: int) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name or "")
+    return cleaned or f"input_{index}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
