@@ -1,0 +1,161 @@
+"""Build a new Keras model from an old one with some layers changed or removed.
+
+The graph is replayed node by node on fresh `keras.Input` tensors with a
+clone of every layer (so the result shares no variable with the original),
+which keeps layer names, input names, the call arguments of every node,
+shared layers (one clone per layer, called as often as the original) and
+nested models (rebuilt recursively, a Sequential as a Sequential).
+`keras.models.clone_model` is not used: it passes ``mask=`` to replacement
+layers, which layers such as `keras.layers.Identity` reject.
+
+A removed layer's output is its input, except where that output is an output
+of its model: there an `Identity` with the removed layer's name keeps the
+model's output names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from kerasbn.errors import UnsupportedModelError
+from kerasbn.graph import check_model, functional_of, nodes_in_order
+
+
+@dataclass
+class Patch:
+    """A change to one layer.
+
+    Attributes:
+        config: Entries that override the layer's config (e.g. ``{"use_bias": True}``).
+        weights: New values by short weight name (``"kernel"``, ``"bias"``, ``"moving_mean"``…);
+            cast to each variable's dtype. Weights not named keep their values.
+    """
+
+    config: dict = field(default_factory=dict)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def read_weights(layer: keras.layers.Layer) -> dict[str, np.ndarray]:
+    """A layer's weights by short name, as float64 arrays."""
+    return {w.name: np.asarray(keras.ops.convert_to_numpy(w.value), np.float64) for w in layer.weights}
+
+
+class _Rebuilder:
+    def __init__(self, patches: dict[int, Patch], removed: set[int]):
+        self.patches = patches
+        self.removed = removed
+        self.clones: dict[int, keras.layers.Layer] = {}
+        self.pending: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
+
+    def clone(self, layer: keras.layers.Layer) -> keras.layers.Layer:
+        # One clone per layer, so a shared layer stays shared.
+        new = self.clones.get(id(layer))
+        if new is not None:
+            return new
+        if functional_of(layer) is not None:
+            new = self.model(layer)
+        else:
+            config = layer.get_config()
+            patch = self.patches.get(id(layer))
+            if patch is not None:
+                config.update(patch.config)
+            try:
+                new = type(layer).from_config(config)
+            except Exception as exc:  # noqa: BLE001 (any failure means: not rebuildable)
+                raise UnsupportedModelError(
+                    f"Layer '{layer.name}' ({type(layer).__name__}) cannot be re-created from its config: {exc}"
+                ) from exc
+            self.pending.append((layer, new))
+        self.clones[id(layer)] = new
+        return new
+
+    def model(self, model: keras.Model) -> keras.Model:
+        fn = check_model(model)
+        if isinstance(model, keras.Sequential):
+            new = self._sequential(model, fn)
+        else:
+            new = self._functional(model, fn)
+        new.trainable = model.trainable
+        return new
+
+    def _stand_in(self, layer: keras.layers.Layer) -> keras.layers.Layer:
+        return keras.layers.Identity(name=layer.name, dtype=layer.get_config().get("dtype"))
+
+    def _sequential(self, model: keras.Sequential, fn) -> keras.Sequential:
+        first = model._layers[0]
+        layers = [type(first).from_config(first.get_config())]
+        body = model.layers
+        for i, layer in enumerate(body):
+            if id(layer) in self.removed:
+                if i == len(body) - 1:
+                    layers.append(self._stand_in(layer))
+                continue
+            layers.append(self.clone(layer))
+        return keras.Sequential(layers, name=model.name)
+
+    def _functional(self, model: keras.Model, fn) -> keras.Model:
+        tensors: dict[int, object] = {}
+        new_inputs = []
+        for kt in fn.inputs:
+            input_layer = kt._keras_history.operation
+            new = type(input_layer).from_config(input_layer.get_config()).output
+            tensors[id(kt)] = new
+            new_inputs.append(new)
+        outputs = {id(kt) for kt in fn.outputs}
+        for node in nodes_in_order(fn):
+            args, kwargs = node.arguments.fill_in(tensors)
+            layer = node.operation
+            if id(layer) in self.removed:
+                (x,) = node.arguments.keras_tensors
+                result = tensors[id(x)]
+                if id(node.outputs[0]) in outputs:
+                    result = self._stand_in(layer)(result)
+            else:
+                result = self.clone(layer)(*args, **kwargs)
+            for kt, value in zip(node.outputs, keras.tree.flatten(result)):
+                tensors[id(kt)] = value
+        inputs = keras.tree.pack_sequence_as(fn._inputs_struct, new_inputs)
+        outs = keras.tree.pack_sequence_as(fn._outputs_struct, [tensors[id(kt)] for kt in fn.outputs])
+        return keras.Model(inputs=inputs, outputs=outs, name=model.name)
+
+    def copy_weights(self) -> None:
+        for old, new in self.pending:
+            patch = self.patches.get(id(old))
+            if patch is None:
+                if len(old.weights) != len(new.weights):
+                    raise UnsupportedModelError(
+                        f"Layer '{old.name}' was re-created with {len(new.weights)} weights instead of {len(old.weights)}."
+                    )
+                for src, dst in zip(old.weights, new.weights):
+                    dst.assign(src.value)
+                continue
+            by_name = {w.name: w for w in old.weights}
+            for dst in new.weights:
+                if dst.name in patch.weights:
+                    dst.assign(np.asarray(patch.weights[dst.name]).astype(dst.dtype))
+                else:
+                    dst.assign(by_name[dst.name].value)
+
+
+def rebuild(
+    model: keras.Model,
+    patches: dict[int, Patch] | None = None,
+    removed: set[int] | None = None,
+) -> keras.Model:
+    """A new model equal to ``model`` except for the given changes.
+
+    Args:
+        model: A Functional or Sequential model (nested models allowed).
+        patches: ``id(layer)`` → `Patch` for layers to re-create with new config/weights.
+        removed: ``id(layer)`` of single-input layers to drop (their output becomes their input).
+
+    Returns:
+        The new model; ``model`` is not modified and shares no variable with it.
+    """
+    builder = _Rebuilder(patches or {}, removed or set())
+    new = builder.model(model)
+    builder.copy_weights()
+    return new
