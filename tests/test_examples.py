@@ -1,0 +1,61 @@
+"""The examples run and make their point: paper Figure 1 in a short version."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def figure1(tmp_path_factory):
+    out = tmp_path_factory.mktemp("figure1")
+    module = load("paper_figure1")
+    assert module.main(["--steps", "300", "--every", "50", "--out", str(out)]) == 0
+    return module, out
+
+
+@pytest.mark.slow
+def test_figure1_writes_curves_for_both_networks(figure1):
+    module, out = figure1
+    assert (out / "figure1.png").stat().st_size > 10_000
+    with open(out / "figure1.csv") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == module.CURVE_COLUMNS
+        rows = list(reader)
+    for network in ("plain", "bn"):
+        steps = [int(r["step"]) for r in rows if r["network"] == network]
+        assert steps == list(range(0, 301, 50)), network
+
+
+@pytest.mark.slow
+def test_figure1_bn_trains_faster_and_at_30x_the_learning_rate(figure1):
+    _, out = figure1
+    with open(out / "learning_rates.csv") as f:
+        table = {int(r["factor"]): r for r in csv.DictReader(f)}
+    assert sorted(table) == [1, 5, 30]
+    # At the base rate BN reaches 90% within 300 steps and the plain network does not.
+    assert table[1]["bn_steps_to_target"] and not table[1]["plain_steps_to_target"]
+    # At 30× the BN network still trains; the plain one stalls near chance (or diverges: NaN).
+    bn, plain = float(table[30]["bn_accuracy"]), float(table[30]["plain_accuracy"])
+    assert bn > 0.85
+    assert np.isnan(plain) or plain < 0.3
+
+
+def test_steps_to_target_takes_the_first_evaluation_at_or_above_it():
+    module = load("paper_figure1")
+    rows = [(0, 0.1), (50, 0.89), (100, 0.9), (150, 0.95)]
+    assert module.steps_to(rows, 0.9) == 100
+    assert module.steps_to(rows, 0.99) is None
