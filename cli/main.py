@@ -14,10 +14,13 @@ from pathlib import Path
 import click
 
 from kerasbn_cli.options import (
+    EXIT_FINDINGS,
+    EXIT_OK,
     MODEL_ARGUMENT,
     Settings,
     common_options,
     output_option,
+    verify_options,
 )
 
 # Before TensorFlow is first imported (inside the commands): its C++ log noise.
@@ -33,6 +36,134 @@ def main() -> None:
     Exit status: 0 success; 1 verification failed or --strict findings;
     2 bad usage, or an input that cannot be read or is not supported.
     """
+
+
+@main.command()
+@MODEL_ARGUMENT
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "markdown"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+@click.option("--strict", is_flag=True, help="Exit with status 1 if a BN folds or a bias is redundant (CI gates).")
+@common_options
+def audit(settings: Settings, model: Path, fmt: str, strict: bool) -> int:
+    """List each BatchNormalization layer of MODEL, its partner, whether it folds and why not.
+
+    Also lists the Dense/Conv biases that a following BN makes redundant, and
+    totals. Changes nothing.
+
+    \b
+    Example:
+      kerasbn audit model.keras --format markdown >> $GITHUB_STEP_SUMMARY
+      kerasbn audit model.keras --strict -q || echo "model has foldable BN"
+    """
+    from kerasbn_cli import render
+
+    with render.progress(settings.quiet) as step:
+        import kerasbn
+
+        step(f"Loading {model.name}")
+        keras_model = kerasbn.load_model(model, safe_mode=settings.safe_mode, custom_modules=settings.imports)
+        step("Auditing")
+        report = kerasbn.audit(keras_model)
+    if not settings.quiet:
+        render.print_audit(report, fmt)
+    if strict and (report.foldable or report.redundant_biases):
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+@main.command()
+@MODEL_ARGUMENT
+@output_option("MODEL.folded.keras beside MODEL")
+@verify_options
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
+)
+@common_options
+def fold(
+    settings: Settings,
+    model: Path,
+    output: Path | None,
+    verify: bool,
+    atol: float,
+    rtol: float,
+    batch: int,
+    inputs_file: Path | None,
+    fmt: str,
+) -> int:
+    """Fold every BatchNormalization of MODEL that folds exactly into its neighbour.
+
+    The folded model is compared with the original in memory and again as
+    reloaded from the written file; nothing is written unless both agree.
+    Prints what was folded, what was not and why, parameters before and
+    after, and the largest error.
+
+    \b
+    Example:
+      kerasbn fold model.keras                      # writes model.folded.keras
+      kerasbn fold model.h5 -o small.keras --inputs batch.npz --atol 1e-4
+    """
+    from kerasbn_cli import render
+
+    output = output or model.with_name(f"{model.stem}.folded.keras")
+    with render.progress(settings.quiet) as step:
+        import kerasbn
+
+        original, inputs = _load(settings, model, output, inputs_file, step)
+        step("Folding")
+        result = kerasbn.fold(original)
+        checks = _save_verified(
+            settings, original, result.model, output, step, verify=verify, inputs=inputs, batch=batch, atol=atol, rtol=rtol
+        )
+    render.print_fold(settings, result.report, checks, output, fmt)
+    return EXIT_OK
+
+
+@main.command("strip-biases")
+@MODEL_ARGUMENT
+@output_option("MODEL.nobias.keras beside MODEL")
+@verify_options
+@common_options
+def strip_biases(
+    settings: Settings,
+    model: Path,
+    output: Path | None,
+    verify: bool,
+    atol: float,
+    rtol: float,
+    batch: int,
+    inputs_file: Path | None,
+) -> int:
+    """Remove the Dense/Conv biases that a following BatchNormalization makes redundant.
+
+    The training-time rewrite: each bias moves into the BN's moving mean, so
+    outputs do not change and the model stays trainable. Verified like
+    `fold`: in memory and as reloaded from the written file.
+
+    \b
+    Example:
+      kerasbn strip-biases model.keras -o model.train.keras
+    """
+    from kerasbn_cli import render
+
+    output = output or model.with_name(f"{model.stem}.nobias.keras")
+    with render.progress(settings.quiet) as step:
+        import kerasbn
+
+        original, inputs = _load(settings, model, output, inputs_file, step)
+        step("Finding redundant biases")
+        removed = kerasbn.audit(original).redundant_biases
+        stripped = kerasbn.strip_redundant_biases(original)
+        checks = _save_verified(
+            settings, original, stripped, output, step, verify=verify, inputs=inputs, batch=batch, atol=atol, rtol=rtol
+        )
+    render.print_strip(settings, removed, original, stripped, checks, output)
+    return EXIT_OK
 
 
 @main.command()
@@ -66,7 +197,7 @@ def export(
         from kerasbn.export import export_onnx
         from kerasbn.io import load_model
 
-        _check_distinct(model, output)
+        _check_distinct(settings, model, output)
         step(f"Loading {model.name}")
         keras_model = load_model(model, safe_mode=settings.safe_mode, custom_modules=settings.imports)
         result = export_onnx(keras_model, output, opset=opset, fold=fold, verify=verify, overwrite=settings.force, on_step=step)
@@ -74,9 +205,52 @@ def export(
     return 0
 
 
-def _check_distinct(model: Path, output: Path) -> None:
-    """The input is never modified, not even with --force."""
+def _load(settings: Settings, model: Path, output: Path, inputs_file: Path | None, step) -> tuple:
+    """The model, and the verification inputs when --inputs names a file."""
+    import kerasbn
+    from kerasbn.io import load_inputs
+
+    _check_distinct(settings, model, output)
+    step(f"Loading {model.name}")
+    original = kerasbn.load_model(model, safe_mode=settings.safe_mode, custom_modules=settings.imports)
+    inputs = load_inputs(inputs_file, original) if inputs_file is not None else None
+    return original, inputs
+
+
+def _save_verified(settings: Settings, original, rewritten, output: Path, step, *, verify: bool, inputs, batch: int, atol: float, rtol: float) -> dict:
+    """Verify in memory, write atomically, verify the reloaded file; returns the VerifyResults by stage."""
+    import kerasbn
+    from kerasbn.errors import VerificationError
+
+    checks = {}
+
+    def compare(candidate, stage: str) -> None:
+        result = kerasbn.verify(original, candidate, inputs, batch_size=batch, atol=atol, rtol=rtol)
+        checks[stage] = result
+        if not result.passed:
+            raise VerificationError(f"the {stage} model differs from the original: {result}; nothing written")
+
+    if verify:
+        step("Verifying in memory")
+        compare(rewritten, "rewritten")
+    step(f"Writing {output.name}" + (" and verifying the reloaded file" if verify else ""))
+    kerasbn.save_model(
+        rewritten,
+        output,
+        overwrite=settings.force,
+        check=(lambda reloaded: compare(reloaded, "reloaded")) if verify else None,
+        safe_mode=settings.safe_mode,
+        custom_modules=settings.imports,
+    )
+    return checks
+
+
+def _check_distinct(settings: Settings, model: Path, output: Path) -> None:
+    """Refuse a bad output before the long work; the input is never modified, even with --force."""
     from kerasbn.errors import KerasbnError
+    from kerasbn.io import check_output_path
 
     if output.exists() and model.exists() and output.resolve() == model.resolve():
         raise KerasbnError(f"{output}: is the input model; choose another output file")
+    if model.exists():
+        check_output_path(output, settings.force)

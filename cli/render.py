@@ -102,3 +102,87 @@ def print_export(settings: Any, result: Any) -> None:
     if not result.checks:
         out.print("Not verified (--no-verify).")
     out.print(f"Wrote {result.path}")
+
+
+def print_audit(report: Any, fmt: str) -> None:
+    """The audit as rich tables, JSON (`AuditReport.to_dict`) or Markdown."""
+    if fmt == "json":
+        print_json(report.to_dict())
+        return
+    if fmt == "table":
+        console().print(report)
+        return
+    data = report.to_dict()
+    totals = data["totals"]
+    lines = [
+        f"### BatchNormalization audit of `{data['model']}`",
+        "",
+        markdown_table(
+            ("BN", "partner", "direction", "folds", "reason"),
+            [
+                (f["path"], f["partner"], f["direction"], "yes" if f["foldable"] else "no", f["reason"])
+                for f in data["batch_norms"]
+            ],
+        ),
+        "",
+        f"**{totals['foldable']}/{totals['bn_layers']}** BN layers fold, saving "
+        f"{totals['parameters_saved']:,} of {totals['parameters']:,} parameters.",
+    ]
+    if data["redundant_biases"]:
+        lines += [
+            "",
+            "#### Redundant biases",
+            "",
+            markdown_table(
+                ("layer", "BN", "parameters"), [(b["path"], b["bn"], b["parameters"]) for b in data["redundant_biases"]]
+            ),
+            "",
+            f"{totals['redundant_biases']} biases, {totals['bias_parameters']:,} parameters.",
+        ]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _check_lines(checks: dict[str, Any]) -> list[str]:
+    if not checks:
+        return ["Not verified (--no-verify)."]
+    return [
+        f"Largest error, {stage} vs original: max |Δ| {error(r.max_abs_error)} "
+        f"(max |Δ|/max |y| {error(r.max_rel_error)}), batch {r.batch_size}: {'ok' if r.passed else 'FAILED'}"
+        for stage, r in checks.items()
+    ]
+
+
+def print_fold(settings: Any, report: Any, checks: dict[str, Any], output: Any, fmt: str) -> None:
+    """The fold report, the verification of the model in memory and reloaded, and the output path."""
+    if settings.quiet:
+        return
+    if fmt == "json":
+        print_json(
+            {
+                "output": str(output),
+                "fold": report.to_dict(),
+                "verification": {stage: r.to_dict() for stage, r in checks.items()} or None,
+            }
+        )
+        return
+    out = console()
+    out.print(report)
+    for line in _check_lines(checks):
+        out.print(line)
+    out.print(f"Wrote {output}")
+
+
+def print_strip(settings: Any, removed: Sequence[Any], original: Any, stripped: Any, checks: dict[str, Any], output: Any) -> None:
+    """Which biases went, parameters before and after, the verification and the output path."""
+    if settings.quiet:
+        return
+    out = console()
+    rows = [(b.path, b.bn, f"{b.parameters:,}") for b in removed]
+    before, after = original.count_params(), stripped.count_params()
+    caption = f"{len(removed)} biases removed; parameters {before:,} → {after:,}"
+    result = table(f"Redundant biases in '{original.name}'", ("layer", "BN", "parameters"), rows, numeric=(2,))
+    result.caption = caption
+    out.print(result)
+    for line in _check_lines(checks):
+        out.print(line)
+    out.print(f"Wrote {output}")

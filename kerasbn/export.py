@@ -123,8 +123,9 @@ def export_onnx(
         overwrite: replace an existing `path`.
         batch_sizes: batch sizes of the random verification inputs; two
             different ones show the batch dimension is really dynamic.
-        inputs: verification inputs (an array, or a list in input order)
-            instead of random ones; checked whole and as its first row.
+        inputs: verification inputs in the structure the model takes (as
+            `kerasbn.io.load_inputs` returns them) instead of random ones;
+            checked whole and as their first row.
         atol, rtol: elementwise tolerance ``|onnx − keras| ≤ atol + rtol·|keras|``.
         seed: seed of the random inputs.
         on_step: called with a short description before each long step.
@@ -222,27 +223,6 @@ def op_counts(proto: Any) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def sample_inputs(model: Any, batch_size: int, seed: int = 0) -> list[Any]:
-    """Random inputs in the model's input order: standard normal floats, small integers.
-
-    Unknown non-batch dimensions get size 8.
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for tensor in model.inputs:
-        shape = (batch_size, *(8 if d is None else d for d in tensor.shape[1:]))
-        dtype = np.dtype(tensor.dtype)
-        if np.issubdtype(dtype, np.floating):
-            arrays.append(rng.standard_normal(shape).astype(dtype))
-        elif dtype == np.bool_:
-            arrays.append(rng.integers(0, 2, shape).astype(dtype))
-        else:
-            arrays.append(rng.integers(0, 4, shape).astype(dtype))
-    return arrays
-
-
 def _check_with_onnxruntime(
     file: Path, model: Any, batch_sizes: Sequence[int], inputs: Any, atol: float, rtol: float, seed: int
 ) -> tuple[BatchCheck, ...]:
@@ -250,15 +230,17 @@ def _check_with_onnxruntime(
     import numpy as np
     import onnxruntime as ort
 
+    from kerasbn.verify import random_inputs
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     if inputs is not None:
-        arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        arrays = keras.tree.flatten(inputs)
         cases = [arrays, [a[:1] for a in arrays]]
     else:
-        cases = [sample_inputs(model, b, seed + k) for k, b in enumerate(batch_sizes)]
+        cases = [keras.tree.flatten(random_inputs(model, b, seed + k)) for k, b in enumerate(batch_sizes)]
     checks = []
     for arrays in cases:
         expected = [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(model(_pack(model, arrays), training=False))]

@@ -121,7 +121,7 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     appeared at `path` meanwhile is still not replaced.
     """
     path = Path(path)
-    _check_output_path(path, overwrite)
+    check_output_path(path, overwrite)
     try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     except OSError as exc:
@@ -139,9 +139,9 @@ def load_inputs(path: str | os.PathLike, model: Any) -> Any:
     """Read verification inputs for `model` from a `.npz` file.
 
     Arrays are matched to the model's inputs by name, else by order
-    (``arr_0``, ``arr_1``, ... as `numpy.savez` writes them). Returns one array
-    for a single-input model, else a list in the model's input order. Pickled
-    objects are refused.
+    (``arr_0``, ``arr_1``, ... as `numpy.savez` writes them). Returns them in
+    the structure the model takes (one array for a single-input model).
+    Pickled objects are refused.
     """
     import numpy as np
 
@@ -168,7 +168,9 @@ def load_inputs(path: str | os.PathLike, model: Any) -> Any:
         got = array.shape[1:]
         if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
             raise KerasbnError(f"{path}: input '{name}' has shape {array.shape}, the model expects (batch, *{expected})")
-    return chosen[0] if len(chosen) == 1 else chosen
+    import keras
+
+    return keras.tree.pack_sequence_as(model.input, chosen)
 
 
 def _savez_order(key: str) -> tuple[int, str]:
@@ -297,7 +299,9 @@ def _check_has_graph(path: Path, model: Any) -> None:
         raise UnsupportedModelError(f"{path}: {exc}") from exc
 
 
-def _check_output_path(path: Path, overwrite: bool) -> None:
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise `KerasbnError` now if `path` cannot be written, before any long work."""
+    path = Path(path)
     if path.is_dir():
         raise KerasbnError(f"{path}: is a directory; give an output file name")
     if not path.parent.is_dir():
