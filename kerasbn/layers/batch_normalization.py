@@ -7,6 +7,7 @@ from keras import backend, constraints, initializers, ops, regularizers
 from keras.layers import InputSpec
 
 from kerasbn.ops.moments import moments, static_count
+from kerasbn.ops.normalize import normalize, tf_fused_available, tf_fused_inference, tf_fused_normalize
 
 _RENORM_KEYS = ("rmax", "rmin", "dmax")
 
@@ -300,6 +301,10 @@ class BatchNormalization(keras.layers.Layer):
 
     def _infer(self, x):
         gamma, beta = self._affine(x.dtype)
+        if tf_fused_available(x, self._axes, synchronized=False):
+            # One kernel instead of TensorFlow's three elementwise passes;
+            # it subtracts the mean first, like the form below.
+            return tf_fused_inference(x, self.moving_mean, self.moving_variance, gamma, beta, self.epsilon)
         a = ops.rsqrt(self._bcast(self.moving_variance, x.dtype) + self.epsilon)
         if gamma is not None:
             a = a * gamma
@@ -324,13 +329,24 @@ class BatchNormalization(keras.layers.Layer):
         if mask is not None:
             mask = ops.expand_dims(mask, -1)
         stats = moments(x, axes, mask=mask, synchronized=self.synchronized)
-        inv = ops.rsqrt(stats.variance + self.epsilon)
         gamma, beta = self._affine(x.dtype)
         if self.virtual_batch_size is not None:
             gamma = None if gamma is None else ops.expand_dims(gamma, 0)
             beta = None if beta is None else ops.expand_dims(beta, 0)
+        if mask is None and not self.renorm:
+            # The paper's closed-form gradient (kerasbn.ops.normalize). Masks
+            # and renorm are rare and keep autodiff: a masked position still
+            # receives β and γ·x̂ but not a share of the statistics, and
+            # renorm's corrections change x̂'s gradient.
+            if shape is None and tf_fused_available(x, self._axes, self.synchronized):
+                y = tf_fused_normalize(x, stats, gamma, beta, self.epsilon)
+            else:
+                y = normalize(x, stats, gamma, beta, self.epsilon, axes, self.synchronized)
+            self._update_moving_statistics(stats)
+            return y if shape is None else ops.reshape(y, shape)
         if self.renorm:
             gamma, beta = self._renorm_transform(stats, gamma, beta)
+        inv = ops.rsqrt(stats.variance + self.epsilon)
         a = inv if gamma is None else inv * gamma
         y = ((x - stats.shift) - stats.delta) * a
         if beta is not None:

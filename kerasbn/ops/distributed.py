@@ -16,15 +16,35 @@ from __future__ import annotations
 from keras import backend
 
 
-def all_reduce_moments(shift, s1, s2, count):
-    """Global ``(shift, Σd, Σd², m)`` from per-replica shifted sums."""
+def _replica_context():
+    """The `tf.distribute` replica context when it spans several replicas."""
     if backend.backend() != "tensorflow":
-        return shift, s1, s2, count
+        return None
     import tensorflow as tf
 
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
+        return None
+    return ctx
+
+
+def all_reduce_sums(*sums):
+    """Per-replica sums added over all replicas (the gradient's Σdy, Σdy·x̂)."""
+    ctx = _replica_context()
+    if ctx is None:
+        return sums
+    import tensorflow as tf
+
+    return tuple(ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(sums)))
+
+
+def all_reduce_moments(shift, s1, s2, count):
+    """Global ``(shift, Σd, Σd², m)`` from per-replica shifted sums."""
+    ctx = _replica_context()
+    if ctx is None:
         return shift, s1, s2, count
+    import tensorflow as tf
+
     count = count * tf.ones_like(s1)
     common = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, shift)
     move = tf.cast(shift - common, s1.dtype)
