@@ -57,6 +57,10 @@ class _Rebuilder:
             return new
         if functional_of(layer) is not None:
             new = self.model(layer)
+        elif not isinstance(layer, keras.layers.Layer):
+            # A bare operation recorded from tensor arithmetic (``x + 3``):
+            # stateless, so the new graph can call the same object.
+            new = layer
         else:
             config = layer.get_config()
             patch = self.patches.get(id(layer))

@@ -1,0 +1,68 @@
+"""Shared helpers for the fold-engine tests: non-trivial BN statistics and the fold tolerance."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from kerasbn import rules
+from kerasbn.verify import random_inputs
+
+FOLD_RTOL = 1e-5  # max|Δ| ≤ 1e-5·max|y|, the peers' float32 fold tolerance
+
+
+def randomize_bn(model: keras.Model, seed: int = 0) -> keras.Model:
+    """Give every BN (nested ones too) statistics far from the identity, in place.
+
+    γ ~ U(0.5, 1.5), β ~ N(0, 0.2), μ ~ N(0, 0.5), var ~ U(0.5, 2).
+    """
+    rng = np.random.default_rng(seed)
+    draw = {
+        "gamma": lambda shape: rng.uniform(0.5, 1.5, shape),
+        "beta": lambda shape: rng.normal(0.0, 0.2, shape),
+        "moving_mean": lambda shape: rng.normal(0.0, 0.5, shape),
+        "moving_variance": lambda shape: rng.uniform(0.5, 2.0, shape),
+    }
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if rules.is_bn(layer):
+            for w in layer.weights:
+                if w.name in draw:
+                    w.assign(draw[w.name](tuple(w.shape)).astype(w.dtype))
+    return model
+
+
+def randomize_biases(model: keras.Model, seed: int = 1) -> keras.Model:
+    """Give every bias a non-zero value, in place, so that bias handling is tested."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for w in layer.weights:
+            if w.name == "bias":
+                w.assign(rng.normal(0.0, 0.3, tuple(w.shape)).astype(w.dtype))
+    return model
+
+
+def outputs(model: keras.Model, inputs) -> list[np.ndarray]:
+    """Inference outputs as float64 arrays."""
+    return [np.asarray(keras.ops.convert_to_numpy(y), np.float64) for y in keras.tree.flatten(model(inputs, training=False))]
+
+
+def assert_same_outputs(reference: keras.Model, candidate: keras.Model, inputs=None, batch_size: int = 4) -> float:
+    """Assert ``max|Δ| ≤ 1e-5·max|y|`` over all outputs; returns the relative error."""
+    if inputs is None:
+        inputs = random_inputs(reference, batch_size, seed=0)
+    ref = outputs(reference, inputs)
+    got = outputs(candidate, inputs)
+    assert len(ref) == len(got)
+    worst = 0.0
+    for y, z in zip(ref, got):
+        assert y.shape == z.shape
+        scale = max(float(np.max(np.abs(y))), 1e-30)
+        err = float(np.max(np.abs(z - y))) / scale
+        worst = max(worst, err)
+    assert worst <= FOLD_RTOL, f"max|Δ|/max|y| = {worst:.3g} > {FOLD_RTOL:g}"
+    return worst
+
+
+def count_bn(model: keras.Model) -> int:
+    """BN layers anywhere in ``model``."""
+    return sum(rules.is_bn(layer) for layer in model._flatten_layers(include_self=False, recursive=True))

@@ -1,0 +1,211 @@
+"""kerasbn.fold: every supported pair and layout against the unfolded model."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from tests.fold_helpers import assert_same_outputs, count_bn, randomize_biases, randomize_bn
+
+import kerasbn
+from kerasbn.errors import UnsupportedModelError
+
+L = keras.layers
+CF = "channels_first"
+
+# Shapes keep the channel count different from every spatial size: TF's
+# oneDNN CPU kernels add a channels_first Conv1D/Conv2D bias along the wrong
+# axis when the two coincide (a TensorFlow bug, not a fold problem).
+
+# (id, input shape without batch, layer factory, BN axis)
+BACKWARD = [
+    ("dense", (5,), lambda: L.Dense(6), -1),
+    ("dense_3d", (3, 5), lambda: L.Dense(6, use_bias=False), -1),
+    ("conv1d", (9, 3), lambda: L.Conv1D(4, 3), -1),
+    ("conv1d_cf", (3, 9), lambda: L.Conv1D(4, 3, data_format=CF), 1),
+    ("conv2d", (7, 7, 3), lambda: L.Conv2D(4, 3, padding="same", use_bias=False), -1),
+    ("conv2d_cf", (3, 7, 7), lambda: L.Conv2D(4, 3, data_format=CF), 1),
+    ("conv2d_groups", (7, 7, 4), lambda: L.Conv2D(6, 3, groups=2), -1),
+    ("conv2d_groups_cf", (4, 7, 7), lambda: L.Conv2D(6, 3, groups=2, data_format=CF), 1),
+    ("conv3d", (5, 5, 5, 2), lambda: L.Conv3D(3, 2), -1),
+    ("conv3d_cf", (2, 5, 5, 5), lambda: L.Conv3D(3, 2, data_format=CF), 1),
+    ("depthwise1d", (9, 3), lambda: L.DepthwiseConv1D(3, depth_multiplier=2), -1),
+    ("depthwise1d_cf", (3, 9), lambda: L.DepthwiseConv1D(3, depth_multiplier=2, data_format=CF), 1),
+    ("depthwise2d", (7, 7, 3), lambda: L.DepthwiseConv2D(3, use_bias=False), -1),
+    ("depthwise2d_mult3", (7, 7, 3), lambda: L.DepthwiseConv2D(3, depth_multiplier=3), -1),
+    ("depthwise2d_cf", (3, 7, 7), lambda: L.DepthwiseConv2D(3, depth_multiplier=2, data_format=CF), 1),
+    ("separable1d", (9, 3), lambda: L.SeparableConv1D(4, 3, depth_multiplier=2), -1),
+    ("separable2d", (7, 7, 3), lambda: L.SeparableConv2D(4, 3, use_bias=False), -1),
+    ("separable2d_cf", (3, 7, 7), lambda: L.SeparableConv2D(4, 3, depth_multiplier=2, data_format=CF), 1),
+    ("conv1d_transpose", (5, 3), lambda: L.Conv1DTranspose(4, 3, strides=2), -1),
+    ("conv2d_transpose", (5, 5, 3), lambda: L.Conv2DTranspose(4, 3, strides=2, use_bias=False), -1),
+    ("conv2d_transpose_cf", (3, 5, 5), lambda: L.Conv2DTranspose(4, 3, strides=2, data_format=CF), 1),
+    ("conv3d_transpose", (3, 3, 3, 2), lambda: L.Conv3DTranspose(3, 2, strides=2), -1),
+]
+
+FORWARD = [
+    ("dense", (5,), lambda: L.Dense(6), -1),
+    ("dense_relu_nobias", (5,), lambda: L.Dense(6, activation="relu", use_bias=False), -1),
+    ("conv1d_valid", (9, 3), lambda: L.Conv1D(4, 3), -1),
+    ("conv2d_valid", (7, 7, 3), lambda: L.Conv2D(4, 3, strides=2, use_bias=False), -1),
+    ("conv2d_same_1x1", (7, 7, 3), lambda: L.Conv2D(4, 1, strides=2, padding="same"), -1),
+    ("conv2d_valid_cf", (3, 7, 7), lambda: L.Conv2D(4, 3, data_format=CF), 1),
+    ("conv2d_groups", (7, 7, 4), lambda: L.Conv2D(6, 3, groups=2), -1),
+    ("conv3d_valid", (5, 5, 5, 2), lambda: L.Conv3D(3, 2), -1),
+    ("depthwise2d_valid", (7, 7, 3), lambda: L.DepthwiseConv2D(3, depth_multiplier=2), -1),
+    ("separable2d_valid", (7, 7, 3), lambda: L.SeparableConv2D(4, 3, depth_multiplier=2), -1),
+]
+
+
+def _model(shape, first, second):
+    x = keras.Input(shape, name="x")
+    return keras.Model(x, second(first(x)), name="pair")
+
+
+def _check(model, folded_expected: int):
+    randomize_bn(model)
+    randomize_biases(model)
+    result = kerasbn.fold(model)
+    assert len(result.report.folded) == folded_expected, result.report
+    assert count_bn(result.model) == count_bn(model) - folded_expected
+    assert_same_outputs(model, result.model)
+    return result
+
+
+@pytest.mark.parametrize("shape,make,axis", [c[1:] for c in BACKWARD], ids=[c[0] for c in BACKWARD])
+def test_backward_fold(shape, make, axis):
+    result = _check(_model(shape, make(), L.BatchNormalization(axis=axis)), 1)
+    (finding,) = result.report.folded
+    assert finding.direction == "backward"
+
+
+@pytest.mark.parametrize("shape,make,axis", [c[1:] for c in FORWARD], ids=[c[0] for c in FORWARD])
+def test_forward_fold(shape, make, axis):
+    result = _check(_model(shape, L.BatchNormalization(axis=axis), make()), 1)
+    (finding,) = result.report.folded
+    assert finding.direction == "forward"
+
+
+@pytest.mark.parametrize("data_format,axis", [("channels_last", -1), (CF, 1)])
+def test_forward_fold_through_flatten(data_format, axis):
+    x = keras.Input((3, 4, 2) if data_format == "channels_last" else (2, 3, 4))
+    h = L.BatchNormalization(axis=axis)(x)
+    y = L.Dense(5)(L.Flatten(data_format=data_format)(h))
+    result = _check(keras.Model(x, y), 1)
+    assert result.report.folded[0].direction == "forward"
+
+
+def test_kerasbn_layer_folds_and_original_is_untouched():
+    x = keras.Input((6,))
+    y = kerasbn.BatchNormalization(momentum=None, name="bn")(L.Dense(4, name="d")(x))
+    model = randomize_biases(randomize_bn(keras.Model(x, y)))
+    before = [w.numpy().copy() for w in model.weights]
+    result = kerasbn.fold(model)
+    assert_same_outputs(model, result.model)
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
+    # moving_count goes with the BN too.
+    assert result.report.parameters_before - result.report.parameters_after == 4 * 5
+
+
+def test_both_sides_into_one_layer():
+    x = keras.Input((5,))
+    h = L.BatchNormalization(name="bn_in")(x)
+    h = L.BatchNormalization(name="bn_out")(L.Dense(4, name="d")(h))
+    result = _check(keras.Model(x, L.ReLU()(h)), 2)
+    assert {(f.layer, f.direction) for f in result.report.folded} == {("bn_in", "forward"), ("bn_out", "backward")}
+
+
+def test_sequential_stays_sequential_and_keeps_names():
+    model = keras.Sequential(
+        [keras.Input((7, 7, 3)), L.Conv2D(4, 3, name="c"), L.BatchNormalization(name="bn"), L.ReLU(name="r")],
+        name="seq",
+    )
+    result = _check(model, 1)
+    assert isinstance(result.model, keras.Sequential)
+    assert result.model.name == "seq"
+    assert [layer.name for layer in result.model.layers] == ["c", "r"]
+
+
+def test_bn_as_model_output_keeps_output_name():
+    x = keras.Input((5,), name="x")
+    y = L.BatchNormalization(name="out_bn")(L.Dense(3)(x))
+    result = _check(keras.Model(x, y), 1)
+    assert result.model.output_names == ["out_bn"]
+    assert result.model.layers[-1].count_params() == 0
+
+
+def test_nested_multi_input_multi_output(tmp_path):
+    inner_in = keras.Input((6, 6, 3), name="inner_in")
+    inner_out = L.BatchNormalization(name="inner_bn")(L.Conv2D(4, 3, name="inner_conv")(inner_in))
+    inner = keras.Model(inner_in, inner_out, name="block")
+
+    a = keras.Input((6, 6, 3), name="a")
+    b = keras.Input((4,), name="b")
+    h = inner(a)
+    h = L.GlobalAveragePooling2D()(L.ReLU()(h))
+    # A Dense inside the outer model followed by a BN across the boundary.
+    tail_in = keras.Input((4,), name="tail_in")
+    tail = keras.Model(tail_in, L.Dense(3, name="tail_dense")(tail_in), name="tail")
+    y1 = L.BatchNormalization(name="bn_across")(tail(h))
+    y2 = L.BatchNormalization(name="bn_b")(L.Dense(2, name="db")(b))
+    model = keras.Model({"a": a, "b": b}, {"y1": y1, "y2": y2}, name="multi")
+    result = _check(model, 3)
+    folded = result.model
+    assert sorted(folded.input_names if hasattr(folded, "input_names") else [t.name for t in folded.inputs]) == [
+        "a",
+        "b",
+    ]
+    assert {f.path for f in result.report.folded} == {"block/inner_bn", "bn_across", "bn_b"}
+    assert isinstance(folded.get_layer("block"), keras.Model)
+    path = tmp_path / "folded.keras"
+    folded.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert_same_outputs(model, reloaded)
+
+
+def test_shared_nested_model_is_not_folded():
+    inner_in = keras.Input((5,))
+    inner = keras.Model(inner_in, L.BatchNormalization()(L.Dense(5)(inner_in)), name="shared_block")
+    x = keras.Input((5,))
+    model = keras.Model(x, inner(inner(x)))
+    result = _check(model, 0)
+    assert result.report.not_folded[0].code == "shared_bn"
+
+
+def test_dtype_policy_is_kept():
+    x = keras.Input((5,))
+    y = L.BatchNormalization(dtype="mixed_float16")(L.Dense(4, dtype="mixed_float16", name="d")(x))
+    model = keras.Model(x, L.Activation("linear", dtype="float32")(y))
+    randomize_bn(model)
+    result = kerasbn.fold(model)
+    dense = result.model.get_layer("d")
+    assert dense.dtype_policy.name == "mixed_float16"
+    assert dense.kernel.dtype == "float32"
+    ref = np.asarray(model(np.ones((2, 5), "float32")))
+    got = np.asarray(result.model(np.ones((2, 5), "float32")))
+    assert np.max(np.abs(ref - got)) <= 1e-2 * np.max(np.abs(ref))
+
+
+def test_subclassed_model_is_refused():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = L.Dense(3)
+            self.bn = L.BatchNormalization()
+
+        def call(self, x):
+            return self.bn(self.dense(x))
+
+    net = Net()
+    net(np.ones((1, 4), "float32"))
+    with pytest.raises(UnsupportedModelError, match="subclassed"):
+        kerasbn.fold(net)
+
+
+def test_folded_model_still_trains():
+    x = keras.Input((5,))
+    model = keras.Model(x, L.Dense(1)(L.ReLU()(L.BatchNormalization()(L.Dense(4)(x)))))
+    folded = _check(model, 1).model
+    folded.compile(optimizer="sgd", loss="mse")
+    history = folded.fit(np.ones((4, 5), "float32"), np.zeros((4, 1), "float32"), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
