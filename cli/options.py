@@ -71,7 +71,7 @@ def output_option(default_help: str) -> Callable:
     return click.option(
         "-o",
         "--output",
-        type=click.Path(path_type=Path, dir_okay=False),
+        type=click.Path(path_type=Path),
         metavar="OUT",
         help=f"Output file [default: {default_help}].",
     )

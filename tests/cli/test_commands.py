@@ -1,0 +1,307 @@
+"""The commands on good input: output files, formats, exit codes, and the
+guarantees around them (no overwrite without --force, nothing written after a
+failed verification, one line per error)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import kerasbn
+from kerasbn.verify import VerifyResult
+from tests.cli.conftest import assert_clean_error, digest, invoke, listing, run_script
+
+
+def _bn_layers(model) -> list[str]:
+    return [layer.name for layer in model.layers if "BatchNormalization" in type(layer).__name__]
+
+
+# audit
+
+
+def test_audit_table(model_files):
+    result = invoke("audit", model_files["keras"])
+    assert result.exit_code == 0, result.stderr
+    for name in ("bn_conv", "bn_dense", "conv", "dense", "Redundant biases"):
+        assert name in result.stdout
+    assert "Loading" not in result.output  # no progress when not on a terminal
+
+
+def test_audit_json(model_files):
+    result = invoke("audit", model_files["keras"], "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["totals"]["bn_layers"] == 2
+    assert data["totals"]["foldable"] == 2
+    assert [b["layer"] for b in data["redundant_biases"]] == ["dense"]
+
+
+def test_audit_markdown(model_files):
+    result = invoke("audit", model_files["keras"], "--format", "markdown")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("### BatchNormalization audit of `tiny`")
+    assert "| BN | partner | direction | folds | reason |" in result.stdout
+    assert "#### Redundant biases" in result.stdout
+
+
+def test_audit_strict_exit_codes(model_files, tmp_path):
+    assert invoke("audit", model_files["keras"], "--strict").exit_code == 1
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="relu")])
+    plain.save(tmp_path / "plain.keras")
+    result = invoke("audit", tmp_path / "plain.keras", "--strict")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_audit_reads_legacy_h5(model_files):
+    result = invoke("audit", model_files["h5"], "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["totals"]["foldable"] == 2
+
+
+# fold
+
+
+def test_fold_writes_beside_the_input_and_verifies(model_files, copy_of):
+    source = copy_of(model_files["keras"])
+    fingerprint = digest(source)
+    result = invoke("fold", source)
+    assert result.exit_code == 0, result.stderr
+    output = source.with_name("tiny.folded.keras")
+    assert listing(source.parent) == {"tiny.keras", "tiny.folded.keras"}
+    assert digest(source) == fingerprint
+    assert "rewritten vs original" in result.stdout and "reloaded vs original" in result.stdout
+    assert "2/2 BN layers folded" in result.stdout
+    folded = kerasbn.load_model(output)
+    assert _bn_layers(folded) == []
+    x = np.random.default_rng(0).standard_normal((4, 6, 6, 2)).astype("float32")
+    original = kerasbn.load_model(source)
+    np.testing.assert_allclose(folded(x), original(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_from_h5_writes_keras(model_files, copy_of):
+    source = copy_of(model_files["h5"])
+    result = invoke("fold", source, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    assert (source.parent / "tiny.folded.keras").exists()
+
+
+def test_fold_json(model_files, tmp_path):
+    result = invoke("fold", model_files["keras"], "-o", tmp_path / "out.keras", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["fold"]["totals"]["folded"] == 2
+    assert data["verification"]["reloaded"]["passed"] is True
+    assert data["output"] == str(tmp_path / "out.keras")
+
+
+def test_existing_output_needs_force(model_files, tmp_path):
+    output = tmp_path / "out.keras"
+    output.write_bytes(b"precious")
+    result = invoke("fold", model_files["keras"], "-o", output)
+    assert_clean_error(result.exit_code, result.stdout, result.stderr)
+    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert output.read_bytes() == b"precious"
+    assert listing(tmp_path) == {"out.keras"}
+
+    result = invoke("fold", model_files["keras"], "-o", output, "--force", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert _bn_layers(kerasbn.load_model(output)) == []
+
+
+def test_output_may_not_be_the_input_even_with_force(model_files, copy_of):
+    source = copy_of(model_files["keras"])
+    fingerprint = digest(source)
+    result = invoke("fold", source, "-o", source, "--force")
+    assert_clean_error(result.exit_code, result.stdout, result.stderr)
+    assert "is the input model" in result.stderr
+    assert digest(source) == fingerprint
+
+
+def test_bad_output_paths(model_files, tmp_path):
+    for output, message in [
+        (tmp_path / "missing_folder" / "out.keras", "does not exist"),
+        (tmp_path, "is a directory"),
+        (tmp_path / "out.txt", "must end in .keras or .h5"),
+    ]:
+        result = invoke("fold", model_files["keras"], "-o", output)
+        assert_clean_error(result.exit_code, result.stdout, result.stderr)
+        assert message in result.stderr
+    assert listing(tmp_path) == set()
+
+
+def _failing(passes_before_failure: int):
+    calls = []
+    real = kerasbn.verify
+
+    def verify(reference, candidate, inputs=None, **kwargs):
+        calls.append(candidate)
+        result = real(reference, candidate, inputs, **kwargs)
+        if len(calls) > passes_before_failure:
+            return VerifyResult(**{**result.to_dict(), "passed": False, "max_abs_error": 0.5})
+        return result
+
+    return verify
+
+
+@pytest.mark.parametrize("stage", [0, 1], ids=["in-memory", "reloaded"])
+@pytest.mark.parametrize("command", ["fold", "strip-biases"])
+def test_failed_verification_exits_1_and_writes_nothing(model_files, copy_of, monkeypatch, command, stage):
+    source = copy_of(model_files["keras"])
+    monkeypatch.setattr(kerasbn, "verify", _failing(stage))
+    result = invoke(command, source)
+    assert result.exit_code == 1
+    assert "differs from the original" in result.stderr and "nothing written" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert listing(source.parent) == {"tiny.keras"}
+
+
+def test_no_verify_skips_the_check(model_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(kerasbn, "verify", _failing(0))
+    result = invoke("fold", model_files["keras"], "-o", tmp_path / "out.keras", "--no-verify")
+    assert result.exit_code == 0, result.stderr
+    assert "Not verified" in result.stdout
+
+
+def test_inputs_file(model_files, tmp_path):
+    good = tmp_path / "x.npz"
+    np.savez(good, image=np.random.default_rng(1).standard_normal((3, 6, 6, 2)).astype("float32"))
+    result = invoke("fold", model_files["keras"], "-o", tmp_path / "out.keras", "--inputs", good, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["verification"]["rewritten"]["batch_size"] == 3
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, image=np.zeros((3, 5, 5, 2), "float32"))
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, image=np.array([object()], dtype=object))
+    for path, message in [(bad, "the model expects"), (pickled, "not a readable .npz"), (tmp_path / "no.npz", "no such")]:
+        result = invoke("fold", model_files["keras"], "-o", tmp_path / "other.keras", "--inputs", path)
+        assert_clean_error(result.exit_code, result.stdout, result.stderr)
+        assert message in result.stderr
+    assert not (tmp_path / "other.keras").exists()
+
+
+# strip-biases
+
+
+def test_strip_biases(model_files, copy_of):
+    source = copy_of(model_files["keras"])
+    result = invoke("strip-biases", source)
+    assert result.exit_code == 0, result.stderr
+    assert "1 biases removed" in result.stdout
+    stripped = kerasbn.load_model(source.with_name("tiny.nobias.keras"))
+    assert stripped.get_layer("dense").use_bias is False
+    assert len(_bn_layers(stripped)) == 2
+
+
+# --import, custom layers, subclassed models
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module `kbn_user_layers` on sys.path that registers a layer and a subclassed model."""
+    (tmp_path / "kbn_user_layers.py").write_text(
+        textwrap.dedent(
+            """
+            import keras
+
+            @keras.saving.register_keras_serializable(package="kbn_user")
+            class Scale(keras.layers.Layer):
+                def call(self, x):
+                    return 2.0 * x
+
+            @keras.saving.register_keras_serializable(package="kbn_user")
+            class Net(keras.Model):
+                def __init__(self, **kwargs):
+                    super().__init__(**kwargs)
+                    self.dense = keras.layers.Dense(2)
+
+                def call(self, x):
+                    return self.dense(x)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import kbn_user_layers
+
+    custom = keras.Sequential([keras.Input((3,)), kbn_user_layers.Scale(), keras.layers.Dense(2), keras.layers.ReLU()])
+    custom.save(tmp_path / "custom.keras")
+    net = kbn_user_layers.Net()
+    net(np.zeros((1, 3), "float32"))
+    net.save(tmp_path / "subclassed.keras")
+    # Forget the registration, as a fresh process would not have it.
+    registry = keras.saving.get_custom_objects()
+    for name in ("kbn_user>Scale", "kbn_user>Net"):
+        registry.pop(name, None)
+    sys.modules.pop("kbn_user_layers")
+    yield tmp_path
+    sys.modules.pop("kbn_user_layers", None)
+    for name in ("kbn_user>Scale", "kbn_user>Net"):
+        registry.pop(name, None)
+
+
+def test_unknown_custom_layer_suggests_import(user_module):
+    result = invoke("audit", user_module / "custom.keras")
+    assert_clean_error(result.exit_code, result.stdout, result.stderr)
+    assert "'kbn_user>Scale'" in result.stderr or "'Scale'" in result.stderr
+    assert "--import" in result.stderr
+
+    result = invoke("audit", user_module / "custom.keras", "--import", "kbn_user_layers", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_subclassed_model_is_unsupported(user_module):
+    result = invoke("fold", user_module / "subclassed.keras", "--import", "kbn_user_layers")
+    assert_clean_error(result.exit_code, result.stdout, result.stderr)
+    assert "subclassed" in result.stderr
+    assert not (user_module / "subclassed.folded.keras").exists()
+
+
+def test_import_of_a_missing_module(model_files):
+    result = invoke("audit", model_files["keras"], "--import", "no_such_module_kbn")
+    assert_clean_error(result.exit_code, result.stdout, result.stderr)
+    assert "cannot import module 'no_such_module_kbn'" in result.stderr
+
+
+# unexpected errors
+
+
+def test_unexpected_error_is_one_line_and_traceback_only_with_verbose(model_files, monkeypatch):
+    def boom(model):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(kerasbn, "audit", boom)
+    result = invoke("audit", model_files["keras"])
+    assert_clean_error(result.exit_code, result.stdout, result.stderr)
+    assert "unexpected RuntimeError: boom" in result.stderr and "-v" in result.stderr
+
+    result = invoke("audit", model_files["keras"], "-v")
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("kerasbn: error: unexpected RuntimeError: boom")
+
+
+def test_usage_errors_exit_2(model_files):
+    assert invoke("audit").exit_code == 2
+    assert invoke("audit", model_files["keras"], "--format", "yaml").exit_code == 2
+    assert invoke("fold", model_files["keras"], "--batch", "0").exit_code == 2
+
+
+# the installed script, end to end
+
+
+@pytest.mark.slow
+def test_installed_script_folds_and_audits(model_files, copy_of):
+    source = copy_of(model_files["keras"])
+    done = run_script("fold", source)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # TensorFlow's start-up noise is held back
+    assert "2/2 BN layers folded" in done.stdout
+    done = run_script("audit", source.with_name("tiny.folded.keras"), "--strict", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["totals"]["bn_layers"] == 0
