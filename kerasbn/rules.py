@@ -200,7 +200,7 @@ def forward(graph: Graph, bn: Call) -> Plan | Refusal:
     if isinstance(consumer.layer, keras.layers.Flatten):
         flat = consumer.outputs[0]
         nxt = graph.consumers_of(flat)
-        if graph.n_readers(flat) != 1 or kind(nxt[0].layer) != "dense":
+        if graph.n_readers(flat) != 1 or flat in graph.outputs or kind(nxt[0].layer) != "dense":
             return Refusal(
                 "nonlinear", f"{describe(consumer)} after it is not followed by a single Dense layer", consumer.layer.name
             )
@@ -267,7 +267,7 @@ def redundant_bias(graph: Graph, call: Call) -> Call | None:
     if len(graph.calls_of(layer)) != 1 or len(call.outputs) != 1:
         return None
     y = call.outputs[0]
-    if graph.n_readers(y) != 1:
+    if graph.n_readers(y) != 1 or y in graph.outputs:
         return None
     bn = graph.consumers_of(y)[0]
     if not is_bn(bn.layer) or getattr(bn.layer, "renorm", False) or len(graph.calls_of(bn.layer)) != 1:
