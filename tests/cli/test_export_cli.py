@@ -1,0 +1,60 @@
+"""`kerasbn export`: the op table, the ONNX Runtime checks, exit codes and files."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+import kerasbn.export
+from tests.cli.conftest import assert_clean_error, invoke, listing, run_script
+
+
+def test_export_prints_the_op_table_and_writes_beside_the_input(model_files, copy_of):
+    source = copy_of(model_files["keras"])
+    result = invoke("export", source)
+    assert result.exit_code == 0, result.stderr
+    output = source.with_name("tiny.onnx")
+    assert listing(source.parent) == {"tiny.keras", "tiny.onnx"}
+    for text in ("Before fold", "After fold", "Total", "batch 1", "batch 8", f"Wrote {output}"):
+        assert text in result.stdout
+    ops = {node.op_type for node in onnx.load(str(output)).graph.node}
+    assert "BatchNormalization" not in ops
+
+
+def test_export_without_fold_and_verify(model_files, tmp_path):
+    result = invoke("export", model_files["keras"], "-o", tmp_path / "m.onnx", "--no-fold", "--no-verify", "--opset", "13")
+    assert result.exit_code == 0, result.stderr
+    assert "Before fold" not in result.stdout and "Not verified" in result.stdout
+    assert onnx.load(str(tmp_path / "m.onnx")).opset_import[0].version == 13
+
+
+def test_export_failed_check_exits_1_and_writes_nothing(model_files, tmp_path, monkeypatch):
+    real = kerasbn.export._check_with_onnxruntime
+
+    def pessimist(*args):
+        return tuple(kerasbn.export.BatchCheck(c.batch_size, 1.0, 1.0, False) for c in real(*args))
+
+    monkeypatch.setattr(kerasbn.export, "_check_with_onnxruntime", pessimist)
+    result = invoke("export", model_files["keras"], "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "ONNX Runtime disagrees with Keras" in result.stderr
+    assert listing(tmp_path) == set()
+
+
+def test_export_refuses_existing_output(model_files, tmp_path):
+    output = tmp_path / "m.onnx"
+    output.write_bytes(b"keep")
+    result = invoke("export", model_files["keras"], "-o", output)
+    assert_clean_error(result.exit_code, result.stdout, result.stderr)
+    assert output.read_bytes() == b"keep"
+    assert invoke("export", model_files["keras"], "-o", output, "--force", "-q").exit_code == 0
+    assert output.read_bytes() != b"keep"
+
+
+@pytest.mark.slow
+def test_installed_script_exports(model_files, tmp_path):
+    done = run_script("export", model_files["keras"], "-o", tmp_path / "m.onnx")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "After fold" in done.stdout
