@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,24 @@ def test_steps_to_target_takes_the_first_evaluation_at_or_above_it():
     rows = [(0, 0.1), (50, 0.89), (100, 0.9), (150, 0.95)]
     assert module.steps_to(rows, 0.9) == 100
     assert module.steps_to(rows, 0.99) is None
+
+
+@pytest.mark.slow
+def test_demo_runs_the_installed_cli_and_all_three_models_agree(tmp_path):
+    """`make demo` end to end, in a scratch directory (it writes build/demo/ under the cwd)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for command in ("$ kerasbn audit", "$ kerasbn fold", "$ kerasbn export"):
+        assert command in done.stdout
+    assert "predicted classes identical across the three models: yes" in done.stdout
+    scores = [line.split() for line in done.stdout.splitlines() if line.startswith(("original", "folded"))]
+    accuracies = {line[-3] for line in scores}
+    assert len(scores) == 3 and len(accuracies) == 1 and float(accuracies.pop()) > 0.9
+    for name in ("digits_cnn.keras", "digits_cnn.folded.keras", "digits_cnn.onnx"):
+        assert (tmp_path / "build" / "demo" / name).is_file()
 
 
 def test_plot_benchmarks_charts_every_configuration(tmp_path):
