@@ -19,6 +19,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -65,10 +66,20 @@ def load_model(
     import_tensorflow()
     import keras
 
-    try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
-    except Exception as exc:  # Keras reports file problems with many exception types
-        raise _classify_keras_error(path, kind, exc) from exc
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+        except Exception as exc:  # Keras reports file problems with many exception types
+            raise _classify_keras_error(path, kind, exc) from exc
+    for warning in caught:
+        # Keras only warns when weights in the file do not match the config and
+        # layers keep random initial values; rewriting such a model would be silently wrong.
+        if _UNLOADED_WEIGHTS.search(str(warning.message)):
+            raise ModelLoadError(
+                f"{path}: corrupted .keras file (some weights do not match the model config and were not loaded)"
+            )
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     _check_has_graph(path, model)
     return model
 
@@ -254,6 +265,7 @@ def _import_modules(modules: Iterable[str]) -> None:
             raise ModelLoadError(f"cannot import module '{name}' (from --import): {_first_line(exc)}") from exc
 
 
+_UNLOADED_WEIGHTS = re.compile(r"freshly-initialized|could not be loaded|Skipping (?:nested|loading)")
 _UNKNOWN_CLASS = re.compile(r"Could not locate (?:class|function) '([^']+)'")
 
 

@@ -146,3 +146,18 @@ def test_load_inputs_by_name_and_by_order(tmp_path, saved):
     np.savez(tmp_path / "two.npz", x, x)
     with pytest.raises(KerasbnError, match="1 input"):
         load_inputs(tmp_path / "two.npz", model)
+
+
+def test_weights_that_keras_skips_are_an_error(saved, monkeypatch):
+    """Keras only warns when it leaves layers with fresh random weights; kerasbn refuses such a file."""
+    import warnings
+
+    real = keras.saving.load_model
+
+    def skipping(*args, **kwargs):
+        warnings.warn("Skipping nested container at 'x': ... Affected layers will retain their freshly-initialized weights.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(keras.saving, "load_model", skipping)
+    with pytest.raises(ModelLoadError, match="weights do not match"):
+        kerasbn.load_model(saved)
