@@ -1,0 +1,179 @@
+"""Fold-engine benchmark: inference latency of folded vs. original models, and fold time.
+
+Side by side in one process, on the CPU, Keras inference inside a
+`tf.function`, batch 8: after a warm-up the original and the folded model
+run alternately (so a noisy neighbour hits both alike) and the medians are
+compared. Fold time is `kerasbn.fold` alone (no load or save), for ResNet50
+and for synthetic Dense → BN and Conv2D → BN chains of growing length, to
+show that it is linear in the layer count.
+
+Run: ``.venv/bin/python benchmarks/fold.py`` (writes the ``## Fold engine``
+section of ``docs/benchmarks.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import kerasbn  # noqa: E402  (quiet TensorFlow start-up first)
+from kerasbn.quiet import import_tensorflow  # noqa: E402
+
+tf = import_tensorflow()
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fold_helpers import randomize_bn  # noqa: E402
+
+# Keras builds a functional model with a recursive graph walk: a 5,000-layer
+# chain needs more than Python's default 1,000 frames.
+sys.setrecursionlimit(100_000)
+
+BATCH = 8
+WARMUP = 3
+RUNS = 20
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def latency(original: keras.Model, folded: keras.Model, x: np.ndarray) -> tuple[float, float, float]:
+    """Median seconds per batch of each model, run alternately after a warm-up, and the
+    median of the paired ratios (each folded run over the original run just before it,
+    which cancels most of the drift in a shared machine's load)."""
+    fns = [tf.function(lambda t, m=m: m(t, training=False)) for m in (original, folded)]
+    xt = tf.constant(x)
+    for _ in range(WARMUP):
+        for fn in fns:
+            fn(xt).numpy()
+    times = [[], []]
+    for _ in range(RUNS):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn(xt).numpy()
+            times[i].append(time.perf_counter() - start)
+    ratios = np.asarray(times[1]) / np.asarray(times[0])
+    return float(np.median(times[0])), float(np.median(times[1])), float(np.median(ratios))
+
+
+def fold_time(model: keras.Model, repeats: int) -> tuple[float, int]:
+    """Best-of-``repeats`` seconds for `kerasbn.fold`, and the BN layers folded."""
+    best, folded = float("inf"), 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = kerasbn.fold(model)
+        best = min(best, time.perf_counter() - start)
+        folded = len(result.report.folded)
+    return best, folded
+
+
+def chain(kind: str, layers: int) -> keras.Model:
+    """``layers`` layers alternating a linear layer and a BN."""
+    if kind == "dense":
+        x = keras.Input((8,))
+        make = lambda: keras.layers.Dense(8)  # noqa: E731
+    else:
+        x = keras.Input((4, 4, 4))
+        make = lambda: keras.layers.Conv2D(4, 1)  # noqa: E731
+    h = x
+    for _ in range(layers // 2):
+        h = keras.layers.BatchNormalization()(make()(h))
+    return keras.Model(x, h)
+
+
+def write_docs(text: str) -> None:
+    section = "## Fold engine\n\n" + text.strip() + "\n"
+    if DOCS.exists():
+        doc = DOCS.read_text()
+        pattern = re.compile(r"^## Fold engine\n.*?(?=^## |\Z)", re.S | re.M)
+        if pattern.search(doc):
+            doc = pattern.sub(lambda _: section + "\n", doc).rstrip() + "\n"
+        else:
+            doc = doc.rstrip() + "\n\n" + section
+    else:
+        doc = "# Benchmarks\n\n" + section
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(doc)
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    targets = {"ResNet50": 0.85, "MobileNetV2": 0.65}
+    resnet = None
+    for name, target in targets.items():
+        model = randomize_bn(getattr(keras.applications, name)(weights=None))
+        if name == "ResNet50":
+            resnet = model
+        folded = kerasbn.fold(model).model
+        x = rng.uniform(0, 255, (BATCH, 224, 224, 3)).astype("float32")
+        kerasbn.verify(model, folded, x, rtol=1e-4, atol=1e-4)
+        t_orig, t_fold, ratio = latency(model, folded, x)
+        rows.append((name, t_orig, t_fold, ratio, target))
+        print(f"{name}: original {t_orig * 1e3:.1f} ms, folded {t_fold * 1e3:.1f} ms, ratio {ratio:.2f}")
+
+    resnet_fold, resnet_count = fold_time(resnet, 3)
+    print(f"ResNet50 fold: {resnet_fold:.2f} s ({resnet_count} BN)")
+    chains = []
+    for kind in ("dense", "conv"):
+        for n in (100, 1000, 5000):
+            model = chain(kind, n)
+            seconds, count = fold_time(model, 1 if n >= 5000 else 2)
+            chains.append((kind, n, count, seconds))
+            print(f"{kind} chain of {n} layers: fold {seconds:.2f} s ({seconds / n * 1e3:.2f} ms/layer)")
+            del model
+            keras.backend.clear_session()
+
+    lines = [
+        f"CPU: {cpu_name()} ({os.cpu_count()} cores visible, shared with other jobs); "
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}. "
+        "Command: `.venv/bin/python benchmarks/fold.py`.",
+        "",
+        f"Inference latency, Keras model called inside a `tf.function`, batch {BATCH}, 224×224, "
+        f"median of {RUNS} alternating runs after {WARMUP} warm-up runs (weights=None, BN statistics randomized); "
+        "the ratio is the median of the paired per-run ratios:",
+        "",
+        "| model | original (ms) | folded (ms) | folded ÷ original | target |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, t_orig, t_fold, ratio, target in rows:
+        lines.append(f"| {name} | {t_orig * 1e3:.1f} | {t_fold * 1e3:.1f} | {ratio:.2f} | ≤ {target} |")
+    lines += [
+        "",
+        "Fold time (`kerasbn.fold` only, no load or save; best of 3 for ResNet50, of 2 for chains "
+        "up to 1,000 layers, one run at 5,000):",
+        "",
+        "| model | layers | BN folded | fold time (s) | ms per layer |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| ResNet50 | {len(resnet.layers)} | {resnet_count} | {resnet_fold:.2f} | "
+        f"{resnet_fold / len(resnet.layers) * 1e3:.2f} |",
+    ]
+    for kind, n, count, seconds in chains:
+        label = "Dense → BN chain" if kind == "dense" else "Conv2D → BN chain"
+        lines.append(f"| {label} | {n:,} | {count:,} | {seconds:.2f} | {seconds / n * 1e3:.2f} |")
+    text = "\n".join(lines)
+    print()
+    print(text)
+    write_docs(text)
+
+
+if __name__ == "__main__":
+    main()
