@@ -130,8 +130,8 @@ def bn_refusal(graph: Graph, bn: Call) -> Refusal | None:
     return None
 
 
-def _partner_refusal(graph: Graph, call: Call, bn: Call, what: str) -> Refusal | None:
-    """Checks shared by both directions on the linear partner ``call``."""
+def _usable(graph: Graph, call: Call, what: str) -> Refusal | None:
+    """Can the weights of the linear layer ``call`` be rewritten for this one call?"""
     layer = call.layer
     n = len(graph.calls_of(layer))
     if n > 1:
@@ -140,6 +140,15 @@ def _partner_refusal(graph: Graph, call: Call, bn: Call, what: str) -> Refusal |
         return Refusal("unsupported", f"{what} {describe(call)} is quantized ({layer.quantization_mode})", layer.name)
     if getattr(layer, "lora_enabled", False):
         return Refusal("unsupported", f"{what} {describe(call)} has LoRA enabled", layer.name)
+    return None
+
+
+def _partner_refusal(graph: Graph, call: Call, bn: Call, what: str) -> Refusal | None:
+    """Checks shared by both directions on the linear partner ``call``."""
+    refusal = _usable(graph, call, what)
+    if refusal is not None:
+        return refusal
+    layer = call.layer
     rank = len(graph.shapes[bn.inputs[0]])
     bn_axis = bn_axes(bn.layer, rank)[0]
     axis = channel_axis(layer, rank)
@@ -221,14 +230,9 @@ def forward(graph: Graph, bn: Call) -> Plan | Refusal:
     if flatten is None:
         refusal = _partner_refusal(graph, consumer, bn, "consumer")
     else:
-        # After Flatten the channels are spread over the Dense inputs; only
-        # sharing and quantization matter.
-        n = len(graph.calls_of(consumer.layer))
-        refusal = (
-            Refusal("shared_layer", f"consumer {describe(consumer)} is a shared layer called {n} times", consumer.layer.name)
-            if n > 1
-            else None
-        )
+        # After Flatten every BN channel is spread over the Dense inputs, so
+        # any BN axis folds; only the Dense itself must be rewritable.
+        refusal = _usable(graph, consumer, "consumer")
     if refusal is None and k != "dense":
         refusal = _padding_refusal(consumer)
     return refusal or Plan(bn, consumer, FORWARD, flatten)

@@ -110,6 +110,12 @@ def flatten_then_relu():
     return keras.Model(x, L.ReLU()(L.Flatten(name="flat")(L.BatchNormalization(name="bn")(x))))
 
 
+def flatten_then_shared_dense():
+    x = keras.Input((3, 2))
+    dense = L.Dense(6, name="p")
+    return keras.Model(x, dense(dense(L.Flatten()(L.BatchNormalization(name="bn")(x)))))
+
+
 REFUSALS = [
     (fused_activation, "fused_activation", "activation 'relu' is fused into 'p'"),
     (multiple_consumers, "multiple_consumers", "feeds 2 consumers"),
@@ -128,6 +134,7 @@ REFUSALS = [
     (multi_axis, "multi_axis", "several axes [1, 2]"),
     (bn_on_input, "model_input", "reads a model input"),
     (flatten_then_relu, "model_input", "not followed by a single Dense"),
+    (flatten_then_shared_dense, "shared_layer", "consumer 'p' (Dense) is a shared layer called 2 times"),
 ]
 
 

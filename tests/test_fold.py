@@ -86,7 +86,7 @@ def test_forward_fold(shape, make, axis):
     assert finding.direction == "forward"
 
 
-@pytest.mark.parametrize("data_format,axis", [("channels_last", -1), (CF, 1)])
+@pytest.mark.parametrize("data_format,axis", [("channels_last", -1), ("channels_last", 1), (CF, 1)])
 def test_forward_fold_through_flatten(data_format, axis):
     x = keras.Input((3, 4, 2) if data_format == "channels_last" else (2, 3, 4))
     h = L.BatchNormalization(axis=axis)(x)
