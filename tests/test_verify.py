@@ -49,3 +49,11 @@ def test_random_inputs_follow_dtypes_and_structure():
     ids, values = random_inputs(model, batch_size=5)
     assert ids.shape == (5, 8) and ids.dtype == np.int32 and set(np.unique(ids)) <= {0, 1}
     assert values.shape == (5, 2) and values.dtype == np.float32
+
+
+def test_nan_output_fails():
+    x = keras.Input((2,))
+    model = keras.Model(x, L.Rescaling(1.0)(x))
+    nan_model = keras.Model(x, L.Rescaling(float("nan"))(x))
+    result = kerasbn.verify(model, nan_model)
+    assert not result.passed and result.max_abs_error == float("inf")
