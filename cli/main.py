@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any, Callable
 
 import click
 
@@ -17,6 +18,7 @@ from kerasbn_cli.options import (
     EXIT_FINDINGS,
     EXIT_OK,
     MODEL_ARGUMENT,
+    Checking,
     Settings,
     common_options,
     output_option,
@@ -85,17 +87,7 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool) -> int:
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
 )
 @common_options
-def fold(
-    settings: Settings,
-    model: Path,
-    output: Path | None,
-    verify: bool,
-    atol: float,
-    rtol: float,
-    batch: int,
-    inputs_file: Path | None,
-    fmt: str,
-) -> int:
+def fold(settings: Settings, checking: Checking, model: Path, output: Path | None, fmt: str) -> int:
     """Fold every BatchNormalization of MODEL that folds exactly into its neighbour.
 
     The folded model is compared with the original in memory and again as
@@ -114,12 +106,10 @@ def fold(
     with render.progress(settings.quiet) as step:
         import kerasbn
 
-        original, inputs = _load(settings, model, output, inputs_file, step)
+        original, inputs = _load(settings, checking, model, output, step)
         step("Folding")
         result = kerasbn.fold(original)
-        checks = _save_verified(
-            settings, original, result.model, output, step, verify=verify, inputs=inputs, batch=batch, atol=atol, rtol=rtol
-        )
+        checks = _save_verified(settings, checking, original, inputs, result.model, output, step)
     render.print_fold(settings, result.report, checks, output, fmt)
     return EXIT_OK
 
@@ -129,16 +119,7 @@ def fold(
 @output_option("MODEL.nobias.keras beside MODEL")
 @verify_options
 @common_options
-def strip_biases(
-    settings: Settings,
-    model: Path,
-    output: Path | None,
-    verify: bool,
-    atol: float,
-    rtol: float,
-    batch: int,
-    inputs_file: Path | None,
-) -> int:
+def strip_biases(settings: Settings, checking: Checking, model: Path, output: Path | None) -> int:
     """Remove the Dense/Conv biases that a following BatchNormalization makes redundant.
 
     The training-time rewrite: each bias moves into the BN's moving mean, so
@@ -155,13 +136,11 @@ def strip_biases(
     with render.progress(settings.quiet) as step:
         import kerasbn
 
-        original, inputs = _load(settings, model, output, inputs_file, step)
+        original, inputs = _load(settings, checking, model, output, step)
         step("Finding redundant biases")
         removed = kerasbn.audit(original).redundant_biases
         stripped = kerasbn.strip_redundant_biases(original)
-        checks = _save_verified(
-            settings, original, stripped, output, step, verify=verify, inputs=inputs, batch=batch, atol=atol, rtol=rtol
-        )
+        checks = _save_verified(settings, checking, original, inputs, stripped, output, step)
     render.print_strip(settings, removed, original, stripped, checks, output)
     return EXIT_OK
 
@@ -178,9 +157,7 @@ def strip_biases(
     help="Run the file in ONNX Runtime at two batch sizes and compare with Keras (rtol 1e-4, atol 1e-5).",
 )
 @common_options
-def export(
-    settings: Settings, model: Path, output: Path | None, fold: bool, opset: int | None, verify: bool
-) -> int:
+def export(settings: Settings, model: Path, output: Path | None, fold: bool, opset: int | None, verify: bool) -> int:
     """Export MODEL to ONNX with a dynamic batch dimension, BN folded away.
 
     Prints the op counts before and after the fold. Nothing is written if
@@ -200,12 +177,14 @@ def export(
         _check_distinct(settings, model, output)
         step(f"Loading {model.name}")
         keras_model = load_model(model, safe_mode=settings.safe_mode, custom_modules=settings.imports)
-        result = export_onnx(keras_model, output, opset=opset, fold=fold, verify=verify, overwrite=settings.force, on_step=step)
+        result = export_onnx(
+            keras_model, output, opset=opset, fold=fold, verify=verify, overwrite=settings.force, on_step=step
+        )
     render.print_export(settings, result)
-    return 0
+    return EXIT_OK
 
 
-def _load(settings: Settings, model: Path, output: Path, inputs_file: Path | None, step) -> tuple:
+def _load(settings: Settings, checking: Checking, model: Path, output: Path, step: Callable[[str], None]) -> tuple:
     """The model, and the verification inputs when --inputs names a file."""
     import kerasbn
     from kerasbn.io import load_inputs
@@ -213,11 +192,19 @@ def _load(settings: Settings, model: Path, output: Path, inputs_file: Path | Non
     _check_distinct(settings, model, output)
     step(f"Loading {model.name}")
     original = kerasbn.load_model(model, safe_mode=settings.safe_mode, custom_modules=settings.imports)
-    inputs = load_inputs(inputs_file, original) if inputs_file is not None else None
+    inputs = load_inputs(checking.inputs_file, original) if checking.inputs_file is not None else None
     return original, inputs
 
 
-def _save_verified(settings: Settings, original, rewritten, output: Path, step, *, verify: bool, inputs, batch: int, atol: float, rtol: float) -> dict:
+def _save_verified(
+    settings: Settings,
+    checking: Checking,
+    original: Any,
+    inputs: Any,
+    rewritten: Any,
+    output: Path,
+    step: Callable[[str], None],
+) -> dict[str, Any]:
     """Verify in memory, write atomically, verify the reloaded file; returns the VerifyResults by stage."""
     import kerasbn
     from kerasbn.errors import VerificationError
@@ -225,20 +212,22 @@ def _save_verified(settings: Settings, original, rewritten, output: Path, step, 
     checks = {}
 
     def compare(candidate, stage: str) -> None:
-        result = kerasbn.verify(original, candidate, inputs, batch_size=batch, atol=atol, rtol=rtol)
+        result = kerasbn.verify(
+            original, candidate, inputs, batch_size=checking.batch, atol=checking.atol, rtol=checking.rtol
+        )
         checks[stage] = result
         if not result.passed:
             raise VerificationError(f"the {stage} model differs from the original: {result}; nothing written")
 
-    if verify:
+    if checking.verify:
         step("Verifying in memory")
         compare(rewritten, "rewritten")
-    step(f"Writing {output.name}" + (" and verifying the reloaded file" if verify else ""))
+    step(f"Writing {output.name}" + (" and verifying the reloaded file" if checking.verify else ""))
     kerasbn.save_model(
         rewritten,
         output,
         overwrite=settings.force,
-        check=(lambda reloaded: compare(reloaded, "reloaded")) if verify else None,
+        check=(lambda reloaded: compare(reloaded, "reloaded")) if checking.verify else None,
         safe_mode=settings.safe_mode,
         custom_modules=settings.imports,
     )

@@ -36,11 +36,6 @@ class Settings:
     def safe_mode(self) -> bool:
         return not self.unsafe
 
-    def say(self, message: str = "") -> None:
-        """A human-readable line on stdout, unless --quiet."""
-        if not self.quiet:
-            click.echo(message)
-
 
 class Failed(Exception):
     """A command's own verdict: verification failed (exit 1), already reported."""
@@ -77,8 +72,24 @@ def output_option(default_help: str) -> Callable:
     )
 
 
+@dataclass(frozen=True)
+class Checking:
+    """How the rewrite commands compare the new model with the original."""
+
+    verify: bool
+    atol: float
+    rtol: float
+    batch: int
+    inputs_file: Path | None
+
+
 def verify_options(fn: Callable) -> Callable:
-    """Options of the rewrite commands that check the new model against the old."""
+    """Options of the rewrite commands; the command receives them as `checking`."""
+
+    @functools.wraps(fn)
+    def command(*, verify: bool, atol: float, rtol: float, batch: int, inputs_file: Path | None, **kwargs: Any):
+        return fn(checking=Checking(verify, atol, rtol, batch, inputs_file), **kwargs)
+
     options = (
         click.option(
             "--verify/--no-verify",
@@ -86,8 +97,12 @@ def verify_options(fn: Callable) -> Callable:
             show_default=True,
             help="Compare the new model with the original, in memory and as reloaded from disk.",
         ),
-        click.option("--atol", type=click.FloatRange(min=0), default=1e-5, show_default=True, help="Absolute tolerance."),
-        click.option("--rtol", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Relative tolerance."),
+        click.option(
+            "--atol", type=click.FloatRange(min=0), default=1e-5, show_default=True, help="Absolute tolerance."
+        ),
+        click.option(
+            "--rtol", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Relative tolerance."
+        ),
         click.option(
             "--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Batch size of the random inputs."
         ),
@@ -100,8 +115,8 @@ def verify_options(fn: Callable) -> Callable:
         ),
     )
     for option in reversed(options):
-        fn = option(fn)
-    return fn
+        command = option(command)
+    return command
 
 
 def common_options(fn: Callable) -> Callable:

@@ -31,7 +31,9 @@ def progress(quiet: bool) -> Iterator[Callable[[str], None]]:
         yield lambda message: status.update(f"{message}…")
 
 
-def table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]], *, numeric: Sequence[int] = ()) -> Any:
+def table(
+    title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]], *, numeric: Sequence[int] = ()
+) -> Any:
     """A rich Table; columns listed in `numeric` are right-aligned."""
     from rich.table import Table
 
@@ -172,7 +174,9 @@ def print_fold(settings: Any, report: Any, checks: dict[str, Any], output: Any, 
     out.print(f"Wrote {output}")
 
 
-def print_strip(settings: Any, removed: Sequence[Any], original: Any, stripped: Any, checks: dict[str, Any], output: Any) -> None:
+def print_strip(
+    settings: Any, removed: Sequence[Any], original: Any, stripped: Any, checks: dict[str, Any], output: Any
+) -> None:
     """Which biases went, parameters before and after, the verification and the output path."""
     if settings.quiet:
         return

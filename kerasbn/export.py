@@ -74,7 +74,8 @@ class ExportResult:
         """Rows (op type, count before fold or None, count after), onnx-simplifier style."""
         before = self.op_counts_unfolded or {}
         ops = sorted(set(before) | set(self.op_counts))
-        return [(op, before.get(op, 0) if self.op_counts_unfolded is not None else None, self.op_counts.get(op, 0)) for op in ops]
+        folded = self.op_counts_unfolded is not None
+        return [(op, before.get(op, 0) if folded else None, self.op_counts.get(op, 0)) for op in ops]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -243,7 +244,8 @@ def _check_with_onnxruntime(
         cases = [keras.tree.flatten(random_inputs(model, b, seed + k)) for k, b in enumerate(batch_sizes)]
     checks = []
     for arrays in cases:
-        expected = [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(model(_pack(model, arrays), training=False))]
+        outputs = model(keras.tree.pack_sequence_as(model.input, arrays), training=False)
+        expected = [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(outputs)]
         got = session.run(None, {n: a for n, a in zip(names, arrays)})
         worst_abs = worst_rel = 0.0
         passed = len(got) == len(expected)
@@ -259,12 +261,6 @@ def _check_with_onnxruntime(
             passed = passed and bool(np.all(diff <= atol + rtol * scale))
         checks.append(BatchCheck(int(arrays[0].shape[0]), worst_abs, worst_rel, passed))
     return tuple(checks)
-
-
-def _pack(model: Any, arrays: list[Any]) -> Any:
-    import keras
-
-    return keras.tree.pack_sequence_as(model.input, arrays)
 
 
 @contextlib.contextmanager

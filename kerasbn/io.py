@@ -178,7 +178,9 @@ def load_inputs(path: str | os.PathLike, model: Any) -> Any:
         expected = tuple(tensor.shape[1:])
         got = array.shape[1:]
         if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
-            raise KerasbnError(f"{path}: input '{name}' has shape {array.shape}, the model expects (batch, *{expected})")
+            raise KerasbnError(
+                f"{path}: input '{name}' has shape {array.shape}, the model expects (batch, *{expected})"
+            )
     import keras
 
     return keras.tree.pack_sequence_as(model.input, chosen)
@@ -297,7 +299,8 @@ def _classify_keras_error(path: Path, kind: str, exc: BaseException) -> KerasbnE
     if kind == "h5" and "No model config found" in text:
         return ModelLoadError(f"{path}: HDF5 file without a model config (weights only?); save the whole model")
     if isinstance(exc, OSError) or "Unable to" in text or "truncated" in text:
-        return ModelLoadError(f"{path}: truncated or corrupted {'HDF5' if kind == 'h5' else '.keras'} file ({_first_line(exc)})")
+        what = "HDF5" if kind == "h5" else ".keras"
+        return ModelLoadError(f"{path}: truncated or corrupted {what} file ({_first_line(exc)})")
     return ModelLoadError(f"{path}: cannot rebuild the model: {_first_line(exc)}")
 
 
