@@ -31,6 +31,9 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 KERAS_SUFFIXES = (".keras",)
 H5_SUFFIXES = (".h5", ".hdf5")
 _WEIGHT_MEMBERS = ("model.weights.h5", "model.weights.npz")
+# Keras stores members uncompressed; a member that inflates over 100x past 64 MiB is not a model.
+_BOMB_FLOOR = 64 * 2**20
+_BOMB_RATIO = 100
 
 
 def load_model(
@@ -233,9 +236,17 @@ def _check_keras_archive(path: Path) -> None:
 
     `testzip` reads every member and checks its CRC, so truncation and flipped
     bytes are reported as such instead of as an obscure HDF5 or JSON error.
+    A member that would expand far beyond its stored size is refused first,
+    so a decompression bomb cannot keep that check busy.
     """
     try:
         with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.file_size > _BOMB_FLOOR and info.file_size > _BOMB_RATIO * max(info.compress_size, 1):
+                    raise ModelLoadError(
+                        f"{path}: refusing a .keras archive whose member '{info.filename}' expands "
+                        f"from {info.compress_size:,} to {info.file_size:,} bytes (a decompression bomb?)"
+                    )
             names = set(archive.namelist())
             bad = archive.testzip()
             if bad is not None:

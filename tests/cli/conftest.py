@@ -163,7 +163,14 @@ def corpus(tmp_path_factory, model_files) -> dict[str, Path]:
         "lambda_h5": folder / "lambda.h5",
         "unbuilt_sequential": folder / "unbuilt.keras",
         "a_directory": folder / "saved_model_dir",
+        "zip_bomb": folder / "bomb.keras",
     }
+    with zipfile.ZipFile(cases["zip_bomb"], "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        with archive.open("padding.bin", "w") as member:
+            for _ in range(80):
+                member.write(bytes(2**20))
     assert "ReLU" in members["config.json"].decode() and '"units": 4' in members["config.json"].decode()
     import h5py
 

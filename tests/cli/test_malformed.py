@@ -36,6 +36,7 @@ EXPECTED = {
     "lambda_h5": "--unsafe",
     "unbuilt_sequential": "no input shape",
     "a_directory": "is a directory",
+    "zip_bomb": "decompression bomb",
 }
 
 
