@@ -11,19 +11,9 @@ and the shifted sums are of the order of the spread, not of the offset
 lets the layer normalize as ``((x − shift) − delta)·a + β`` without ever
 forming the rounded mean.
 
-What is left is the rounding of the sums themselves. XLA's reductions on JAX
-are blocked and stay within ~1e-6 relative; TensorFlow's CPU reductions (and
-XLA as TensorFlow lowers them) accumulate nearly sequentially, which costs
-~1e-4 at 10⁵ values per feature. On TensorFlow the sums are therefore taken
-in two levels: float32 partial sums over the innermost reduced axes (at most
-`_BLOCK` values each, where sequential float32 is exact to ~1e-7), then
-float64 over the partials. The partials are a few percent of the data, and
-the inner reduction runs along contiguous memory: this is both exact and
-faster than one float32 reduction (measured on (32, 56, 56, 64): 3.7 ms
-against 6.1 ms in a graph, 3.9 against 10.4 under XLA; casting all the data
-to float64 took 22 and 27 ms). A float64 cast between the levels also keeps
-XLA from merging them back into one reduction. Where no such block exists
-(a dynamic or very long innermost reduced axis) the whole sum is float64.
+What is left is the rounding of the sums themselves; `kerasbn.ops.reduce`
+arranges them per backend so that they stay exact to float32 rounding of the
+result (TensorFlow's own reductions are nearly sequential).
 """
 
 from __future__ import annotations
@@ -35,6 +25,7 @@ from typing import Any, Sequence
 from keras import backend, ops
 
 from kerasbn.ops import distributed
+from kerasbn.ops.reduce import sums
 
 
 @dataclass(frozen=True)
@@ -77,34 +68,6 @@ def _dynamic_count(x, axes: Sequence[int], dtype):
     return count
 
 
-# The most values a float32 partial sum accumulates on TensorFlow.
-_BLOCK = 2048
-
-
-def _inner_axes(shape: Sequence[int | None], axes: Sequence[int]) -> list[int] | None:
-    """The trailing reduced axes whose values fit one float32 partial sum."""
-    inner: list[int] = []
-    size = 1
-    for a in sorted(axes, reverse=True):
-        if shape[a] is None or size * shape[a] > _BLOCK:
-            break
-        inner.append(a)
-        size *= shape[a]
-    return inner or None
-
-
-def _sum(v, axes: Sequence[int]):
-    """Σ over ``axes`` (keepdims), exact to float32 rounding of the result."""
-    if backend.backend() != "tensorflow":
-        return ops.sum(v, axis=axes, keepdims=True)
-    inner = _inner_axes(v.shape, axes)
-    if inner is None:
-        return ops.sum(ops.cast(v, "float64"), axis=axes, keepdims=True)
-    partial = ops.cast(ops.sum(v, axis=inner, keepdims=True), "float64")
-    outer = [a for a in axes if a not in inner]
-    return ops.sum(partial, axis=outer, keepdims=True) if outer else partial
-
-
 def first_sample(x, axes: Sequence[int]):
     """The value at index 0 of every reduced axis, kept as a broadcastable slice."""
     start = [0] * len(x.shape)
@@ -133,9 +96,8 @@ def moments(x, axes: Sequence[int], mask=None, synchronized: bool = False) -> Mo
     else:
         w = ops.cast(ops.broadcast_to(mask, ops.shape(x)), x.dtype)
         d = d * w
-        count = _sum(w, axes)
-    s1 = _sum(d, axes)
-    s2 = _sum(d * d, axes)
+        (count,) = sums([w], axes)
+    s1, s2 = sums([d, d * d], axes)
     if synchronized:
         shift, s1, s2, count = distributed.all_reduce_moments(shift, s1, s2, count)
     safe = ops.maximum(count, 1.0)

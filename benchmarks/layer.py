@@ -1,0 +1,452 @@
+"""Layer benchmark: kerasbn.BatchNormalization against keras.layers.BatchNormalization.
+
+For each backend in its own process (Keras fixes the backend at import), on
+the same tensors: the training step (forward and backward to x, γ and β for a
+given upstream gradient, moving statistics updated) and inference, in a TF
+graph (`tf.function`), under TF XLA (`jit_compile=True`) and under `jax.jit`;
+on TensorFlow also `tf.compat.v1.nn.fused_batch_norm`. Each timing is the
+median over interleaved repeats after warm-up, next to a copy of the same
+tensor measured in the same run: BN is memory-bound, so its floor is a number
+of passes over the tensor (8 for a training step — read x for the sums,
+read x and write y, read dy and x for the gradient sums, read dy and x and
+write dx — and 2 for inference), each costing half a copy. The small-CNN
+`model.fit(jit_compile=True)` epoch time compares the layers inside a model.
+
+    python benchmarks/layer.py                 # both backends, writes JSON and docs/benchmarks.md
+    python benchmarks/layer.py --quick         # one shape, few repeats
+    KERAS_BACKEND=jax python benchmarks/layer.py --backend jax --json out.json --no-markdown
+    python benchmarks/layer.py --render        # rebuild the Markdown from the JSON files
+
+The Markdown goes under the `## Layer` heading of docs/benchmarks.md; other
+sections of that file are left as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+CPU_JSON = ROOT / "docs" / "layer-benchmarks.json"
+GPU_JSON = ROOT / "docs" / "layer-benchmarks-gpu.json"
+SHAPES = [(32, 56, 56, 64), (256, 1024), (8, 28, 28, 256)]
+DTYPES = ["float32", "bfloat16"]
+TRAIN_PASSES = 8
+INFER_PASSES = 2
+# A timed sample runs the step back to back until it lasts about this long,
+# so that dispatch overhead (JAX on a GPU) is amortized.
+SAMPLE_S = 0.02
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=["all", "tensorflow", "jax"], default="all")
+    parser.add_argument("--quick", action="store_true", help="one shape in float32, few repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="where to write the results")
+    parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--no-fit", action="store_true", help="skip the model.fit epoch-time comparison")
+    parser.add_argument("--render", action="store_true", help="only rebuild the Markdown from the JSON files")
+    args = parser.parse_args()
+    if args.render:
+        write_markdown()
+        return
+    if args.backend == "all":
+        results = []
+        for name in ("tensorflow", "jax"):
+            out = ROOT / "build" / f"layer-{name}.json"
+            out.parent.mkdir(exist_ok=True)
+            cmd = [sys.executable, __file__, "--backend", name, "--json", str(out), "--no-markdown"]
+            cmd += ["--quick"] * args.quick + ["--no-fit"] * args.no_fit
+            cmd += ["--repeats", str(args.repeats)] if args.repeats else []
+            subprocess.run(cmd, check=True, env={**os.environ, "KERAS_BACKEND": name})
+            results.append(json.loads(out.read_text()))
+        merged = {"machine": results[0]["machine"], "runs": [r for res in results for r in res["runs"]],
+                  "fit": [f for res in results for f in res["fit"]], "quick": args.quick}
+        path = args.json or CPU_JSON
+        path.write_text(json.dumps(merged, indent=1) + "\n")
+    else:
+        result = run_backend(args.backend, args.quick, args.repeats, not args.no_fit)
+        path = args.json or (CPU_JSON if result["machine"]["device"] == "cpu" else GPU_JSON)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    if not args.no_markdown:
+        write_markdown()
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_all(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each zero-argument callable, interleaved.
+
+    The callables take turns within each repeat so that load from other
+    processes on a shared machine hits them alike.
+    """
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        start = time.perf_counter()
+        fn()
+        once = time.perf_counter() - start
+        inner[name] = max(1, min(1000, math.ceil(SAMPLE_S / max(once, 1e-7))))
+    samples: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner[name] - 1):
+                fn(block=False)
+            fn()
+            samples[name].append((time.perf_counter() - start) / inner[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run_backend(name: str, quick: bool, repeats: int | None, fit: bool) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ["KERAS_BACKEND"] = name
+    sys.path.insert(0, str(ROOT))
+    import kerasbn  # noqa: F401  (quiet TensorFlow start-up)
+    import keras
+    import numpy as np
+
+    if keras.backend.backend() != name:
+        raise SystemExit(f"Keras was imported with the {keras.backend.backend()} backend, not {name}.")
+    bench = TFBench() if name == "tensorflow" else JaxBench()
+    repeats = repeats or (5 if quick else 11)
+    shapes = SHAPES[:1] if quick else SHAPES
+    dtypes = DTYPES[:1] if quick else DTYPES
+    rng = np.random.default_rng(0)
+    runs = []
+    for shape in shapes:
+        x32 = (rng.standard_normal(shape) * 2.0 + 3.0).astype("float32")
+        dy32 = rng.standard_normal(shape).astype("float32")
+        for dtype in dtypes:
+            for mode in bench.modes:
+                fns = bench.steps(x32, dy32, dtype, mode)
+                times = time_all(fns, repeats)
+                for op, passes in (("train", TRAIN_PASSES), ("infer", INFER_PASSES)):
+                    keras_t = times[f"keras/{op}"]
+                    bound = times["copy"] / 2 * passes
+                    for impl in ("kerasbn", "keras", "tf_fused"):
+                        t = times.get(f"{impl}/{op}")
+                        if t is None:
+                            continue
+                        runs.append({
+                            "backend": name, "mode": mode, "shape": list(shape), "dtype": dtype, "op": op,
+                            "impl": impl, "ms": t * 1e3, "copy_ms": times["copy"] * 1e3,
+                            "ratio_to_keras": t / keras_t, "bound_fraction": bound / t,
+                            "ratio_to_copy": t / times["copy"],
+                        })
+                        print(f"{name:10s} {mode:5s} {str(shape):18s} {dtype:8s} {op:5s} {impl:8s} "
+                              f"{t * 1e3:8.3f} ms  ×Keras {t / keras_t:5.2f}  copy {times['copy'] * 1e3:6.3f} ms  "
+                              f"bound {bound / t:5.1%}", flush=True)
+    fits = bench.fit_ratio(quick) if fit else []
+    return {"machine": bench.machine(), "runs": runs, "fit": fits, "quick": quick}
+
+
+def _layers(keras, dtype, shape):
+    import kerasbn
+
+    policy = "float32" if dtype == "float32" else "mixed_bfloat16"
+    layers = {"kerasbn": kerasbn.BatchNormalization(dtype=policy), "keras": keras.layers.BatchNormalization(dtype=policy)}
+    for layer in layers.values():
+        layer.build(shape)
+    return layers
+
+
+class TFBench:
+    modes = ("graph", "xla")
+
+    def __init__(self):
+        import tensorflow as tf
+
+        self.tf = tf
+
+    def machine(self) -> dict:
+        return {"device": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), "tensorflow": self.tf.__version__,
+                "keras": _keras_version(), "python": platform.python_version()}
+
+    def steps(self, x32, dy32, dtype, mode) -> dict:
+        import keras
+
+        tf = self.tf
+        x = tf.cast(tf.constant(x32), dtype)
+        dy = tf.cast(tf.constant(dy32), dtype)
+        zero = tf.zeros([], dtype)
+        jit = mode == "xla"
+        fns = {}
+
+        def wrap(fn, *a):
+            def call(block=True):
+                out = fn(*a)
+                if block:
+                    out.numpy()
+
+            return call
+
+        copy = tf.function(lambda t, c: t + c, jit_compile=jit)
+        fns["copy"] = wrap(_last_scalar(tf, copy), x, zero)
+        for impl, layer in _layers(keras, dtype, x.shape).items():
+            weights = [layer.gamma.value, layer.beta.value]
+
+            def train(t, g, layer=layer, weights=weights):
+                with tf.GradientTape() as tape:
+                    tape.watch(t)
+                    y = layer(t, training=True)
+                return [y] + tape.gradient(y, [t] + weights, output_gradients=g)
+
+            fn = tf.function(train, jit_compile=jit)
+            fns[f"{impl}/train"] = wrap(_last_scalar(tf, fn), x, dy)
+            fns[f"{impl}/infer"] = wrap(_last_scalar(tf, tf.function(lambda t, layer=layer: layer(t, training=False), jit_compile=jit)), x)
+        if dtype == "float32":
+            channels = x.shape[-1]
+            scale = tf.Variable(tf.ones([channels]))
+            offset = tf.Variable(tf.zeros([channels]))
+            mean = tf.Variable(tf.zeros([channels]))
+            var = tf.Variable(tf.ones([channels]))
+            x4 = tf.reshape(x, [x.shape[0], -1, 1, channels])
+            dy4 = tf.reshape(dy, x4.shape)
+
+            def fused_train(t, g):
+                with tf.GradientTape() as tape:
+                    tape.watch(t)
+                    y, _, _ = tf.compat.v1.nn.fused_batch_norm(t, scale, offset, epsilon=1e-3, is_training=True)
+                return [y] + tape.gradient(y, [t, scale, offset], output_gradients=g)
+
+            def fused_infer(t):
+                return tf.compat.v1.nn.fused_batch_norm(t, scale, offset, mean, var, epsilon=1e-3, is_training=False)[0]
+
+            fns["tf_fused/train"] = wrap(_last_scalar(tf, tf.function(fused_train, jit_compile=jit)), x4, dy4)
+            fns["tf_fused/infer"] = wrap(_last_scalar(tf, tf.function(fused_infer, jit_compile=jit)), x4)
+        return fns
+
+    def fit_ratio(self, quick: bool) -> list:
+        return [_fit_ratio("tensorflow", quick)]
+
+
+def _last_scalar(tf, fn):
+    """``fn`` then a one-element slice of its last output, for the caller to wait on."""
+
+    def call(*a):
+        out = fn(*a)
+        flat = tf.nest.flatten(out)
+        return flat[-1][..., :1] if flat[-1].shape.rank else flat[-1]
+
+    return call
+
+
+class JaxBench:
+    modes = ("jit",)
+
+    def __init__(self):
+        import jax
+
+        self.jax = jax
+
+    def machine(self) -> dict:
+        dev = self.jax.devices()[0]
+        if dev.platform == "cpu":
+            return {"device": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), "jax": self.jax.__version__,
+                    "keras": _keras_version(), "python": platform.python_version()}
+        return {"device": dev.platform, "name": dev.device_kind, "jax": self.jax.__version__,
+                "keras": _keras_version(), "python": platform.python_version()}
+
+    def steps(self, x32, dy32, dtype, mode) -> dict:
+        import keras
+
+        jax = self.jax
+        jnp = jax.numpy
+        x = jnp.asarray(x32).astype(dtype)
+        dy = jnp.asarray(dy32).astype(dtype)
+        zero = jnp.zeros((), dtype)
+
+        def wrap(fn, *a):
+            def call(block=True):
+                out = fn(*a)
+                if block:
+                    jax.block_until_ready(out)
+
+            return call
+
+        fns = {"copy": wrap(jax.jit(lambda t, c: t + c), x, zero)}
+        for impl, layer in _layers(keras, dtype, x.shape).items():
+            trainable = [v.value for v in layer.trainable_variables]
+            non_trainable = [v.value for v in layer.non_trainable_variables]
+
+            @jax.jit
+            def train(tv, ntv, t, g, layer=layer):
+                def f(t, tv):
+                    return layer.stateless_call(tv, ntv, t, training=True)
+
+                y, vjp, new_ntv = jax.vjp(f, t, tv, has_aux=True)
+                dx, dtv = vjp(g)
+                return y, dx, dtv, new_ntv
+
+            @jax.jit
+            def infer(tv, ntv, t, layer=layer):
+                return layer.stateless_call(tv, ntv, t, training=False)[0]
+
+            fns[f"{impl}/train"] = wrap(train, trainable, non_trainable, x, dy)
+            fns[f"{impl}/infer"] = wrap(infer, trainable, non_trainable, x)
+        return fns
+
+    def fit_ratio(self, quick: bool) -> list:
+        return [_fit_ratio("jax", quick)]
+
+
+def _fit_ratio(backend: str, quick: bool) -> dict:
+    """Epoch time of a small CNN with `model.fit(jit_compile=True)`, kerasbn vs Keras BN."""
+    import keras
+    import numpy as np
+
+    import kerasbn
+
+    rng = np.random.default_rng(0)
+    n = 1024 if quick else 4096
+    x = rng.standard_normal((n, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, n)
+    epochs = 3 if quick else 5
+    times = {}
+    for name, bn in (("kerasbn", kerasbn.BatchNormalization), ("keras", keras.layers.BatchNormalization)):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(32, 3, padding="same", use_bias=False), bn(), keras.layers.ReLU(),
+            keras.layers.Conv2D(64, 3, padding="same", use_bias=False, strides=2), bn(), keras.layers.ReLU(),
+            keras.layers.Conv2D(64, 3, padding="same", use_bias=False), bn(), keras.layers.ReLU(),
+            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10),
+        ])
+        model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=True)
+        epoch_times = []
+
+        class Clock(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                epoch_times.append(time.perf_counter() - self.start)
+
+        model.fit(x, y, batch_size=64, epochs=epochs + 1, verbose=0, callbacks=[Clock()])
+        times[name] = statistics.median(epoch_times[1:])  # the first epoch compiles
+        print(f"{backend:10s} fit epoch {name:8s} {times[name] * 1e3:8.1f} ms", flush=True)
+    return {"backend": backend, "samples": n, "batch_size": 64, "kerasbn_ms": times["kerasbn"] * 1e3,
+            "keras_ms": times["keras"] * 1e3, "ratio": times["kerasbn"] / times["keras"]}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _keras_version() -> str:
+    import keras
+
+    return keras.__version__
+
+
+# --------------------------------------------------------------------------- Markdown
+
+TARGETS = {("tensorflow", "graph"): 0.5, ("tensorflow", "xla"): 0.5, ("jax", "jit"): 0.8}
+
+
+def _table(result: dict, gpu: bool) -> list[str]:
+    runs = result["runs"]
+    by = {(r["backend"], r["mode"], tuple(r["shape"]), r["dtype"], r["op"], r["impl"]): r for r in runs}
+    lines = [
+        "| backend | mode | shape | dtype | op | kerasbn ms | Keras ms | TF fused ms | kerasbn ÷ Keras | target | "
+        "copy ms | kerasbn ÷ copy | of bandwidth bound |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    keys = sorted({k[:5] for k in by}, key=lambda k: (k[0] != "tensorflow", k[1] != "graph", SHAPES.index(k[2])
+                                                    if k[2] in SHAPES else 9, k[3], k[4] != "train"))
+    for key in keys:
+        ours, theirs, fused = by.get(key + ("kerasbn",)), by.get(key + ("keras",)), by.get(key + ("tf_fused",))
+        if ours is None or theirs is None:
+            continue
+        backend, mode, shape, dtype, op = key
+        if op == "train":
+            limit = 1.0 if gpu else TARGETS[(backend, mode)]
+            target = f"÷ Keras ≤ {limit}" + (", bound ≥ 60 %" if gpu else "")
+            met = ours["ratio_to_keras"] <= limit and (not gpu or ours["bound_fraction"] >= 0.6)
+        else:
+            target = "≤ 1.2 × copy"
+            met = ours["ratio_to_copy"] <= 1.2
+        fused_ms = f"{fused['ms']:.3f}" if fused else "–"
+        lines.append(
+            f"| {backend} | {mode} | {'×'.join(map(str, shape))} | {dtype} | {op} | {ours['ms']:.3f} | "
+            f"{theirs['ms']:.3f} | {fused_ms} | {ours['ratio_to_keras']:.2f} | {target}: {'met' if met else 'missed'} | "
+            f"{ours['copy_ms']:.3f} | {ours['ratio_to_copy']:.2f} | {ours['bound_fraction']:.0%} |"
+        )
+    return lines
+
+
+def _machine_line(machine: dict) -> str:
+    if machine["device"] == "cpu":
+        what = f"CPU: {machine['name']}, {machine['cores']} cores visible"
+    else:
+        what = f"GPU: {machine['name']}"
+    versions = ", ".join(f"{k} {machine[k]}" for k in ("tensorflow", "jax", "keras", "python") if k in machine)
+    return f"{what} ({versions})."
+
+
+def _fit_lines(result: dict) -> list[str]:
+    if not result.get("fit"):
+        return []
+    lines = ["", "Small CNN (3 × Conv–BN–ReLU, 32×32×3 inputs, batch 64), `model.fit(jit_compile=True)`, "
+             "median epoch time after a compiling epoch:", "",
+             "| backend | samples | kerasbn ms/epoch | Keras ms/epoch | kerasbn ÷ Keras |", "| --- | ---: | ---: | ---: | ---: |"]
+    for f in result["fit"]:
+        lines.append(f"| {f['backend']} | {f['samples']} | {f['kerasbn_ms']:.0f} | {f['keras_ms']:.0f} | {f['ratio']:.2f} |")
+    return lines
+
+
+def write_markdown() -> None:
+    body = [
+        "## Layer",
+        "",
+        "Written by `benchmarks/layer.py` (`make bench`); raw figures in `docs/layer-benchmarks.json`"
+        + (" and `docs/layer-benchmarks-gpu.json`" if GPU_JSON.exists() else "") + ".",
+        "Training step = forward and backward to x, γ, β for a given upstream gradient, moving statistics "
+        "updated; medians of interleaved repeats after warm-up. The bandwidth bound is measured in the same "
+        "run as a copy of the same tensor (2 passes): 8 passes for a training step, 2 for inference; "
+        "“of bandwidth bound” = bound ÷ time. bfloat16 runs use the `mixed_bfloat16` policy for both layers; "
+        "TF's fused kernel is shown for float32 only.",
+    ]
+    for path, gpu in ((CPU_JSON, False), (GPU_JSON, True)):
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        body += ["", f"### {'GPU' if gpu else 'CPU'}", "", _machine_line(result["machine"])
+                 + (" Quick run (`--quick`)." if result.get("quick") else ""), ""]
+        body += _table(result, gpu) + _fit_lines(result)
+    section = "\n".join(body) + "\n"
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    start = text.find("\n## Layer\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[: start + 1] + section + (text[end:] if end >= 0 else "")
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
