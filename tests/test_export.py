@@ -51,11 +51,10 @@ PAIRS = {
     "conv1d_bn": ((10, 3), [lambda: keras.layers.Conv1D(4, 3), BN]),
     "conv2dtranspose_bn": ((5, 5, 3), [lambda: keras.layers.Conv2DTranspose(4, 3), BN]),
     "depthwise_multiplier2_bn": ((6, 6, 3), [lambda: keras.layers.DepthwiseConv2D(3, depth_multiplier=2), BN]),
-    # Non-square, and no spatial size equal to the filter count: with H = W = filters,
-    # Keras 3.15's eager channels_first Conv2D on CPU adds the bias along the wrong axis
-    # (tf.function and predict are right), which would blame the export for Keras's error.
+    # A 4×4 output with 4 filters: there Keras 3.15's eager channels_first Conv2D on CPU adds
+    # its bias along the wrong axis; the export compares with Keras's compiled predict path.
     "conv2d_channels_first_bn": (
-        (3, 7, 9),
+        (3, 6, 6),
         [lambda: keras.layers.Conv2D(4, 3, data_format="channels_first"), lambda: BN(axis=1)],
     ),
     "bn_conv2d": ((6, 6, 3), [BN, lambda: keras.layers.Conv2D(4, 3, padding="valid")]),
