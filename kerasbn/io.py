@@ -121,7 +121,13 @@ def save_model(
         except OSError as exc:
             raise KerasbnError(f"{path}: cannot write the model: {exc.strerror or exc}") from exc
         if check is not None:
-            check(load_model(tmp, safe_mode=safe_mode, custom_modules=custom_modules))
+            try:
+                reloaded = load_model(tmp, safe_mode=safe_mode, custom_modules=custom_modules)
+            except KerasbnError as exc:
+                # The temporary name in the message would mean nothing to the user.
+                reason = str(exc).replace(f"{tmp}: ", "", 1)
+                raise KerasbnError(f"{path}: the saved model does not load back ({reason}); nothing written") from exc
+            check(reloaded)
     return path
 
 

@@ -161,3 +161,11 @@ def test_weights_that_keras_skips_are_an_error(saved, monkeypatch):
     monkeypatch.setattr(keras.saving, "load_model", skipping)
     with pytest.raises(ModelLoadError, match="weights do not match"):
         kerasbn.load_model(saved)
+
+
+def test_a_saved_model_that_does_not_load_back_is_not_written(tmp_path):
+    """A Lambda model saved by a caller that loaded it with safe_mode=False, rechecked in safe mode."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda t: t * 3.0)])
+    with pytest.raises(KerasbnError, match=r"out.keras: the saved model does not load back \(contains a Lambda"):
+        kerasbn.save_model(model, tmp_path / "out.keras", check=lambda reloaded: None)
+    assert os.listdir(tmp_path) == []
