@@ -72,6 +72,14 @@ def error(value: float) -> str:
     return f"{value:.2e}"
 
 
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 2**20:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
 def op_rows(op_table: Sequence[tuple[str, int | None, int]]) -> list[tuple[str, str, str]]:
     """onnx-simplifier's before/after rows, the changed ones marked."""
     rows = []
@@ -94,6 +102,9 @@ def print_export(settings: Any, result: Any) -> None:
     if folded:
         totals = (sum(result.op_counts_unfolded.values()), sum(result.op_counts.values()))
         rows.append(("Total", str(totals[0]), str(totals[1])))
+        rows.append(("Model size", _size(result.size_unfolded), _size(result.size)))
+    else:
+        rows.append(("Model size", _size(result.size)))
     out.print(table(f"ONNX graph of {result.path.name} (opset {result.opset})", headers, rows, numeric=range(1, 3)))
     for check in result.checks:
         verdict = "ok" if check.passed else "FAILED"

@@ -57,6 +57,8 @@ class ExportResult:
             (None with ``fold=False``): the "before" column of the table.
         fold_report: the fold engine's report, or None with ``fold=False``.
         checks: one `BatchCheck` per batch size (empty with ``verify=False``).
+        size: bytes of the written file.
+        size_unfolded: bytes of the unfolded model's ONNX (None with ``fold=False``).
     """
 
     path: Path
@@ -65,6 +67,8 @@ class ExportResult:
     op_counts_unfolded: dict[str, int] | None = None
     fold_report: Any = None
     checks: tuple[BatchCheck, ...] = field(default_factory=tuple)
+    size: int = 0
+    size_unfolded: int | None = None
 
     @property
     def verified(self) -> bool:
@@ -85,6 +89,8 @@ class ExportResult:
             "op_counts_unfolded": None if self.op_counts_unfolded is None else dict(self.op_counts_unfolded),
             "verified": self.verified,
             "checks": [c.__dict__ for c in self.checks],
+            "size": self.size,
+            "size_unfolded": self.size_unfolded,
         }
 
 
@@ -144,7 +150,7 @@ def export_onnx(
     if verify and not batch_sizes and inputs is None:
         raise KerasbnError("export_onnx: verification needs at least one batch size")
     fold_report = None
-    before = None
+    before = size_before = None
     target = model
     if fold:
         from kerasbn.fold import fold as fold_model
@@ -153,7 +159,8 @@ def export_onnx(
         folded = fold_model(model)
         target, fold_report = folded.model, folded.report
         step("Converting the unfolded model (for the op table)")
-        before = op_counts(to_onnx(model, opset=opset))
+        unfolded = to_onnx(model, opset=opset)
+        before, size_before = op_counts(unfolded), unfolded.ByteSize()
     step("Converting to ONNX")
     proto = to_onnx(target, opset=opset)
     after = op_counts(proto)
@@ -164,7 +171,7 @@ def export_onnx(
         if verify:
             step("Checking with ONNX Runtime")
             checks = _check_with_onnxruntime(tmp, model, batch_sizes, inputs, atol, rtol, seed)
-        result = ExportResult(path, opset_used, after, before, fold_report, checks)
+        result = ExportResult(path, opset_used, after, before, fold_report, checks, proto.ByteSize(), size_before)
         failed = [c for c in checks if not c.passed]
         if failed:
             worst = max(failed, key=lambda c: c.max_abs_error)

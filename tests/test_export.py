@@ -88,6 +88,7 @@ def test_export_folds_every_pair(pair, tmp_path):
         assert before.get("Mul", 0) >= 1 and before.get("Add", 0) >= 1, before
         assert before["Mul"] + before["Add"] > after.get("Mul", 0) + after.get("Add", 0), (before, after)
     onnx.checker.check_model(str(tmp_path / f"{pair}.onnx"))
+    assert result.size == (tmp_path / f"{pair}.onnx").stat().st_size and result.size_unfolded > 0
 
 
 @pytest.mark.slow

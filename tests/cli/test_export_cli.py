@@ -15,7 +15,7 @@ def test_export_prints_the_op_table_and_writes_beside_the_input(model_files, cop
     assert result.exit_code == 0, result.stderr
     output = source.with_name("tiny.onnx")
     assert listing(source.parent) == {"tiny.keras", "tiny.onnx"}
-    for text in ("Before fold", "After fold", "Total", "batch 1", "batch 8", f"Wrote {output}"):
+    for text in ("Before fold", "After fold", "Total", "Model size", "batch 1", "batch 8", f"Wrote {output}"):
         assert text in result.stdout
     ops = {node.op_type for node in onnx.load(str(output)).graph.node}
     assert "BatchNormalization" not in ops
