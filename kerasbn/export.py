@@ -145,6 +145,7 @@ def export_onnx(
         UnsupportedModelError: the model cannot be traced or converted.
         KerasbnError: the output path is not writable or exists.
     """
+    _require_tensorflow_backend()
     step = on_step or (lambda _message: None)
     path = Path(path)
     if verify and not batch_sizes and inputs is None:
@@ -194,6 +195,7 @@ def to_onnx(model: Any, *, opset: int | None = None) -> Any:
     tf = import_tensorflow()
     import keras
 
+    _require_tensorflow_backend()
     try:
         tensors = list(model.inputs)
     except (AttributeError, ValueError) as exc:
@@ -212,6 +214,16 @@ def to_onnx(model: Any, *, opset: int | None = None) -> Any:
         except Exception as exc:  # tf2onnx raises bare Exceptions for unsupported ops
             raise UnsupportedModelError(f"tf2onnx cannot convert the model: {_first_line(exc)}") from exc
     return proto
+
+
+def _require_tensorflow_backend() -> None:
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise UnsupportedModelError(
+            f"ONNX export goes through tf2onnx and needs the TensorFlow backend, not {keras.backend.backend()}; "
+            "run with KERAS_BACKEND=tensorflow"
+        )
 
 
 def op_counts(proto: Any) -> dict[str, int]:

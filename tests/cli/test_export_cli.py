@@ -58,3 +58,11 @@ def test_installed_script_exports(model_files, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert "After fold" in done.stdout
+
+
+@pytest.mark.slow
+def test_export_on_another_backend_is_one_clear_line(model_files, tmp_path):
+    done = run_script("export", model_files["keras"], "-o", tmp_path / "m.onnx", env={"KERAS_BACKEND": "jax"})
+    assert_clean_error(done.returncode, done.stdout, done.stderr)
+    assert "KERAS_BACKEND=tensorflow" in done.stderr
+    assert listing(tmp_path) == set()
