@@ -37,10 +37,6 @@ class Settings:
         return not self.unsafe
 
 
-class Failed(Exception):
-    """A command's own verdict: verification failed (exit 1), already reported."""
-
-
 _COMMON = (
     click.option(
         "--import",
@@ -138,12 +134,8 @@ def run_guarded(settings: Settings, body: Callable[[], int | None]) -> None:
 
     try:
         code = body() or EXIT_OK
-    except click.exceptions.Exit:
+    except (click.exceptions.Exit, click.ClickException):
         raise
-    except click.ClickException:
-        raise
-    except Failed:
-        code = EXIT_FINDINGS
     except VerificationError as exc:
         _error(str(exc))
         code = EXIT_FINDINGS
