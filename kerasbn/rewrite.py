@@ -106,6 +106,9 @@ class _Rebuilder:
         for kt in fn.inputs:
             input_layer = kt._keras_history.operation
             new = type(input_layer).from_config(input_layer.get_config()).output
+            # The tensor name (not only the InputLayer's) is what exporters
+            # such as tf2onnx call the graph input.
+            new.name = kt.name
             tensors[id(kt)] = new
             new_inputs.append(new)
         outputs = {id(kt) for kt in fn.outputs}

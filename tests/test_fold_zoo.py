@@ -41,6 +41,7 @@ def test_zoo_fold(name, tmp_path):
     assert_same_outputs(model, result.model, images)
     input_layers = [t._keras_history.operation.name for t in model.inputs]
     assert [t._keras_history.operation.name for t in result.model.inputs] == input_layers
+    assert [t.name for t in result.model.inputs] == [t.name for t in model.inputs]
     assert result.model.output_names == model.output_names
     if name == "DenseNet121":
         # The rest follow a Concatenate, a transition's average pooling or the
