@@ -27,6 +27,8 @@ BACKWARD = [
     ("conv2d_cf", (3, 7, 7), lambda: L.Conv2D(4, 3, data_format=CF), 1),
     ("conv2d_groups", (7, 7, 4), lambda: L.Conv2D(6, 3, groups=2), -1),
     ("conv2d_groups_cf", (4, 7, 7), lambda: L.Conv2D(6, 3, groups=2, data_format=CF), 1),
+    ("conv2d_strided_same", (9, 9, 3), lambda: L.Conv2D(4, 3, strides=2, padding="same"), -1),
+    ("conv2d_dilated", (9, 9, 3), lambda: L.Conv2D(4, 3, dilation_rate=2), -1),
     ("conv3d", (5, 5, 5, 2), lambda: L.Conv3D(3, 2), -1),
     ("conv3d_cf", (2, 5, 5, 5), lambda: L.Conv3D(3, 2, data_format=CF), 1),
     ("depthwise1d", (9, 3), lambda: L.DepthwiseConv1D(3, depth_multiplier=2), -1),
@@ -54,6 +56,12 @@ FORWARD = [
     ("conv3d_valid", (5, 5, 5, 2), lambda: L.Conv3D(3, 2), -1),
     ("depthwise2d_valid", (7, 7, 3), lambda: L.DepthwiseConv2D(3, depth_multiplier=2), -1),
     ("separable2d_valid", (7, 7, 3), lambda: L.SeparableConv2D(4, 3, depth_multiplier=2), -1),
+    ("dense_3d", (3, 5), lambda: L.Dense(4), -1),
+    ("conv1d_causal_1", (9, 3), lambda: L.Conv1D(4, 1, padding="causal"), -1),
+    ("conv2d_dilated_valid", (9, 9, 3), lambda: L.Conv2D(4, 3, dilation_rate=2), -1),
+    ("conv3d_valid_cf", (2, 5, 5, 5), lambda: L.Conv3D(3, 2, data_format=CF), 1),
+    ("depthwise1d_valid", (9, 3), lambda: L.DepthwiseConv1D(3, depth_multiplier=2, use_bias=False), -1),
+    ("separable1d_valid", (9, 3), lambda: L.SeparableConv1D(4, 3), -1),
 ]
 
 
