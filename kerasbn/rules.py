@@ -70,8 +70,8 @@ def has_activation(layer: keras.layers.Layer) -> str | None:
     act = getattr(layer, "activation", None)
     if act is None or act is keras.activations.linear:
         return None
-    name = keras.activations.serialize(act)
-    return None if name == "linear" else (name if isinstance(name, str) else getattr(act, "__name__", "custom"))
+    name = getattr(act, "__name__", None) or type(act).__name__
+    return None if name == "linear" else name
 
 
 def describe(call: Call) -> str:
