@@ -8,14 +8,15 @@ that a following BN makes redundant.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import asdict, dataclass, field
 
 import keras
+from rich.console import Group
 
 from kerasbn import rules
 from kerasbn.graph import Call, Graph, build_graph
+from kerasbn.tables import bn_rows, render, table
 
 
 def _path(call: Call) -> str:
@@ -37,7 +38,7 @@ class BNFinding:
 
     Attributes:
         layer: The BN layer's name.
-        path: ``outer_model_name/…/layer`` for a BN inside nested models, else the name.
+        path: ``nested_model/…/layer`` for a BN inside nested models, else the name.
         partner: The layer it folds into; for a BN that stays, the neighbour the
             reason is about (``None`` when there is none).
         direction: ``"backward"`` (into the layer before), ``"forward"`` (into
@@ -77,34 +78,6 @@ class RedundantBias:
     path: str
     bn: str
     parameters: int
-
-
-def _table(title: str, columns: list[str], rows: list[list[str]], caption: str):
-    from rich.table import Table
-
-    table = Table(title=title, caption=caption, show_lines=False)
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def _render(*renderables) -> str:
-    from rich.console import Console
-
-    buffer = io.StringIO()
-    console = Console(file=buffer, width=140, color_system=None, force_terminal=False)
-    for r in renderables:
-        console.print(r)
-    return buffer.getvalue().rstrip()
-
-
-def _bn_rows(findings: list[BNFinding]) -> list[list[str]]:
-    return [
-        [f.path, f.partner or "", f.direction or "", "yes" if f.foldable else "no", f.reason or ""]
-        for f in findings
-    ]
 
 
 @dataclass
@@ -158,24 +131,22 @@ class AuditReport:
             "redundant_biases": [asdict(b) for b in self.redundant_biases],
         }
 
-    def __rich__(self):
-        from rich.console import Group
-
+    def __rich__(self) -> Group:
         caption = (
             f"{self.foldable}/{self.bn_layers} BN layers fold, saving {self.parameters_saved:,} "
             f"of {self.parameters:,} parameters"
         )
         parts = [
-            _table(
+            table(
                 f"BatchNormalization layers in '{self.model}'",
                 ["BN", "partner", "direction", "folds", "reason"],
-                _bn_rows(self.batch_norms),
+                bn_rows(self.batch_norms),
                 caption,
             )
         ]
         if self.redundant_biases:
             parts.append(
-                _table(
+                table(
                     "Redundant biases",
                     ["layer", "BN", "parameters"],
                     [[b.path, b.bn, f"{b.parameters:,}"] for b in self.redundant_biases],
@@ -185,7 +156,7 @@ class AuditReport:
         return Group(*parts)
 
     def __str__(self) -> str:
-        return _render(self)
+        return render(self)
 
 
 def analyse(graph: Graph) -> tuple[list[BNFinding], list[rules.Plan]]:

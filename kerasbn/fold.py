@@ -8,9 +8,10 @@ import keras
 import numpy as np
 
 from kerasbn import kernels, rules
-from kerasbn.audit import BNFinding, _bn_rows, _render, _table, analyse
+from kerasbn.audit import BNFinding, analyse
 from kerasbn.graph import build_graph
 from kerasbn.rewrite import Patch, read_weights, rebuild
+from kerasbn.tables import bn_rows, render, table
 
 
 @dataclass
@@ -53,15 +54,15 @@ class FoldReport:
             f"{len(self.folded)}/{n} BN layers folded; parameters {self.parameters_before:,} → "
             f"{self.parameters_after:,}"
         )
-        return _table(
+        return table(
             f"Fold of '{self.model}'",
             ["BN", "partner", "direction", "folded", "reason"],
-            _bn_rows(self.folded + self.not_folded),
+            bn_rows(self.folded + self.not_folded),
             caption,
         )
 
     def __str__(self) -> str:
-        return _render(self)
+        return render(self)
 
 
 @dataclass
