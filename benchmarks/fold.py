@@ -40,7 +40,7 @@ sys.setrecursionlimit(100_000)
 
 BATCH = 8
 WARMUP = 3
-RUNS = 20
+RUNS = 30
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
