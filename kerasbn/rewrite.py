@@ -62,15 +62,16 @@ class _Rebuilder:
             # stateless, so the new graph can call the same object.
             new = layer
         else:
-            config = layer.get_config()
             patch = self.patches.get(id(layer))
-            if patch is not None:
-                config.update(patch.config)
             try:
+                config = layer.get_config()
+                if patch is not None:
+                    config.update(patch.config)
                 new = type(layer).from_config(config)
             except Exception as exc:  # noqa: BLE001 (any failure means: not rebuildable)
+                first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
                 raise UnsupportedModelError(
-                    f"Layer '{layer.name}' ({type(layer).__name__}) cannot be re-created from its config: {exc}"
+                    f"Layer '{layer.name}' ({type(layer).__name__}) cannot be re-created from its config: {first}"
                 ) from exc
             self.pending.append((layer, new))
         self.clones[id(layer)] = new

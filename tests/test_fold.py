@@ -215,3 +215,21 @@ def test_folded_model_still_trains():
     folded.compile(optimizer="sgd", loss="mse")
     history = folded.fit(np.ones((4, 5), "float32"), np.zeros((4, 1), "float32"), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+def test_layer_without_config_is_a_one_line_error():
+    class Scale(L.Layer):
+        # `helper` is no config value, so Keras cannot write a config for it.
+        def __init__(self, helper, **kwargs):
+            super().__init__(**kwargs)
+            self.helper = helper
+
+        def call(self, x):
+            return x * 2.0
+
+    x = keras.Input((3,))
+    model = keras.Model(x, Scale(object())(L.BatchNormalization()(L.Dense(3)(x))))
+    with pytest.raises(UnsupportedModelError) as info:
+        kerasbn.fold(model)
+    assert "cannot be re-created from its config" in str(info.value)
+    assert "\n" not in str(info.value)
