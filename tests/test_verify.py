@@ -9,6 +9,7 @@ import numpy as np
 
 import kerasbn
 from kerasbn.verify import random_inputs
+from tests.fold_helpers import randomize_bn
 
 L = keras.layers
 
@@ -57,3 +58,13 @@ def test_nan_output_fails():
     nan_model = keras.Model(x, L.Rescaling(float("nan"))(x))
     result = kerasbn.verify(model, nan_model)
     assert not result.passed and result.max_abs_error == float("inf")
+
+
+def test_channels_first_conv_with_channels_equal_to_width():
+    # Eager TF CPU kernels add this bias along the wrong axis; verify uses the
+    # compiled path, so a correct fold passes.
+    x = keras.Input((3, 6, 6))
+    y = L.BatchNormalization(axis=1)(L.Conv2D(4, 3, data_format="channels_first")(x))
+    model = randomize_bn(keras.Model(x, y))
+    result = kerasbn.verify(model, kerasbn.fold(model).model)
+    assert result.passed and result.max_rel_error < 1e-5
