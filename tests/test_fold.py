@@ -13,9 +13,10 @@ from kerasbn.errors import UnsupportedModelError
 L = keras.layers
 CF = "channels_first"
 
-# Shapes keep the channel count different from every spatial size: TF's
-# oneDNN CPU kernels add a channels_first Conv1D/Conv2D bias along the wrong
-# axis when the two coincide (a TensorFlow bug, not a fold problem).
+# Shapes keep the channel count different from every spatial size: called
+# eagerly on TF's CPU kernels, a channels_first Conv1D/Conv2D adds its bias
+# along the wrong axis when the two coincide (a TensorFlow bug, not a fold
+# problem; `kerasbn.verify` uses the compiled path, which is right).
 
 # (id, input shape without batch, layer factory, BN axis)
 BACKWARD = [
