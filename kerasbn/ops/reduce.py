@@ -1,7 +1,10 @@
 """Per-feature sums arranged for each backend's compiler.
 
-JAX's XLA reduces in blocks: float32 sums of 10⁵ values stay within ~1e-6
-and sibling reductions fuse into one pass, so a plain `ops.sum` is right.
+JAX's XLA reduces in blocks (on CPU through YNNPACK): float32 sums of 10⁵
+values stay within ~1e-6, so a plain `ops.sum` is right. (One variadic
+reduction over leading blocks, as below for TF-XLA, gives JAX:CPU the
+minimal 8 passes per training step, but its sequential 64-value blocks cost
+float32 accuracy that the plain reduction keeps.)
 
 TensorFlow's CPU reductions, and XLA as TensorFlow 2.21 lowers them,
 accumulate nearly sequentially (~3e-5 relative for 10⁵ positive values) and
@@ -28,7 +31,7 @@ from keras import backend, ops
 # The most values a float32 partial sum accumulates on TensorFlow: short
 # enough that the partial sums of squares are exact to ~1e-7 even when the
 # shift leaves the mean a few σ away (the variance then cancels against it).
-BLOCK = 64
+BLOCK = 32
 
 
 def in_tf_xla() -> bool:
@@ -75,50 +78,49 @@ def sums(values: Sequence, axes: Sequence[int], exact: bool = True) -> list:
             statistics); otherwise in the values' dtype (the gradient).
     """
     axes = sorted(axes)
-    if backend.backend() != "tensorflow":
+    name = backend.backend()
+    if name != "tensorflow":
         return [ops.sum(v, axis=axes, keepdims=True) for v in values]
-    import tensorflow as tf
-
+    # TF-XLA emits a fast, vectorized loop for a reduction over leading axes
+    # (each output element a contiguous run) and a slow one over inner axes;
+    # Eigen in a graph prefers the innermost ones.
+    leading = in_tf_xla()
     acc = "float64" if exact else values[0].dtype
     x = values[0]
     keep_shape = _shape(x, [1 if a in axes else d for a, d in enumerate(x.shape)])
-    # TF-XLA emits a fast, vectorized loop for a reduction over the leading
-    # axes (each output element is a contiguous run) and a slow one over
-    # inner axes; Eigen in a graph prefers the innermost ones.
-    xla_context = in_tf_xla()
-    block = _block_axes(x.shape, axes, leading=xla_context)
+    block = _block_axes(x.shape, axes, leading=leading)
     outer = [a for a in axes if a not in block]
     if not block:
         # The first (last) reduced axis alone is longer than a block: split
         # it into (b, n/b) (or (n/b, b)) and sum over the b-blocks first.
-        split = axes[0] if xla_context else axes[-1]
+        split = axes[0] if leading else axes[-1]
         b = _block_size(x.shape[split])
         if b is None:
             # No block to sum exactly in float32: accumulate all in `acc`.
             return [ops.sum(ops.cast(v, acc), axis=axes, keepdims=True) for v in values]
         n = x.shape[split]
         dims = list(x.shape)
-        dims[split : split + 1] = [b, n // b] if xla_context else [n // b, b]
-        values = [tf.reshape(v, _shape(v, dims)) for v in values]
-        block = [split] if xla_context else [split + 1]
-        outer = [a + 1 if a > split else a for a in axes] + ([split + 1] if xla_context else [])
+        dims[split : split + 1] = [b, n // b] if leading else [n // b, b]
+        values = [ops.reshape(v, _shape(v, dims)) for v in values]
+        block = [split] if leading else [split + 1]
+        outer = [a + 1 if a > split else a for a in axes] + ([split + 1] if leading else [])
         outer = [a for a in outer if a not in block]
-    if xla_context:
+    if leading:
         partials = _xla_sums(values, block)
     else:
         partials = [ops.sum(v, axis=block, keepdims=True) for v in values]
     partials = [ops.cast(p, acc) for p in partials]
     if outer:
         partials = [ops.sum(p, axis=outer, keepdims=True) for p in partials]
-    return [tf.reshape(p, keep_shape) for p in partials]
+    return [ops.reshape(p, keep_shape) for p in partials]
 
 
 def _shape(x, dims):
-    """``dims`` with each unknown entry read from ``x`` at run time."""
-    import tensorflow as tf
-
+    """``dims`` with each unknown entry read from ``x`` at run time (TensorFlow)."""
     if None not in dims:
         return dims
+    import tensorflow as tf
+
     shape = tf.shape(x)
     return tf.stack([shape[i] if d is None else d for i, d in enumerate(dims)])
 
