@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--no-fit", action="store_true", help="skip the model.fit epoch-time comparison")
     parser.add_argument("--render", action="store_true", help="only rebuild the Markdown from the JSON files")
+    parser.add_argument("--steps-per-call", type=int, default=None,
+                        help="JAX: steps per timed call (default 1 on CPU, %d on accelerators)" % JaxBench.LOOP)
     args = parser.parse_args()
     if args.render:
         write_markdown()
@@ -70,12 +72,12 @@ def main() -> None:
             cmd += ["--repeats", str(args.repeats)] if args.repeats else []
             subprocess.run(cmd, check=True, env={**os.environ, "KERAS_BACKEND": name})
             results.append(json.loads(out.read_text()))
-        merged = {"machine": results[0]["machine"], "runs": [r for res in results for r in res["runs"]],
+        merged = {"machine": {**results[1]["machine"], **results[0]["machine"]}, "runs": [r for res in results for r in res["runs"]],
                   "fit": [f for res in results for f in res["fit"]], "quick": args.quick}
         path = args.json or CPU_JSON
         path.write_text(json.dumps(merged, indent=1) + "\n")
     else:
-        result = run_backend(args.backend, args.quick, args.repeats, not args.no_fit)
+        result = run_backend(args.backend, args.quick, args.repeats, not args.no_fit, args.steps_per_call)
         path = args.json or (CPU_JSON if result["machine"]["device"] == "cpu" else GPU_JSON)
         path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
@@ -111,7 +113,7 @@ def time_all(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def run_backend(name: str, quick: bool, repeats: int | None, fit: bool) -> dict:
+def run_backend(name: str, quick: bool, repeats: int | None, fit: bool, steps_per_call: int | None = None) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["KERAS_BACKEND"] = name
     sys.path.insert(0, str(ROOT))
@@ -121,7 +123,7 @@ def run_backend(name: str, quick: bool, repeats: int | None, fit: bool) -> dict:
 
     if keras.backend.backend() != name:
         raise SystemExit(f"Keras was imported with the {keras.backend.backend()} backend, not {name}.")
-    bench = TFBench() if name == "tensorflow" else JaxBench()
+    bench = TFBench() if name == "tensorflow" else JaxBench(steps_per_call)
     repeats = repeats or (5 if quick else 11)
     shapes = SHAPES[:1] if quick else SHAPES
     dtypes = DTYPES[:1] if quick else DTYPES
@@ -133,7 +135,7 @@ def run_backend(name: str, quick: bool, repeats: int | None, fit: bool) -> dict:
         for dtype in dtypes:
             for mode in bench.modes:
                 fns = bench.steps(x32, dy32, dtype, mode)
-                times = time_all(fns, repeats)
+                times = {k: t / getattr(bench, "loop", 1) for k, t in time_all(fns, repeats).items()}
                 for op, passes in (("train", TRAIN_PASSES), ("infer", INFER_PASSES)):
                     keras_t = times[f"keras/{op}"]
                     bound = times["copy"] / 2 * passes
@@ -246,26 +248,39 @@ def _last_scalar(tf, fn):
 
 
 class JaxBench:
-    modes = ("jit",)
+    """JAX under `jax.jit`.
 
-    def __init__(self):
+    On an accelerator one step of these sizes takes tens of microseconds,
+    about what dispatching a jitted call costs, so each timed call runs
+    `LOOP` steps inside one `lax.fori_loop`: the output (∂/∂x for a training
+    step, y for inference) feeds the next step, y and the parameter
+    gradients are carried too so that none of them is optimized away.
+    """
+
+    modes = ("jit",)
+    LOOP = 32
+
+    def __init__(self, steps_per_call: int | None = None):
         import jax
 
         self.jax = jax
+        self.loop = steps_per_call or (1 if jax.devices()[0].platform == "cpu" else self.LOOP)
 
     def machine(self) -> dict:
         dev = self.jax.devices()[0]
+        info = {"jax": self.jax.__version__, "keras": _keras_version(), "python": platform.python_version(),
+                "steps_per_call": self.loop}
         if dev.platform == "cpu":
-            return {"device": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), "jax": self.jax.__version__,
-                    "keras": _keras_version(), "python": platform.python_version()}
-        return {"device": dev.platform, "name": dev.device_kind, "jax": self.jax.__version__,
-                "keras": _keras_version(), "python": platform.python_version()}
+            return {"device": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), **info}
+        return {"device": dev.platform, "name": dev.device_kind, **info}
 
     def steps(self, x32, dy32, dtype, mode) -> dict:
         import keras
 
         jax = self.jax
         jnp = jax.numpy
+        lax = jax.lax
+        loop = self.loop
         x = jnp.asarray(x32).astype(dtype)
         dy = jnp.asarray(dy32).astype(dtype)
         zero = jnp.zeros((), dtype)
@@ -278,13 +293,16 @@ class JaxBench:
 
             return call
 
-        fns = {"copy": wrap(jax.jit(lambda t, c: t + c), x, zero)}
+        def repeat(step, carry):
+            """``step`` applied ``loop`` times to ``carry`` in one program."""
+            return step(*carry) if loop == 1 else lax.fori_loop(0, loop, lambda i, c: step(*c), carry)
+
+        fns = {"copy": wrap(jax.jit(lambda t, c: repeat(lambda u, k: (u + k, k), (t, c))), x, zero)}
         for impl, layer in _layers(keras, dtype, x.shape).items():
             trainable = [v.value for v in layer.trainable_variables]
             non_trainable = [v.value for v in layer.non_trainable_variables]
 
-            @jax.jit
-            def train(tv, ntv, t, g, layer=layer):
+            def train_step(tv, ntv, t, g, layer=layer):
                 def f(t, tv):
                     return layer.stateless_call(tv, ntv, t, training=True)
 
@@ -293,8 +311,16 @@ class JaxBench:
                 return y, dx, dtv, new_ntv
 
             @jax.jit
+            def train(tv, ntv, t, g, train_step=train_step):
+                def body(t, y, ntv, acc):
+                    y, dx, dtv, new_ntv = train_step(tv, ntv, t, g)
+                    return dx, y, new_ntv, [a + d for a, d in zip(acc, dtv)]
+
+                return repeat(body, (t, jnp.zeros_like(t), ntv, [jnp.zeros_like(v) for v in tv]))
+
+            @jax.jit
             def infer(tv, ntv, t, layer=layer):
-                return layer.stateless_call(tv, ntv, t, training=False)[0]
+                return repeat(lambda u: (layer.stateless_call(tv, ntv, u, training=False)[0],), (t,))
 
             fns[f"{impl}/train"] = wrap(train, trainable, non_trainable, x, dy)
             fns[f"{impl}/infer"] = wrap(infer, trainable, non_trainable, x)
@@ -402,7 +428,10 @@ def _machine_line(machine: dict) -> str:
     else:
         what = f"GPU: {machine['name']}"
     versions = ", ".join(f"{k} {machine[k]}" for k in ("tensorflow", "jax", "keras", "python") if k in machine)
-    return f"{what} ({versions})."
+    loop = machine.get("steps_per_call", 1)
+    timing = (f" JAX times are per step of {loop} run back to back in one jitted `fori_loop` (one dispatch), "
+              "each step's ∂/∂x feeding the next." if loop > 1 else "")
+    return f"{what} ({versions}).{timing}"
 
 
 def _fit_lines(result: dict) -> list[str]:
@@ -425,8 +454,12 @@ def write_markdown() -> None:
         "Training step = forward and backward to x, γ, β for a given upstream gradient, moving statistics "
         "updated; medians of interleaved repeats after warm-up. The bandwidth bound is measured in the same "
         "run as a copy of the same tensor (2 passes): 8 passes for a training step, 2 for inference; "
-        "“of bandwidth bound” = bound ÷ time. bfloat16 runs use the `mixed_bfloat16` policy for both layers; "
-        "TF's fused kernel is shown for float32 only.",
+        "“of bandwidth bound” = bound ÷ time (above 100 % where the copy of a small tensor is latency-bound, "
+        "or where the compiler fuses passes the bound counts). bfloat16 runs use the `mixed_bfloat16` policy "
+        "for both layers; TF's fused kernel is shown for float32 only. Commands: `python benchmarks/layer.py` "
+        "(CPU, both backends, each in its own process); on a GPU machine `bash benchmarks/gpu.sh` writes "
+        "`layer-gpu.json`, copied here as `docs/layer-benchmarks-gpu.json`, then "
+        "`python benchmarks/layer.py --render`.",
     ]
     for path, gpu in ((CPU_JSON, False), (GPU_JSON, True)):
         if not path.exists():

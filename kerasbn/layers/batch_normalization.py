@@ -240,7 +240,7 @@ class BatchNormalization(keras.layers.Layer):
         if training and self.trainable:
             outputs = self._train(x, mask)
         else:
-            outputs = self._infer(x)
+            outputs = self._infer(inputs, x)
         return ops.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
@@ -299,12 +299,16 @@ class BatchNormalization(keras.layers.Layer):
         beta = self._bcast(self.beta, dtype) if self.center else None
         return gamma, beta
 
-    def _infer(self, x):
+    def _infer(self, inputs, x):
         gamma, beta = self._affine(x.dtype)
-        if tf_fused_available(x, self._axes, synchronized=False):
+        # Half-precision inputs that stay half precision go straight into
+        # the fused kernel, which computes in float32 inside: no cast passes.
+        dtype = backend.standardize_dtype(inputs.dtype)
+        raw = inputs if dtype in ("float16", "bfloat16") and dtype == self.compute_dtype else x
+        if tf_fused_available(raw, self._axes, synchronized=False):
             # One kernel instead of TensorFlow's three elementwise passes;
             # it subtracts the mean first, like the form below.
-            return tf_fused_inference(x, self.moving_mean, self.moving_variance, gamma, beta, self.epsilon)
+            return tf_fused_inference(raw, self.moving_mean, self.moving_variance, gamma, beta, self.epsilon)
         a = ops.rsqrt(self._bcast(self.moving_variance, x.dtype) + self.epsilon)
         if gamma is not None:
             a = a * gamma

@@ -38,13 +38,16 @@ from kerasbn.ops.reduce import in_tf_xla, sums
 def tf_fused_available(x, feature_axes: Sequence[int], synchronized: bool) -> bool:
     """Whether TensorFlow's fused CPU kernels can run this normalization.
 
-    Decided when the layer is traced: float32 data with one feature axis, the
-    last, no cross-replica statistics, not inside an XLA cluster (XLA expands
-    the fused op into slow generic code), and no GPU.
+    Decided when the layer is traced: float32 (or, for inference, float16 or
+    bfloat16) data with one feature axis, the last, no cross-replica
+    statistics, not inside an XLA cluster (XLA expands the fused op into slow
+    generic code), and no GPU.
     """
     if backend.backend() != "tensorflow" or synchronized:
         return False
-    if x.dtype != "float32" or len(x.shape) < 2 or list(feature_axes) != [len(x.shape) - 1]:
+    if x.dtype not in ("float32", "bfloat16", "float16") or len(x.shape) < 2:
+        return False
+    if list(feature_axes) != [len(x.shape) - 1]:
         return False
     import tensorflow as tf
 
@@ -152,18 +155,22 @@ def tf_fused_normalize(x, stats, gamma, beta, epsilon: float):
 
 
 def tf_fused_inference(x, mean, variance, gamma, beta, epsilon: float):
-    """``(x − mean)·γ/√(var + ε) + β`` as one fused CPU kernel (TF graph/eager)."""
+    """``(x − mean)·γ/√(var + ε) + β`` as one fused CPU kernel (TF graph/eager).
+
+    ``x`` may be float16/bfloat16: the kernel computes in float32 and returns
+    ``x``'s dtype; ``gamma``, ``beta`` and the statistics are float32.
+    """
     import tensorflow as tf
 
     channels = x.shape[-1]
-    scale = tf.ones([channels], x.dtype) if gamma is None else tf.reshape(gamma, [channels])
-    offset = tf.zeros([channels], x.dtype) if beta is None else tf.reshape(beta, [channels])
+    scale = tf.ones([channels]) if gamma is None else tf.reshape(tf.cast(gamma, tf.float32), [channels])
+    offset = tf.zeros([channels]) if beta is None else tf.reshape(tf.cast(beta, tf.float32), [channels])
     y = tf.raw_ops.FusedBatchNormV3(
         x=tf.reshape(x, [-1, 1, 1, channels]),
         scale=scale,
         offset=offset,
-        mean=tf.reshape(mean, [channels]),
-        variance=tf.reshape(variance, [channels]),
+        mean=tf.reshape(tf.cast(mean, tf.float32), [channels]),
+        variance=tf.reshape(tf.cast(variance, tf.float32), [channels]),
         epsilon=epsilon,
         is_training=False,
     )[0]
