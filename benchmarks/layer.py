@@ -72,8 +72,12 @@ def main() -> None:
             cmd += ["--repeats", str(args.repeats)] if args.repeats else []
             subprocess.run(cmd, check=True, env={**os.environ, "KERAS_BACKEND": name})
             results.append(json.loads(out.read_text()))
-        merged = {"machine": {**results[1]["machine"], **results[0]["machine"]}, "runs": [r for res in results for r in res["runs"]],
-                  "fit": [f for res in results for f in res["fit"]], "quick": args.quick}
+        merged = {
+            "machine": {**results[1]["machine"], **results[0]["machine"]},
+            "runs": [r for res in results for r in res["runs"]],
+            "fit": [f for res in results for f in res["fit"]],
+            "quick": args.quick,
+        }
         path = args.json or CPU_JSON
         path.write_text(json.dumps(merged, indent=1) + "\n")
     else:
@@ -160,7 +164,10 @@ def _layers(keras, dtype, shape):
     import kerasbn
 
     policy = "float32" if dtype == "float32" else "mixed_bfloat16"
-    layers = {"kerasbn": kerasbn.BatchNormalization(dtype=policy), "keras": keras.layers.BatchNormalization(dtype=policy)}
+    layers = {
+        "kerasbn": kerasbn.BatchNormalization(dtype=policy),
+        "keras": keras.layers.BatchNormalization(dtype=policy),
+    }
     for layer in layers.values():
         layer.build(shape)
     return layers
@@ -209,7 +216,8 @@ class TFBench:
 
             fn = tf.function(train, jit_compile=jit)
             fns[f"{impl}/train"] = wrap(_last_scalar(tf, fn), x, dy)
-            fns[f"{impl}/infer"] = wrap(_last_scalar(tf, tf.function(lambda t, layer=layer: layer(t, training=False), jit_compile=jit)), x)
+            infer = tf.function(lambda t, layer=layer: layer(t, training=False), jit_compile=jit)
+            fns[f"{impl}/infer"] = wrap(_last_scalar(tf, infer), x)
         if dtype == "float32":
             channels = x.shape[-1]
             scale = tf.Variable(tf.ones([channels]))
@@ -416,7 +424,8 @@ def _table(result: dict, gpu: bool) -> list[str]:
         fused_ms = f"{fused['ms']:.3f}" if fused else "–"
         lines.append(
             f"| {backend} | {mode} | {'×'.join(map(str, shape))} | {dtype} | {op} | {ours['ms']:.3f} | "
-            f"{theirs['ms']:.3f} | {fused_ms} | {ours['ratio_to_keras']:.2f} | {target}: {'met' if met else 'missed'} | "
+            f"{theirs['ms']:.3f} | {fused_ms} | {ours['ratio_to_keras']:.2f} | "
+            f"{target}: {'met' if met else 'missed'} | "
             f"{ours['copy_ms']:.3f} | {ours['ratio_to_copy']:.2f} | {ours['bound_fraction']:.0%} |"
         )
     return lines
@@ -439,9 +448,12 @@ def _fit_lines(result: dict) -> list[str]:
         return []
     lines = ["", "Small CNN (3 × Conv–BN–ReLU, 32×32×3 inputs, batch 64), `model.fit(jit_compile=True)`, "
              "median epoch time after a compiling epoch:", "",
-             "| backend | samples | kerasbn ms/epoch | Keras ms/epoch | kerasbn ÷ Keras |", "| --- | ---: | ---: | ---: | ---: |"]
+             "| backend | samples | kerasbn ms/epoch | Keras ms/epoch | kerasbn ÷ Keras |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for f in result["fit"]:
-        lines.append(f"| {f['backend']} | {f['samples']} | {f['kerasbn_ms']:.0f} | {f['keras_ms']:.0f} | {f['ratio']:.2f} |")
+        lines.append(
+            f"| {f['backend']} | {f['samples']} | {f['kerasbn_ms']:.0f} | {f['keras_ms']:.0f} | {f['ratio']:.2f} |"
+        )
     return lines
 
 

@@ -104,7 +104,9 @@ def test_virtual_batch_gradient_is_per_group(mode, rng):
     gamma = random_affine(layer, rng)
     x = rng.normal(3.0, 2.0, shape).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
-    parts = [reference.backward(x[i : i + v], dy[i : i + v], -1, gamma=gamma, eps=layer.epsilon) for i in range(0, 12, v)]
+    parts = [
+        reference.backward(x[i : i + v], dy[i : i + v], -1, gamma=gamma, eps=layer.epsilon) for i in range(0, 12, v)
+    ]
     gx, gw = layer_gradients(layer, x, dy, mode)
     gg, gb = gw["gamma"], gw["beta"]
     np.testing.assert_allclose(gx, np.concatenate([p[0] for p in parts]), atol=2e-5, rtol=1e-4)
@@ -134,7 +136,9 @@ def test_gradient_without_center_or_scale(center, scale, mode, rng):
 # test: the finite differences run on TensorFlow, where float64 is exact.
 if BACKEND == "tensorflow":
 
-    @pytest.mark.parametrize("kwargs", [{}, {"virtual_batch_size": 3}, {"mask": True}], ids=["plain", "virtual", "mask"])
+    @pytest.mark.parametrize(
+        "kwargs", [{}, {"virtual_batch_size": 3}, {"mask": True}], ids=["plain", "virtual", "mask"]
+    )
     def test_gradient_matches_finite_differences(kwargs, rng):
         """Central differences of a float64 layer (closed form; autodiff for masks).
 
