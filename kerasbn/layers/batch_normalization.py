@@ -88,6 +88,11 @@ class BatchNormalization(keras.layers.Layer):
         mask: Optional boolean tensor of rank ``rank(inputs) − 1``; masked
             positions do not enter the batch statistics.
 
+    In training the gradient is the paper's closed form rather than autodiff
+    (`kerasbn.ops.normalize`): TensorFlow's fused CPU kernels in a graph or
+    eagerly, plain ops that XLA fuses under `jit_compile=True` and on JAX.
+    Masked batches and renorm keep autodiff.
+
     float16/bfloat16 inputs are normalized with float32 statistics and the
     output is cast back to the layer's compute dtype; the moving statistics
     are stored in at least float32 whatever the dtype policy, since the
