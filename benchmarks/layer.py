@@ -42,6 +42,12 @@ SHAPES = [(32, 56, 56, 64), (256, 1024), (8, 28, 28, 256)]
 DTYPES = ["float32", "bfloat16"]
 TRAIN_PASSES = 8
 INFER_PASSES = 2
+# glibc returns large freed buffers to the OS and maps them afresh, so a
+# step's time swings with page faults depending on the allocation history of
+# the process (TF-XLA training on (32, 56, 56, 64): 10.5 or 15.7 ms from one
+# run to the next). The child processes keep freed memory instead, for every
+# implementation alike (glibc reads these when a process starts).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 # A timed sample runs the step back to back until it lasts about this long,
 # so that dispatch overhead (JAX on a GPU) is amortized.
 SAMPLE_S = 0.02
@@ -70,7 +76,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--backend", name, "--json", str(out), "--no-markdown"]
             cmd += ["--quick"] * args.quick + ["--no-fit"] * args.no_fit
             cmd += ["--repeats", str(args.repeats)] if args.repeats else []
-            subprocess.run(cmd, check=True, env={**os.environ, "KERAS_BACKEND": name})
+            subprocess.run(cmd, check=True, env={**MALLOC_ENV, **os.environ, "KERAS_BACKEND": name})
             results.append(json.loads(out.read_text()))
         merged = {
             "machine": {**results[1]["machine"], **results[0]["machine"]},
@@ -470,8 +476,10 @@ def write_markdown() -> None:
         "run as a copy of the same tensor (2 passes): 8 passes for a training step, 2 for inference; "
         "“of bandwidth bound” = bound ÷ time (above 100 % where the copy of a small tensor is latency-bound, "
         "or where the compiler fuses passes the bound counts). bfloat16 runs use the `mixed_bfloat16` policy "
-        "for both layers; TF's fused kernel is shown for float32 only. Commands: `python benchmarks/layer.py` "
-        "(CPU, both backends, each in its own process); on a GPU machine `bash benchmarks/gpu.sh` writes "
+        "for both layers; TF's fused kernel is shown for float32 only. CPU processes run with glibc's "
+        "`MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` raised so that freed buffers are reused rather than "
+        "mapped afresh (page faults otherwise swing a step's time from one process to the next). "
+        "Commands: `python benchmarks/layer.py` (CPU, both backends, each in its own process); on a GPU machine `bash benchmarks/gpu.sh` writes "
         "`layer-gpu.json`, copied here as `docs/layer-benchmarks-gpu.json`, then "
         "`python benchmarks/layer.py --render`.",
     ]
