@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--no-fit", action="store_true", help="skip the model.fit epoch-time comparison")
     parser.add_argument("--render", action="store_true", help="only rebuild the Markdown from the JSON files")
+    parser.add_argument("--mode", choices=["graph", "xla", "jit"], default=None,
+                        help="only this execution mode (default: all of the backend's)")
     parser.add_argument("--steps-per-call", type=int, default=None,
                         help="JAX: steps per timed call (default 1 on CPU, %d on accelerators)" % JaxBench.LOOP)
     args = parser.parse_args()
@@ -69,17 +71,21 @@ def main() -> None:
         write_markdown()
         return
     if args.backend == "all":
+        # One process per backend and mode: code run in one mode changes
+        # later timings of another in the same process (TF-XLA training on
+        # (32, 56, 56, 64) took 10.5 or 16 ms after a TF graph run, 10.5 ms
+        # always without one). The model.fit comparison compiles with XLA.
         results = []
-        for name in ("tensorflow", "jax"):
-            out = ROOT / "build" / f"layer-{name}.json"
+        for name, mode, fit in (("tensorflow", "graph", False), ("tensorflow", "xla", True), ("jax", "jit", True)):
+            out = ROOT / "build" / f"layer-{name}-{mode}.json"
             out.parent.mkdir(exist_ok=True)
-            cmd = [sys.executable, __file__, "--backend", name, "--json", str(out), "--no-markdown"]
-            cmd += ["--quick"] * args.quick + ["--no-fit"] * args.no_fit
+            cmd = [sys.executable, __file__, "--backend", name, "--mode", mode, "--json", str(out), "--no-markdown"]
+            cmd += ["--quick"] * args.quick + ["--no-fit"] * (args.no_fit or not fit)
             cmd += ["--repeats", str(args.repeats)] if args.repeats else []
             subprocess.run(cmd, check=True, env={**MALLOC_ENV, **os.environ, "KERAS_BACKEND": name})
             results.append(json.loads(out.read_text()))
         merged = {
-            "machine": {**results[1]["machine"], **results[0]["machine"]},
+            "machine": {**results[-1]["machine"], **results[0]["machine"]},
             "runs": [r for res in results for r in res["runs"]],
             "fit": [f for res in results for f in res["fit"]],
             "quick": args.quick,
@@ -87,7 +93,7 @@ def main() -> None:
         path = args.json or CPU_JSON
         path.write_text(json.dumps(merged, indent=1) + "\n")
     else:
-        result = run_backend(args.backend, args.quick, args.repeats, not args.no_fit, args.steps_per_call)
+        result = run_backend(args.backend, args.quick, args.repeats, not args.no_fit, args.steps_per_call, args.mode)
         path = args.json or (CPU_JSON if result["machine"]["device"] == "cpu" else GPU_JSON)
         path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
@@ -123,7 +129,9 @@ def time_all(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def run_backend(name: str, quick: bool, repeats: int | None, fit: bool, steps_per_call: int | None = None) -> dict:
+def run_backend(
+    name: str, quick: bool, repeats: int | None, fit: bool, steps_per_call: int | None = None, only: str | None = None
+) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["KERAS_BACKEND"] = name
     sys.path.insert(0, str(ROOT))
@@ -143,7 +151,7 @@ def run_backend(name: str, quick: bool, repeats: int | None, fit: bool, steps_pe
         x32 = (rng.standard_normal(shape) * 2.0 + 3.0).astype("float32")
         dy32 = rng.standard_normal(shape).astype("float32")
         for dtype in dtypes:
-            for mode in bench.modes:
+            for mode in [m for m in bench.modes if only is None or m == only]:
                 fns = bench.steps(x32, dy32, dtype, mode)
                 times = {k: t / getattr(bench, "loop", 1) for k, t in time_all(fns, repeats).items()}
                 for op, passes in (("train", TRAIN_PASSES), ("infer", INFER_PASSES)):
@@ -479,8 +487,9 @@ def write_markdown() -> None:
         "for both layers; TF's fused kernel is shown for float32 only. CPU processes run with glibc's "
         "`MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` raised so that freed buffers are reused rather than "
         "mapped afresh (page faults otherwise swing a step's time from one process to the next). "
-        "Commands: `python benchmarks/layer.py` (CPU, both backends, each in its own process); on a GPU machine `bash benchmarks/gpu.sh` writes "
-        "`layer-gpu.json`, copied here as `docs/layer-benchmarks-gpu.json`, then "
+        "Commands: `python benchmarks/layer.py` (CPU; TF graph, TF-XLA and JAX each in its own process, since "
+        "running one mode first shifted the timings of another); on a GPU machine `bash benchmarks/gpu.sh` "
+        "writes `layer-gpu.json`, copied here as `docs/layer-benchmarks-gpu.json`, then "
         "`python benchmarks/layer.py --render`.",
     ]
     for path, gpu in ((CPU_JSON, False), (GPU_JSON, True)):
