@@ -28,6 +28,8 @@ from kerasbn_cli.options import (
 # Before TensorFlow is first imported (inside the commands): its C++ log noise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+REWRITE_CHECK = "Compare the new model with the original, in memory and as reloaded from disk."
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(version("kerasbn"), prog_name="kerasbn")
@@ -82,7 +84,7 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool) -> int:
 @main.command()
 @MODEL_ARGUMENT
 @output_option("MODEL.folded.keras beside MODEL")
-@verify_options
+@verify_options(REWRITE_CHECK)
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
 )
@@ -117,7 +119,7 @@ def fold(settings: Settings, checking: Checking, model: Path, output: Path | Non
 @main.command("strip-biases")
 @MODEL_ARGUMENT
 @output_option("MODEL.nobias.keras beside MODEL")
-@verify_options
+@verify_options(REWRITE_CHECK)
 @common_options
 def strip_biases(settings: Settings, checking: Checking, model: Path, output: Path | None) -> int:
     """Remove the Dense/Conv biases that a following BatchNormalization makes redundant.
@@ -150,14 +152,11 @@ def strip_biases(settings: Settings, checking: Checking, model: Path, output: Pa
 @output_option("MODEL with .onnx")
 @click.option("--fold/--no-fold", default=True, show_default=True, help="Fold BatchNormalization before converting.")
 @click.option("--opset", type=click.IntRange(min=7), metavar="N", help="ONNX opset [default: tf2onnx's].")
-@click.option(
-    "--verify/--no-verify",
-    default=True,
-    show_default=True,
-    help="Run the file in ONNX Runtime at two batch sizes and compare with Keras (rtol 1e-4, atol 1e-5).",
-)
+@verify_options("Run the file in ONNX Runtime at batch 1 and --batch and compare with Keras.")
 @common_options
-def export(settings: Settings, model: Path, output: Path | None, fold: bool, opset: int | None, verify: bool) -> int:
+def export(
+    settings: Settings, checking: Checking, model: Path, output: Path | None, fold: bool, opset: int | None
+) -> int:
     """Export MODEL to ONNX with a dynamic batch dimension, BN folded away.
 
     Prints the op counts before and after the fold. Nothing is written if
@@ -166,19 +165,27 @@ def export(settings: Settings, model: Path, output: Path | None, fold: bool, ops
     \b
     Example:
       kerasbn export resnet.keras -o resnet.onnx --opset 17
+      kerasbn export deep.keras --atol 1e-4 --rtol 1e-3
     """
     from kerasbn_cli import render
 
     output = output or model.with_suffix(".onnx")
     with render.progress(settings.quiet) as step:
         from kerasbn.export import export_onnx
-        from kerasbn.io import load_model
 
-        _check_distinct(settings, model, output)
-        step(f"Loading {model.name}")
-        keras_model = load_model(model, safe_mode=settings.safe_mode, custom_modules=settings.imports)
+        keras_model, inputs = _load(settings, checking, model, output, step)
         result = export_onnx(
-            keras_model, output, opset=opset, fold=fold, verify=verify, overwrite=settings.force, on_step=step
+            keras_model,
+            output,
+            opset=opset,
+            fold=fold,
+            verify=checking.verify,
+            overwrite=settings.force,
+            batch_sizes=sorted({1, checking.batch}) if checking.batch > 1 else (1, 2),
+            inputs=inputs,
+            atol=checking.atol,
+            rtol=checking.rtol,
+            on_step=step,
         )
     render.print_export(settings, result)
     return EXIT_OK

@@ -79,8 +79,12 @@ class Checking:
     inputs_file: Path | None
 
 
-def verify_options(fn: Callable) -> Callable:
-    """Options of the rewrite commands; the command receives them as `checking`."""
+def verify_options(verify_help: str) -> Callable[[Callable], Callable]:
+    """Options of the commands that check their result; the command receives them as `checking`."""
+    return functools.partial(_add_verify_options, verify_help=verify_help)
+
+
+def _add_verify_options(fn: Callable, verify_help: str) -> Callable:
 
     @functools.wraps(fn)
     def command(*, verify: bool, atol: float, rtol: float, batch: int, inputs_file: Path | None, **kwargs: Any):
@@ -91,7 +95,7 @@ def verify_options(fn: Callable) -> Callable:
             "--verify/--no-verify",
             default=True,
             show_default=True,
-            help="Compare the new model with the original, in memory and as reloaded from disk.",
+            help=verify_help,
         ),
         click.option(
             "--atol", type=click.FloatRange(min=0), default=1e-5, show_default=True, help="Absolute tolerance."

@@ -42,6 +42,22 @@ def test_export_failed_check_exits_1_and_writes_nothing(model_files, tmp_path, m
     assert listing(tmp_path) == set()
 
 
+def test_export_checks_at_the_given_batch_and_tolerances(model_files, tmp_path, monkeypatch):
+    seen = {}
+    real = kerasbn.export.export_onnx
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kerasbn.export, "export_onnx", spy)
+    args = ("-o", tmp_path / "m.onnx", "--batch", "3", "--atol", "1e-3", "--rtol", "1e-2")
+    result = invoke("export", model_files["keras"], *args)
+    assert result.exit_code == 0, result.stderr
+    assert (list(seen["batch_sizes"]), seen["atol"], seen["rtol"]) == ([1, 3], 1e-3, 1e-2)
+    assert "batch 3" in result.stdout and "batch 8" not in result.stdout
+
+
 def test_export_refuses_existing_output(model_files, tmp_path):
     output = tmp_path / "m.onnx"
     output.write_bytes(b"keep")
