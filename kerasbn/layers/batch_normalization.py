@@ -243,7 +243,7 @@ class BatchNormalization(keras.layers.Layer):
         # compute in float32 (or wider) and cast back once at the end.
         x = ops.cast(inputs, backend.result_type(inputs.dtype, "float32"))
         if training and self.trainable:
-            outputs = self._train(x, mask)
+            outputs = self._train(inputs, x, mask)
         else:
             outputs = self._infer(inputs, x)
         return ops.cast(outputs, self.compute_dtype)
@@ -322,7 +322,7 @@ class BatchNormalization(keras.layers.Layer):
         y = (x - self._bcast(self.moving_mean, x.dtype)) * a
         return y if beta is None else y + beta
 
-    def _train(self, x, mask):
+    def _train(self, inputs, x, mask):
         axes = self._reduction_axes
         shape = None
         if self.virtual_batch_size is not None:
@@ -350,7 +350,10 @@ class BatchNormalization(keras.layers.Layer):
             if shape is None and tf_fused_available(x, self._axes, self.synchronized):
                 y = tf_fused_normalize(x, stats, gamma, beta, self.epsilon)
             else:
-                y = normalize(x, stats, gamma, beta, self.epsilon, axes, self.synchronized)
+                # Half-precision inputs enter as they are, so the residual
+                # kept for the backward pass is half the size of a float32 copy.
+                raw = inputs if shape is None else x
+                y = normalize(raw, stats, gamma, beta, self.epsilon, axes, self.synchronized)
             self._update_moving_statistics(stats)
             return y if shape is None else ops.reshape(y, shape)
         if self.renorm:

@@ -62,7 +62,8 @@ def normalize(x, stats, gamma, beta, epsilon: float, axes: Sequence[int], synchr
     """``((x − shift) − delta)·γ/σ + β`` with the closed-form gradient.
 
     Args:
-        x: float32 (or wider) input.
+        x: Input of any float dtype; the arithmetic is in the statistics'
+            dtype (float32 or wider) and ``∂/∂x`` comes back in ``x``'s dtype.
         stats: `kerasbn.ops.moments.Moments` of ``x`` over ``axes``.
         gamma: Scale broadcastable to ``x``, or None.
         beta: Offset broadcastable to ``x``, or None.
@@ -75,19 +76,20 @@ def normalize(x, stats, gamma, beta, epsilon: float, axes: Sequence[int], synchr
     shift = ops.stop_gradient(stats.shift)
     delta = ops.stop_gradient(stats.delta)
     inv = ops.stop_gradient(ops.rsqrt(stats.variance + epsilon))
-    count = ops.stop_gradient(ops.cast(stats.count, x.dtype))
+    dtype = stats.variance.dtype
+    count = ops.stop_gradient(ops.cast(stats.count, dtype))
     g = ops.ones_like(inv) if gamma is None else gamma
     b = ops.zeros_like(inv) if beta is None else beta
 
     @ops.custom_gradient
     def _normalize(x, g, b, shift, delta, inv, count):
-        d = x - shift
+        d = ops.cast(x, dtype) - shift
         a = inv * g
         y = (d - delta) * a + b
 
         def grad(*args, upstream=None):
-            dy = args[0] if upstream is None else upstream
-            d = x - shift
+            dy = ops.cast(args[0] if upstream is None else upstream, dtype)
+            d = ops.cast(x, dtype) - shift
             db, dg = sums([dy, dy * ((d - delta) * inv)], axes, exact=False)
             sum_db, sum_dg = distributed.all_reduce_sums(db, dg) if synchronized else (db, dg)
             # dx = a·(dy − dβ/m − x̂·dγ/m) with x̂ = (d − δ)·inv, regrouped
@@ -96,7 +98,7 @@ def normalize(x, stats, gamma, beta, epsilon: float, axes: Sequence[int], synchr
             # to rounding at the scale of the spread, not of the offset.
             k2 = a * inv * sum_dg / count
             k0 = a * sum_db / count - k2 * delta
-            dx = a * dy - k2 * d - k0
+            dx = ops.cast(a * dy - k2 * d - k0, x.dtype)
             zero = [ops.zeros_like(t) for t in (shift, delta, inv, count)]
             return (dx, _reduce_to(dg, g), _reduce_to(db, b), *zero)
 
