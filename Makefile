@@ -36,6 +36,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/layer.py
 	$(BIN)/python benchmarks/fold.py
+	$(BIN)/python examples/plot_benchmarks.py
 
 clean:
 	rm -rf build .pytest_cache
