@@ -28,6 +28,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 OUT = Path("build/demo")
 # The installed console script beside this interpreter: the demo shows the real CLI.
@@ -62,17 +63,6 @@ def cli(*args: str) -> None:
         raise SystemExit(f"{KERASBN} not found: install the package first (make install)")
     print(f"\n$ kerasbn {' '.join(args)}", flush=True)
     subprocess.run([str(KERASBN), *args], check=True)
-
-
-def median_ms(fn, repeats: int = 30) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after a warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def score(x_test, y_test, original_path: Path, folded_path: Path, onnx_path: Path) -> None:

@@ -34,6 +34,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 console = Console()
 
@@ -64,18 +65,6 @@ def calibrate(model: keras.Model, images: np.ndarray, batch: int) -> None:
         model(images[start : start + batch], training=True)
     for bn, momentum in zip(bns, saved):
         bn.momentum = momentum
-
-
-def median_ms(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def onnx_runner(path: Path):
