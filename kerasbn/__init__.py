@@ -1,5 +1,7 @@
 """kerasbn: paper-exact Batch Normalization for Keras 3, and a BN fold engine."""
 
+from importlib.metadata import version
+
 from kerasbn.quiet import quiet_stderr
 
 with quiet_stderr():
@@ -13,7 +15,7 @@ from kerasbn.io import load_model, save_model  # noqa: E402
 from kerasbn.layers import BatchNormalization  # noqa: E402
 from kerasbn.verify import VerifyResult, verify  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = version("kerasbn")  # one source of truth: pyproject.toml
 
 __all__ = [
     "AuditReport",
