@@ -90,7 +90,13 @@ def normalize(x, stats, gamma, beta, epsilon: float, axes: Sequence[int], synchr
         def grad(*args, upstream=None):
             dy = ops.cast(args[0] if upstream is None else upstream, dtype)
             d = ops.cast(x, dtype) - shift
-            db, dg = sums([dy, dy * ((d - delta) * inv)], axes, exact=False)
+            # Σdy·x̂ = (Σdy·d − δ·Σdy)·inv rather than Σdy·(d − δ)·inv: with
+            # more than one per-feature vector in the summand, XLA:CPU emits
+            # the reduction loop in scalar code (TF-XLA training step 10.4 ms
+            # against 7.2 ms on (32, 56, 56, 64)). δ is a few σ at most, so
+            # the difference loses no more than the dx regrouping below.
+            db, dd = sums([dy, dy * d], axes, exact=False)
+            dg = (dd - delta * db) * inv
             sum_db, sum_dg = distributed.all_reduce_sums(db, dg) if synchronized else (db, dg)
             # dx = a·(dy − dβ/m − x̂·dγ/m) with x̂ = (d − δ)·inv, regrouped
             # into per-feature coefficients: one elementwise pass. d is a
