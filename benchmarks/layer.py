@@ -5,7 +5,8 @@ the same tensors: the training step (forward and backward to x, γ and β for a
 given upstream gradient, moving statistics updated) and inference, in a TF
 graph (`tf.function`), under TF XLA (`jit_compile=True`) and under `jax.jit`;
 on TensorFlow also `tf.compat.v1.nn.fused_batch_norm`. Each timing is the
-median over interleaved repeats after warm-up, next to a copy of the same
+median over interleaved repeats after warm-up (ratios: the median of the
+per-repeat ratios), next to a copy of the same
 tensor measured in the same run: BN is memory-bound, so its floor is a number
 of passes over the tensor (8 for a training step — read x for the sums,
 read x and write y, read dy and x for the gradient sums, read dy and x and
@@ -44,10 +45,19 @@ TRAIN_PASSES = 8
 INFER_PASSES = 2
 # glibc returns large freed buffers to the OS and maps them afresh, so a
 # step's time swings with page faults depending on the allocation history of
-# the process (TF-XLA training on (32, 56, 56, 64): 10.5 or 15.7 ms from one
-# run to the next). The child processes keep freed memory instead, for every
-# implementation alike (glibc reads these when a process starts).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+# the process. XLA's worker threads allocate in arenas of their own, which
+# shrink on free whatever the trim threshold: with one arena the JAX CPU step
+# on (32, 56, 56, 64) took 4–5 ms steadily, with one per thread 5 or 17 ms
+# from one second to the next (1.36 million page faults in 300 steps against
+# 0.14 million). The child processes keep freed memory in one arena, for
+# every implementation alike (glibc reads these when a process starts; it
+# ignores an mmap threshold above 32 MiB, the largest tensor here is 25.7 MB).
+MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
 # A timed sample runs the step back to back until it lasts about this long,
 # so that dispatch overhead (JAX on a GPU) is amortized.
 SAMPLE_S = 0.02
@@ -105,10 +115,11 @@ def main() -> None:
 
 
 def time_all(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each zero-argument callable, interleaved.
+    """Seconds per call of each zero-argument callable, one sample per repeat, interleaved.
 
     The callables take turns within each repeat so that load from other
-    processes on a shared machine hits them alike.
+    processes on a shared machine hits them alike; ratios are then taken
+    per repeat (`paired`).
     """
     inner = {}
     for name, fn in fns.items():
@@ -126,7 +137,17 @@ def time_all(fns: dict, repeats: int) -> dict:
                 fn(block=False)
             fn()
             samples[name].append((time.perf_counter() - start) / inner[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def paired(num: list, den: list) -> float:
+    """Median of the per-repeat ratios ``num[i] / den[i]``.
+
+    Load from other processes on a shared machine comes and goes; samples
+    taken in the same repeat see the same load, so their ratio is steadier
+    than a ratio of medians.
+    """
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def run_backend(
@@ -142,7 +163,7 @@ def run_backend(
     if keras.backend.backend() != name:
         raise SystemExit(f"Keras was imported with the {keras.backend.backend()} backend, not {name}.")
     bench = TFBench() if name == "tensorflow" else JaxBench(steps_per_call)
-    repeats = repeats or (5 if quick else 11)
+    repeats = repeats or (5 if quick else 21)
     shapes = SHAPES[:1] if quick else SHAPES
     dtypes = DTYPES[:1] if quick else DTYPES
     rng = np.random.default_rng(0)
@@ -153,23 +174,26 @@ def run_backend(
         for dtype in dtypes:
             for mode in [m for m in bench.modes if only is None or m == only]:
                 fns = bench.steps(x32, dy32, dtype, mode)
-                times = {k: t / getattr(bench, "loop", 1) for k, t in time_all(fns, repeats).items()}
+                loop = getattr(bench, "loop", 1)
+                samples = {k: [t / loop for t in ts] for k, ts in time_all(fns, repeats).items()}
+                copy = samples["copy"]
                 for op, passes in (("train", TRAIN_PASSES), ("infer", INFER_PASSES)):
-                    keras_t = times[f"keras/{op}"]
-                    bound = times["copy"] / 2 * passes
                     for impl in ("kerasbn", "keras", "tf_fused"):
-                        t = times.get(f"{impl}/{op}")
-                        if t is None:
+                        ts = samples.get(f"{impl}/{op}")
+                        if ts is None:
                             continue
+                        t = statistics.median(ts)
+                        to_keras = paired(ts, samples[f"keras/{op}"])
+                        to_copy = paired(ts, copy)
                         runs.append({
                             "backend": name, "mode": mode, "shape": list(shape), "dtype": dtype, "op": op,
-                            "impl": impl, "ms": t * 1e3, "copy_ms": times["copy"] * 1e3,
-                            "ratio_to_keras": t / keras_t, "bound_fraction": bound / t,
-                            "ratio_to_copy": t / times["copy"],
+                            "impl": impl, "ms": t * 1e3, "copy_ms": statistics.median(copy) * 1e3,
+                            "ratio_to_keras": to_keras, "bound_fraction": passes / 2 / to_copy,
+                            "ratio_to_copy": to_copy,
                         })
                         print(f"{name:10s} {mode:5s} {str(shape):18s} {dtype:8s} {op:5s} {impl:8s} "
-                              f"{t * 1e3:8.3f} ms  ×Keras {t / keras_t:5.2f}  copy {times['copy'] * 1e3:6.3f} ms  "
-                              f"bound {bound / t:5.1%}", flush=True)
+                              f"{t * 1e3:8.3f} ms  ×Keras {to_keras:5.2f}  ×copy {to_copy:5.2f}  "
+                              f"bound {passes / 2 / to_copy:5.1%}", flush=True)
     fits = bench.fit_ratio(quick) if fit else []
     return {"machine": bench.machine(), "runs": runs, "fit": fits, "quick": quick}
 
@@ -480,13 +504,16 @@ def write_markdown() -> None:
         "Written by `benchmarks/layer.py` (`make bench`); raw figures in `docs/layer-benchmarks.json`"
         + (" and `docs/layer-benchmarks-gpu.json`" if GPU_JSON.exists() else "") + ".",
         "Training step = forward and backward to x, γ, β for a given upstream gradient, moving statistics "
-        "updated; medians of interleaved repeats after warm-up. The bandwidth bound is measured in the same "
+        "updated; times are medians of interleaved repeats after warm-up, ratios the medians of the "
+        "per-repeat ratios (a shared machine's load slows both layers of a repeat alike). "
+        "The bandwidth bound is measured in the same "
         "run as a copy of the same tensor (2 passes): 8 passes for a training step, 2 for inference; "
         "“of bandwidth bound” = bound ÷ time (above 100 % where the copy of a small tensor is latency-bound, "
         "or where the compiler fuses passes the bound counts). bfloat16 runs use the `mixed_bfloat16` policy "
         "for both layers; TF's fused kernel is shown for float32 only. CPU processes run with glibc's "
-        "`MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` raised so that freed buffers are reused rather than "
-        "mapped afresh (page faults otherwise swing a step's time from one process to the next). "
+        "`MALLOC_ARENA_MAX=1` and its mmap, trim and top-pad thresholds raised so that freed buffers are reused "
+        "rather than mapped afresh (with an arena per XLA thread, page faults swung the JAX step between 5 and "
+        "17 ms from one second to the next). "
         "Commands: `python benchmarks/layer.py` (CPU; TF graph, TF-XLA and JAX each in its own process, since "
         "running one mode first shifted the timings of another); on a GPU machine `bash benchmarks/gpu.sh` "
         "writes `layer-gpu.json`, copied here as `docs/layer-benchmarks-gpu.json`, then "
