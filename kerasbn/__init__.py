@@ -1,6 +1,6 @@
 """kerasbn: paper-exact Batch Normalization for Keras 3, and a BN fold engine."""
 
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from kerasbn.quiet import quiet_stderr
 
@@ -15,7 +15,10 @@ from kerasbn.io import load_model, save_model  # noqa: E402
 from kerasbn.layers import BatchNormalization  # noqa: E402
 from kerasbn.verify import VerifyResult, verify  # noqa: E402
 
-__version__ = version("kerasbn")  # one source of truth: pyproject.toml
+try:
+    __version__ = version("kerasbn")  # one source of truth: pyproject.toml
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AuditReport",
