@@ -347,12 +347,13 @@ class BatchNormalization(keras.layers.Layer):
             # and renorm are rare and keep autodiff: a masked position still
             # receives β and γ·x̂ but not a share of the statistics, and
             # renorm's corrections change x̂'s gradient.
-            if shape is None and tf_fused_available(x, self._axes, self.synchronized):
-                y = tf_fused_normalize(x, stats, gamma, beta, self.epsilon)
+            # Half-precision inputs enter as they are: the residual kept for
+            # the backward pass is half the size of a float32 copy, and the
+            # fused kernels read and write half precision themselves.
+            raw = inputs if shape is None else x
+            if shape is None and tf_fused_available(raw, self._axes, self.synchronized):
+                y = tf_fused_normalize(raw, stats, gamma, beta, self.epsilon)
             else:
-                # Half-precision inputs enter as they are, so the residual
-                # kept for the backward pass is half the size of a float32 copy.
-                raw = inputs if shape is None else x
                 y = normalize(raw, stats, gamma, beta, self.epsilon, axes, self.synchronized)
             self._update_moving_statistics(stats)
             return y if shape is None else ops.reshape(y, shape)

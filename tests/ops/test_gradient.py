@@ -96,28 +96,32 @@ def test_gradient_of_a_large_batch_with_a_large_offset(mode, rng):
     np.testing.assert_allclose(gb, dbeta.ravel(), rtol=1e-4, atol=1e-2)
 
 
-def to_bfloat16(a):
-    """``a`` in float32 with every value exactly representable in bfloat16."""
-    bits = np.asarray(a, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
-    return bits.view(np.float32)
+def representable(a, dtype):
+    """``a`` in float32 with every value exactly representable in ``dtype``."""
+    a = np.asarray(a, np.float32)
+    if dtype == "float16":
+        return a.astype(np.float16).astype(np.float32)
+    return (a.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_bfloat16_gradient(mode, rng):
-    """mixed_bfloat16: bfloat16 data and gradients, float32 statistics and sums.
+def test_half_precision_gradient(mode, dtype, rng):
+    """Mixed precision: half-precision data and gradients, float32 statistics and sums.
 
-    m = 3136 per feature takes XLA:CPU's blocked gradient sums; the data sit
-    at an offset of 100 (bfloat16's spacing there is 0.5).
+    m = 3136 per feature takes XLA:CPU's blocked gradient sums, and on
+    TensorFlow outside XLA the fused kernels fed half-precision data; the data
+    sit at an offset of 100 (bfloat16's spacing there is 0.5).
     """
     shape = (16, 14, 14, 8)
-    layer = kerasbn.BatchNormalization(dtype="mixed_bfloat16")
+    layer = kerasbn.BatchNormalization(dtype=f"mixed_{dtype}")
     layer.build(shape)
     gamma = random_affine(layer, rng)
-    x = to_bfloat16(rng.normal(0.5, 2.0, shape) + 100.0)
-    dy = to_bfloat16(rng.normal(size=shape))
+    x = representable(rng.normal(0.5, 2.0, shape) + 100.0, dtype)
+    dy = representable(rng.normal(size=shape), dtype)
     dx, dgamma, dbeta = reference.backward(x, dy, -1, gamma=gamma, eps=layer.epsilon)
     gx, gw = layer_gradients(layer, x, dy, mode)
-    # ∂/∂x comes back in bfloat16 (8 significant bits); the weights' sums in float32.
+    # ∂/∂x comes back in half precision (8 or 11 significant bits); the weights' sums in float32.
     np.testing.assert_allclose(gx, dx, rtol=1e-2, atol=1e-2 * np.abs(dx).max())
     np.testing.assert_allclose(gw["gamma"], dgamma.ravel(), rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(gw["beta"], dbeta.ravel(), rtol=1e-4, atol=1e-3)
