@@ -92,6 +92,25 @@ def test_inference_is_algorithm2(shape, axis, mode, rng):
     np.testing.assert_allclose(run(layer, x, training=False, mode=mode), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_half_precision_inference_is_algorithm2(mode, dtype, rng):
+    """Mixed precision at an offset of 100: half-precision data in and out, float32 statistics."""
+    shape = (16, 6, 6, 8)
+    layer = kerasbn.BatchNormalization(dtype=f"mixed_{dtype}")
+    layer.build(shape)
+    randomize(layer, rng)
+    layer.moving_mean.assign(rng.normal(100.0, 1.0, 8).astype("float32"))
+    layer.moving_variance.assign(rng.uniform(2.0, 6.0, 8).astype("float32"))
+    x = keras.ops.convert_to_numpy(keras.ops.cast(rng.normal(100.5, 2.0, shape), dtype))
+    y = run(layer, x, training=False, mode=mode)
+    assert str(y.dtype) == dtype
+    gamma, beta = weights(layer)
+    mean, var = np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)
+    expected = reference.algorithm2(x.astype(np.float64), -1, mean, var, gamma, beta, eps=layer.epsilon)
+    np.testing.assert_allclose(y.astype(np.float64), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("momentum", [0.9, None], ids=["ema", "cumulative"])
 @pytest.mark.parametrize("mode", MODES)
