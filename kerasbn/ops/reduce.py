@@ -157,16 +157,18 @@ def _inner_block_sums(values: Sequence, axes: Sequence[int], variadic) -> list |
     memory) first stays vectorized in every case: on (32, 56, 56, 64) 1.6 ms
     against 2.1 ms in float32 and 1.1 ms against 10.6 ms in bfloat16 under
     TF-XLA; 1.2 against 2.2 ms and 0.7 against 5.6 ms under JAX; no worse on
-    the other shapes measured (C from 3 to 1024). None where the reduced axes
-    are not one contiguous run followed by the feature axes, or their size
-    is unknown or not a multiple of `INNER`.
+    the other shapes measured (C from 3 to 1024). Few values per feature gain
+    too: the JAX training step on (256, 1024) took 0.16 ms against 0.21 ms
+    with one plain reduction. None where the reduced axes are not one
+    contiguous run followed by the feature axes, or their size is unknown,
+    under two blocks or not a multiple of `INNER`.
     """
     lo, hi = axes[0], axes[-1]
     shape = values[0].shape
     if list(axes) != list(range(lo, hi + 1)) or hi == len(shape) - 1:
         return None
     m = math.prod(shape[a] or 0 for a in axes)
-    if m <= SMALL or m % INNER:
+    if m % INNER or m < 2 * INNER:
         return None
     pre, post = list(shape[:lo]), list(shape[hi + 1 :])
     blocked = [ops.reshape(v, _shape(v, pre + [m // INNER, INNER] + post)) for v in values]

@@ -5,7 +5,8 @@ inner blocks, one variadic reduction, float64 across blocks); each route must
 give the same sums. The cases cover each route: the inner-block gradient
 sums under XLA:CPU (a contiguous run of reduced axes, with and without a kept
 axis in front), their fallbacks (a run whose size is not a multiple of the
-block, reduced axes that are not contiguous) and the single small reduction.
+block, reduced axes that are not contiguous) and the single small reduction
+of the statistics of few values per feature.
 """
 
 from __future__ import annotations
