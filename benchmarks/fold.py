@@ -9,8 +9,8 @@ show that it is linear in the layer count.
 
 Each model's latency is measured in `PROCESSES` fresh processes and the
 median of their ratios reported with the range: from one process to the next
-the ratio moved between 0.82 and 0.85 for ResNet50 (allocation history and
-thread placement), more than within one.
+the ratio moved between 0.82 and 0.86 for ResNet50 with the shared machine's
+load, more than within one.
 
 Run: ``.venv/bin/python benchmarks/fold.py`` (writes the ``## Fold engine``
 section of ``docs/benchmarks.md``).
