@@ -12,21 +12,22 @@ for their dependence on ``x``. Two implementations share that contract:
 
 - ``keras.ops.custom_gradient`` around plain ops, for XLA (TF
   ``jit_compile=True``, JAX on any device) and the rarer layouts elsewhere:
-  the sums go through `kerasbn.ops.reduce` (one variadic reduction under
-  TF-XLA) and ``dx`` is one elementwise pass, with ``x̂`` recomputed from
-  ``x`` rather than stored.
+  the sums go through `kerasbn.ops.reduce` (variadic reductions in a
+  vectorized layout under XLA on CPU) and ``dx`` is one elementwise pass,
+  with ``x̂`` recomputed from ``x`` rather than stored.
 - On TensorFlow outside XLA on CPU, the fused kernels
   ``FusedBatchNormV3``/``FusedBatchNormGradV3`` (one kernel each way) fed
   with data already shifted by a sample (half-precision data as they are)
-  and with the layer's own exact statistics. The fused kernel's own statistics are summed sequentially in
-  float32 (measured 8e-5 off in y at 10⁵ values per feature), so it is run
-  in inference mode forward and only its gradient uses ``is_training=True``
-  with the statistics given as its reserve space (its own float32 sums of dy
-  and dy·x̂ are accurate enough for a gradient: ≤ 1e-5 relative).
+  and with the layer's own exact statistics. The fused kernel's own
+  statistics are summed sequentially in float32 (measured 8e-5 off in y at
+  10⁵ values per feature), so it is run in inference mode forward and only
+  its gradient uses ``is_training=True`` with the statistics given as its
+  reserve space (its own float32 sums of dy and dy·x̂ are accurate enough
+  for a gradient: ≤ 1e-5 relative).
 
-Masks and renorm keep autodiff (see the layer). On GPU the reserve space means
-  something else (cuDNN's inverse variance and workspace), so the fused path
-  is only taken when TensorFlow sees no GPU.
+Masks and renorm keep autodiff (see the layer). On GPU the reserve space
+means something else (cuDNN's inverse variance and workspace), so the fused
+path is only taken when TensorFlow sees no GPU.
 """
 
 from __future__ import annotations
@@ -42,10 +43,9 @@ from kerasbn.ops.reduce import in_tf_xla, sums
 def tf_fused_available(x, feature_axes: Sequence[int], synchronized: bool) -> bool:
     """Whether TensorFlow's fused CPU kernels can run this normalization.
 
-    Decided when the layer is traced: float32, float16 or bfloat16 data
-    with one feature axis, the last, no cross-replica
-    statistics, not inside an XLA cluster (XLA expands the fused op into slow
-    generic code), and no GPU.
+    Decided when the layer is traced: float32, float16 or bfloat16 data with
+    one feature axis, the last, no cross-replica statistics, not inside an
+    XLA cluster (XLA expands the fused op into slow generic code), and no GPU.
     """
     if backend.backend() != "tensorflow" or synchronized:
         return False
