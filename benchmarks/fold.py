@@ -38,7 +38,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fold_helpers import randomize_bn  # noqa: E402
+from tests.helpers import randomize_bn  # noqa: E402
 
 # Keras builds a functional model with a recursive graph walk: a 5,000-layer
 # chain needs more than Python's default 1,000 frames.

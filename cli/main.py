@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import click
 
+from kerasbn_cli import quiet
 from kerasbn_cli.options import (
     EXIT_FINDINGS,
     EXIT_OK,
@@ -68,6 +69,7 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool) -> int:
     from kerasbn_cli import render
 
     with render.progress(settings.quiet) as step:
+        quiet.import_frameworks()
         import kerasbn
 
         step(f"Loading {model.name}")
@@ -106,6 +108,7 @@ def fold(settings: Settings, checking: Checking, model: Path, output: Path | Non
 
     output = output or model.with_name(f"{model.stem}.folded.keras")
     with render.progress(settings.quiet) as step:
+        quiet.import_frameworks()
         import kerasbn
 
         original, inputs = _load(settings, checking, model, output, step)
@@ -136,14 +139,14 @@ def strip_biases(settings: Settings, checking: Checking, model: Path, output: Pa
 
     output = output or model.with_name(f"{model.stem}.nobias.keras")
     with render.progress(settings.quiet) as step:
+        quiet.import_frameworks()
         import kerasbn
 
         original, inputs = _load(settings, checking, model, output, step)
-        step("Finding redundant biases")
-        removed = kerasbn.audit(original).redundant_biases
-        stripped = kerasbn.strip_redundant_biases(original)
-        checks = _save_verified(settings, checking, original, inputs, stripped, output, step)
-    render.print_strip(settings, removed, original, stripped, checks, output)
+        step("Removing redundant biases")
+        result = kerasbn.strip_redundant_biases(original)
+        checks = _save_verified(settings, checking, original, inputs, result.model, output, step)
+    render.print_strip(settings, result.report, checks, output)
     return EXIT_OK
 
 
@@ -153,9 +156,12 @@ def strip_biases(settings: Settings, checking: Checking, model: Path, output: Pa
 @click.option("--fold/--no-fold", default=True, show_default=True, help="Fold BatchNormalization before converting.")
 @click.option("--opset", type=click.IntRange(min=7), metavar="N", help="ONNX opset [default: tf2onnx's].")
 @verify_options("Run the file in ONNX Runtime at batch 1 and --batch and compare with Keras.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
+)
 @common_options
 def export(
-    settings: Settings, checking: Checking, model: Path, output: Path | None, fold: bool, opset: int | None
+    settings: Settings, checking: Checking, model: Path, output: Path | None, fold: bool, opset: int | None, fmt: str
 ) -> int:
     """Export MODEL to ONNX with a dynamic batch dimension, BN folded away.
 
@@ -171,7 +177,8 @@ def export(
 
     output = output or model.with_suffix(".onnx")
     with render.progress(settings.quiet) as step:
-        from kerasbn.export import export_onnx
+        quiet.import_frameworks("tf2onnx")
+        from kerasbn.deploy.onnx import export_onnx
 
         keras_model, inputs = _load(settings, checking, model, output, step)
         result = export_onnx(
@@ -181,20 +188,20 @@ def export(
             fold=fold,
             verify=checking.verify,
             overwrite=settings.force,
-            batch_sizes=sorted({1, checking.batch}) if checking.batch > 1 else (1, 2),
+            batch_sizes=sorted({1, checking.batch}),
             inputs=inputs,
             atol=checking.atol,
             rtol=checking.rtol,
             on_step=step,
         )
-    render.print_export(settings, result)
+    render.print_export(settings, result, fmt)
     return EXIT_OK
 
 
 def _load(settings: Settings, checking: Checking, model: Path, output: Path, step: Callable[[str], None]) -> tuple:
     """The model, and the verification inputs when --inputs names a file."""
     import kerasbn
-    from kerasbn.io import load_inputs
+    from kerasbn.deploy.files import load_inputs
 
     _check_distinct(settings, model, output)
     step(f"Loading {model.name}")
@@ -244,7 +251,7 @@ def _save_verified(
 def _check_distinct(settings: Settings, model: Path, output: Path) -> None:
     """Refuse a bad output before the long work; the input is never modified, even with --force."""
     from kerasbn.errors import KerasbnError
-    from kerasbn.io import check_output_path
+    from kerasbn.deploy.files import check_output_path
 
     if output.exists() and model.exists() and output.resolve() == model.resolve():
         raise KerasbnError(f"{output}: is the input model; choose another output file")

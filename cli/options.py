@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import click
 
+from kerasbn.deploy.tolerances import ATOL, RTOL
+
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_ERROR = 2
@@ -98,10 +100,10 @@ def _add_verify_options(fn: Callable, verify_help: str) -> Callable:
             help=verify_help,
         ),
         click.option(
-            "--atol", type=click.FloatRange(min=0), default=1e-5, show_default=True, help="Absolute tolerance."
+            "--atol", type=click.FloatRange(min=0), default=ATOL, show_default=True, help="Absolute tolerance."
         ),
         click.option(
-            "--rtol", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Relative tolerance."
+            "--rtol", type=click.FloatRange(min=0), default=RTOL, show_default=True, help="Relative tolerance."
         ),
         click.option(
             "--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Batch size of the random inputs."

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if not finding.foldable:
             console.print(f"  {finding.path} stays: {finding.reason}")
 
-    stripped = kerasbn.strip_redundant_biases(original)
+    stripped = kerasbn.strip_redundant_biases(original).model
     result = kerasbn.fold(original)
     folded = result.model
     kerasbn.save_model(stripped, args.out / "resnet50.nobias.keras", overwrite=True)

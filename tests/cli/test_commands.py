@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kerasbn
-from kerasbn.verify import VerifyResult
+from kerasbn.deploy.verify import VerifyResult
 from tests.cli.conftest import assert_clean_error, digest, invoke, listing, run_script
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx
 import pytest
 
-import kerasbn.export
+import kerasbn.deploy.onnx as onnx_export
 from tests.cli.conftest import assert_clean_error, invoke, listing, run_script
 
 
@@ -29,12 +31,12 @@ def test_export_without_fold_and_verify(model_files, tmp_path):
 
 
 def test_export_failed_check_exits_1_and_writes_nothing(model_files, tmp_path, monkeypatch):
-    real = kerasbn.export._check_with_onnxruntime
+    real = onnx_export._check_with_onnxruntime
 
     def pessimist(*args):
-        return tuple(kerasbn.export.BatchCheck(c.batch_size, 1.0, 1.0, False) for c in real(*args))
+        return tuple(dataclasses.replace(c, passed=False, max_abs_error=1.0) for c in real(*args))
 
-    monkeypatch.setattr(kerasbn.export, "_check_with_onnxruntime", pessimist)
+    monkeypatch.setattr(onnx_export, "_check_with_onnxruntime", pessimist)
     result = invoke("export", model_files["keras"], "-o", tmp_path / "m.onnx")
     assert result.exit_code == 1
     assert len(result.stderr.strip().splitlines()) == 1
@@ -44,13 +46,13 @@ def test_export_failed_check_exits_1_and_writes_nothing(model_files, tmp_path, m
 
 def test_export_checks_at_the_given_batch_and_tolerances(model_files, tmp_path, monkeypatch):
     seen = {}
-    real = kerasbn.export.export_onnx
+    real = onnx_export.export_onnx
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kerasbn.export, "export_onnx", spy)
+    monkeypatch.setattr(onnx_export, "export_onnx", spy)
     args = ("-o", tmp_path / "m.onnx", "--batch", "3", "--atol", "1e-3", "--rtol", "1e-2")
     result = invoke("export", model_files["keras"], *args)
     assert result.exit_code == 0, result.stderr

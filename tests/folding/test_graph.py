@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kerasbn.errors import UnsupportedModelError
-from kerasbn.graph import build_graph
+from kerasbn.folding.graph import build_graph
 
 L = keras.layers
 

@@ -12,7 +12,7 @@ import pytest
 
 import kerasbn
 from kerasbn.errors import KerasbnError, ModelLoadError, UnsupportedModelError, VerificationError
-from kerasbn.io import atomic_output, load_inputs
+from kerasbn.deploy.files import atomic_output, load_inputs
 
 
 def _model() -> keras.Model:

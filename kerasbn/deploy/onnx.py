@@ -4,12 +4,12 @@ The conversion goes through `tf2onnx.convert.from_function` on a
 `tf.function` whose input signature has a dynamic batch dimension, the path
 Keras's own ``model.export(format="onnx")`` takes; ``from_keras`` is
 unreliable on Keras 3. The written file is then run by ONNX Runtime at two
-batch sizes and compared with the original Keras model (``rtol=1e-4,
-atol=1e-5`` as tf2onnx and onnx-simplifier test), so a bad fold or a bad
-conversion never reaches the output path.
+batch sizes and compared with the original Keras model by
+`kerasbn.deploy.verify.compare`, so a bad fold or a bad conversion never
+reaches the output path.
 
 TensorFlow, tf2onnx and ONNX Runtime are imported inside the functions: they
-cost seconds, and `import kerasbn.export` should not.
+cost seconds, and importing this module should not.
 """
 
 from __future__ import annotations
@@ -24,26 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from kerasbn.deploy.files import atomic_output
+from kerasbn.deploy.tolerances import ATOL, RTOL
+from kerasbn.deploy.verify import VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
-from kerasbn.io import atomic_output
-
-ATOL = 1e-5
-RTOL = 1e-4
-
-
-@dataclass(frozen=True)
-class BatchCheck:
-    """ONNX Runtime against Keras at one batch size.
-
-    `max_rel_error` is ``max |onnx − keras| / max(|keras|, atol)``, so
-    near-zero reference values do not blow it up.
-    """
-
-    batch_size: int
-    max_abs_error: float
-    max_rel_error: float
-    passed: bool
-
+from kerasbn.report import export_table, op_table
 
 @dataclass(frozen=True)
 class ExportResult:
@@ -56,7 +41,7 @@ class ExportResult:
         op_counts_unfolded: the same for the model converted without folding
             (None with ``fold=False``): the "before" column of the table.
         fold_report: the fold engine's report, or None with ``fold=False``.
-        checks: one `BatchCheck` per batch size (empty with ``verify=False``).
+        checks: one `VerifyResult` per batch size (empty with ``verify=False``).
         size: bytes of the written file.
         size_unfolded: bytes of the unfolded model's ONNX (None with ``fold=False``).
     """
@@ -66,7 +51,7 @@ class ExportResult:
     op_counts: dict[str, int]
     op_counts_unfolded: dict[str, int] | None = None
     fold_report: Any = None
-    checks: tuple[BatchCheck, ...] = field(default_factory=tuple)
+    checks: tuple[VerifyResult, ...] = field(default_factory=tuple)
     size: int = 0
     size_unfolded: int | None = None
 
@@ -76,22 +61,30 @@ class ExportResult:
 
     def op_table(self) -> list[tuple[str, int | None, int]]:
         """Rows (op type, count before fold or None, count after), onnx-simplifier style."""
-        before = self.op_counts_unfolded or {}
-        ops = sorted(set(before) | set(self.op_counts))
-        folded = self.op_counts_unfolded is not None
-        return [(op, before.get(op, 0) if folded else None, self.op_counts.get(op, 0)) for op in ops]
+        return op_table(self.op_counts, self.op_counts_unfolded)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``kerasbn export --format json``)."""
         return {
             "path": str(self.path),
             "opset": self.opset,
             "op_counts": dict(self.op_counts),
             "op_counts_unfolded": None if self.op_counts_unfolded is None else dict(self.op_counts_unfolded),
+            "fold": None if self.fold_report is None else self.fold_report.to_dict(),
             "verified": self.verified,
-            "checks": [c.__dict__ for c in self.checks],
+            "checks": [c.to_dict() for c in self.checks],
             "size": self.size,
             "size_unfolded": self.size_unfolded,
         }
+
+    def __rich__(self) -> Any:
+        return export_table(
+            f"ONNX graph of {self.path.name} (opset {self.opset})",
+            self.op_counts,
+            self.op_counts_unfolded,
+            self.size,
+            self.size_unfolded,
+        )
 
 
 class ExportVerificationError(VerificationError):
@@ -131,7 +124,7 @@ def export_onnx(
         batch_sizes: batch sizes of the random verification inputs; two
             different ones show the batch dimension is really dynamic.
         inputs: verification inputs in the structure the model takes (as
-            `kerasbn.io.load_inputs` returns them) instead of random ones;
+            `kerasbn.deploy.files.load_inputs` returns them) instead of random ones;
             checked whole and as their first row.
         atol, rtol: elementwise tolerance ``|onnx − keras| ≤ atol + rtol·|keras|``.
         seed: seed of the random inputs.
@@ -154,7 +147,7 @@ def export_onnx(
     before = size_before = None
     target = model
     if fold:
-        from kerasbn.fold import fold as fold_model
+        from kerasbn.folding.fold import fold as fold_model
 
         step("Folding BatchNormalization")
         folded = fold_model(model)
@@ -177,8 +170,8 @@ def export_onnx(
         if failed:
             worst = max(failed, key=lambda c: c.max_abs_error)
             raise ExportVerificationError(
-                f"ONNX Runtime disagrees with Keras at batch size {worst.batch_size}: "
-                f"max |error| {worst.max_abs_error:.3g} exceeds atol={atol:g} + rtol={rtol:g}·|y|; nothing written",
+                f"ONNX Runtime disagrees with Keras at batch size {worst.batch_size}: max |error| "
+                f"{worst.max_abs_error:.3g} exceeds {worst.tolerance}; nothing written",
                 result,
             )
     return result
@@ -190,10 +183,8 @@ def to_onnx(model: Any, *, opset: int | None = None) -> Any:
     Inputs keep the model's input names; outputs are the model's outputs in
     `keras.tree.flatten` order.
     """
-    from kerasbn.quiet import import_tensorflow
-
-    tf = import_tensorflow()
     import keras
+    import tensorflow as tf
 
     _require_tensorflow_backend()
     try:
@@ -245,12 +236,11 @@ def op_counts(proto: Any) -> dict[str, int]:
 
 def _check_with_onnxruntime(
     file: Path, model: Any, batch_sizes: Sequence[int], inputs: Any, atol: float, rtol: float, seed: int
-) -> tuple[BatchCheck, ...]:
+) -> tuple[VerifyResult, ...]:
     import keras
-    import numpy as np
     import onnxruntime as ort
 
-    from kerasbn.verify import random_inputs
+    from kerasbn.deploy.verify import compare, keras_outputs, random_inputs
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -263,37 +253,20 @@ def _check_with_onnxruntime(
         cases = [keras.tree.flatten(random_inputs(model, b, seed + k)) for k, b in enumerate(batch_sizes)]
     checks = []
     for arrays in cases:
-        # Keras's compiled predict path, as served: in Keras 3.15 on CPU the eager call of a
-        # channels_first Conv2D adds its bias along the wrong axis when width == filters.
-        outputs = model.predict_on_batch(keras.tree.pack_sequence_as(model.input, arrays))
-        expected = [np.asarray(y) for y in keras.tree.flatten(outputs)]
+        expected = keras_outputs(model, keras.tree.pack_sequence_as(model.input, arrays))
         got = session.run(None, {n: a for n, a in zip(names, arrays)})
-        worst_abs = worst_rel = 0.0
-        passed = len(got) == len(expected)
-        for g, e in zip(got, expected):
-            if g.shape != e.shape:
-                passed, worst_abs, worst_rel = False, float("inf"), float("inf")
-                continue
-            diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
-            scale = np.abs(e.astype(np.float64))
-            if diff.size:
-                worst_abs = max(worst_abs, float(diff.max()))
-                worst_rel = max(worst_rel, float((diff / np.maximum(scale, atol)).max()))
-            passed = passed and bool(np.all(diff <= atol + rtol * scale))
-        checks.append(BatchCheck(int(arrays[0].shape[0]), worst_abs, worst_rel, passed))
+        checks.append(compare(expected, got, batch_size=int(arrays[0].shape[0]), atol=atol, rtol=rtol))
     return tuple(checks)
 
 
 @contextlib.contextmanager
 def _tf2onnx() -> Iterator[Any]:
-    """tf2onnx, patched for NumPy 2 the way Keras does it, with its chatter turned down."""
+    """tf2onnx, patched for NumPy 2 the way Keras does it, its INFO/WARNING logging held back meanwhile."""
     from keras.src.export.tf2onnx_lib import patch_tf2onnx
-
-    from kerasbn.quiet import quiet_stderr
 
     logger = logging.getLogger("tf2onnx")
     level = logger.level
-    with warnings.catch_warnings(), quiet_stderr():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logger.setLevel(logging.ERROR)
         try:

@@ -1,4 +1,4 @@
-"""Safe model loading and atomic saving.
+"""Safe model loading, atomic saving, verification inputs from files.
 
 `load_model` turns every way a model file can be wrong into one
 `ModelLoadError` (or `UnsupportedModelError`) line that says what is wrong and
@@ -64,9 +64,6 @@ def load_model(
     kind = _check_input_file(path)
     _import_modules(custom_modules)
 
-    from kerasbn.quiet import import_tensorflow
-
-    import_tensorflow()
     import keras
 
     with warnings.catch_warnings(record=True) as caught:
@@ -323,7 +320,7 @@ def _classify_keras_error(path: Path, kind: str, exc: BaseException) -> KerasbnE
 
 def _check_has_graph(path: Path, model: Any) -> None:
     """A model kerasbn can read: functional or a built Sequential (the fold engine's test)."""
-    from kerasbn.graph import check_model
+    from kerasbn.folding.graph import check_model
 
     try:
         check_model(model)

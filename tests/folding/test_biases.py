@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 import kerasbn
-from tests.fold_helpers import assert_same_outputs, randomize_biases, randomize_bn
+from tests.helpers import assert_same_outputs, randomize_biases, randomize_bn
 
 L = keras.layers
 
@@ -23,7 +23,7 @@ def _model():
 
 def test_strip_moves_biases_into_moving_mean():
     model = _model()
-    stripped = kerasbn.strip_redundant_biases(model)
+    stripped = kerasbn.strip_redundant_biases(model).model
     assert [layer.name for layer in stripped.layers if not getattr(layer, "use_bias", True)] == ["c1", "dw", "d"]
     assert stripped.get_layer("c_act").use_bias
     assert_same_outputs(model, stripped)
@@ -33,7 +33,7 @@ def test_strip_moves_biases_into_moving_mean():
 
 
 def test_stripped_model_still_trains_and_folds():
-    stripped = kerasbn.strip_redundant_biases(_model())
+    stripped = kerasbn.strip_redundant_biases(_model()).model
     stripped.compile(optimizer="sgd", loss="mse")
     loss = stripped.fit(np.ones((4, 7, 7, 3), "float32"), np.zeros((4, 3), "float32"), verbose=0).history["loss"]
     assert np.isfinite(loss[0])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kerasbn
-from tests.fold_helpers import assert_same_outputs, randomize_bn
+from tests.helpers import assert_same_outputs, randomize_bn
 
 # (constructor, smallest input size the architecture accepts, BN folded, BN total)
 ZOO = {
@@ -59,7 +59,7 @@ def test_zoo_fold(name, tmp_path):
 def test_zoo_strip_redundant_biases_resnet50():
     model, images = _build("ResNet50")
     assert len(kerasbn.audit(model).redundant_biases) == 53
-    stripped = kerasbn.strip_redundant_biases(model)
+    stripped = kerasbn.strip_redundant_biases(model).model
     removed = sum(
         1 for old, new in zip(model.layers, stripped.layers) if getattr(old, "use_bias", False) and not new.use_bias
     )

@@ -1,18 +1,25 @@
-"""`kerasbn.verify`: do two models compute the same outputs?"""
+"""`kerasbn.verify`: do two models compute the same outputs?
+
+The one comparison of the package: a rewritten Keras model, a reloaded file
+and an exported ONNX graph are all judged by `compare` with the same
+defaults (`kerasbn.deploy.tolerances`), and reported as a `VerifyResult`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any, Sequence
 
 import keras
 import numpy as np
 
-from kerasbn.graph import check_model
+from kerasbn.deploy.tolerances import ATOL, RTOL
+from kerasbn.folding.graph import check_model
 
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """The comparison of a candidate model's outputs with a reference's.
+    """The comparison of a candidate's outputs with a reference's.
 
     Attributes:
         passed: Every output element satisfies ``|Δ| ≤ atol + rtol·|y_ref|``.
@@ -48,7 +55,41 @@ class VerifyResult:
         )
 
 
-def random_inputs(model: keras.Model, batch_size: int = 8, seed: int = 0):
+def compare(
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    *,
+    batch_size: int,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+) -> VerifyResult:
+    """Judge ``candidate``'s output arrays against ``reference``'s (same order).
+
+    A NaN in either output is an infinite error, never a pass; a shape or
+    count mismatch fails with an infinite error.
+    """
+    max_abs = max_ref = 0.0
+    passed = len(reference) == len(candidate)
+    if not passed:
+        max_abs = float("inf")
+    for y, z in zip(reference, candidate):
+        y = np.asarray(y, np.float64)
+        z = np.asarray(z, np.float64)
+        if y.shape != z.shape:
+            passed, max_abs = False, float("inf")
+            continue
+        if not y.size:
+            continue
+        diff = np.nan_to_num(np.abs(z - y), nan=np.inf)
+        passed = passed and bool(np.all(diff <= atol + rtol * np.abs(y)))
+        max_abs = max(max_abs, float(np.max(diff)))
+        max_ref = max(max_ref, float(np.max(np.abs(y))))
+    rel = max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
+    tolerance = f"|Δ| ≤ {atol:g} + {rtol:g}·|y| element-wise"
+    return VerifyResult(passed, max_abs, rel, max_ref, atol, rtol, tolerance, len(reference), batch_size)
+
+
+def random_inputs(model: keras.Model, batch_size: int = 8, seed: int = 0) -> Any:
     """Random inputs shaped like ``model``'s (unknown dims: ``batch_size`` for the batch, 8 elsewhere).
 
     Floating inputs are standard normal; integer inputs are 0 or 1 (valid
@@ -67,7 +108,8 @@ def random_inputs(model: keras.Model, batch_size: int = 8, seed: int = 0):
     return keras.tree.pack_sequence_as(fn._inputs_struct, arrays)
 
 
-def _run(model: keras.Model, inputs) -> list[np.ndarray]:
+def keras_outputs(model: keras.Model, inputs: Any) -> list[np.ndarray]:
+    """``model``'s inference outputs, flattened, as float64 arrays."""
     # The compiled predict path, not an eager call: on TensorFlow's CPU
     # kernels an eager channels_first Conv1D/Conv2D adds its bias along the
     # wrong axis when the channel count equals the width.
@@ -75,14 +117,19 @@ def _run(model: keras.Model, inputs) -> list[np.ndarray]:
     return [np.asarray(y, np.float64) for y in keras.tree.flatten(outputs)]
 
 
+def batch_size_of(inputs: Any) -> int:
+    """The leading dimension of the first input array."""
+    return int(keras.tree.flatten(inputs)[0].shape[0])
+
+
 def verify(
     reference: keras.Model,
     candidate: keras.Model,
-    inputs=None,
+    inputs: Any = None,
     *,
     batch_size: int = 8,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
+    atol: float = ATOL,
+    rtol: float = RTOL,
     seed: int = 0,
 ) -> VerifyResult:
     """Compare ``candidate``'s inference outputs with ``reference``'s.
@@ -103,27 +150,22 @@ def verify(
         kerasbn.errors.UnsupportedModelError: ``reference`` has no functional
             graph and no ``inputs`` were given.
         ValueError: The two models return different numbers or shapes of outputs.
+
+    Example:
+
+    >>> import keras, kerasbn
+    >>> x = keras.Input((4,))
+    >>> model = keras.Model(x, keras.layers.BatchNormalization()(keras.layers.Dense(3)(x)))
+    >>> kerasbn.verify(model, kerasbn.fold(model).model).passed
+    True
     """
     if inputs is None:
         inputs = random_inputs(reference, batch_size, seed)
-    ref = _run(reference, inputs)
-    got = _run(candidate, inputs)
+    ref = keras_outputs(reference, inputs)
+    got = keras_outputs(candidate, inputs)
     if len(ref) != len(got):
         raise ValueError(f"The reference returns {len(ref)} outputs, the candidate {len(got)}.")
-    max_abs = max_ref = 0.0
-    passed = True
     for y, z in zip(ref, got):
         if y.shape != z.shape:
             raise ValueError(f"Output shapes differ: {y.shape} vs {z.shape}.")
-        if not y.size:
-            continue
-        # A NaN in either output is an infinite error, never a pass.
-        diff = np.nan_to_num(np.abs(z - y), nan=np.inf)
-        passed = passed and bool(np.all(diff <= atol + rtol * np.abs(y)))
-        max_abs = max(max_abs, float(np.max(diff)))
-        max_ref = max(max_ref, float(np.max(np.abs(y))))
-    rel = max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
-    n = int(keras.tree.flatten(inputs)[0].shape[0])
-    return VerifyResult(
-        passed, max_abs, rel, max_ref, atol, rtol, f"|Δ| ≤ {atol:g} + {rtol:g}·|y| element-wise", len(ref), n
-    )
+    return compare(ref, got, batch_size=batch_size_of(inputs), atol=atol, rtol=rtol)

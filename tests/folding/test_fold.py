@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from tests.fold_helpers import assert_same_outputs, count_bn, randomize_biases, randomize_bn
+from tests.helpers import assert_same_outputs, count_bn, randomize_biases, randomize_bn
 
 import kerasbn
 from kerasbn.errors import UnsupportedModelError

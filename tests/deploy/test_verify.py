@@ -8,8 +8,8 @@ import keras
 import numpy as np
 
 import kerasbn
-from kerasbn.verify import random_inputs
-from tests.fold_helpers import randomize_bn
+from kerasbn.deploy.verify import random_inputs
+from tests.helpers import randomize_bn
 
 L = keras.layers
 

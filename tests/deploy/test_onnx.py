@@ -4,6 +4,8 @@ and ONNX Runtime agrees with Keras at two batch sizes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import onnx
@@ -11,7 +13,7 @@ import pytest
 
 import kerasbn
 from kerasbn.errors import KerasbnError
-from kerasbn.export import ExportVerificationError, op_counts, to_onnx
+from kerasbn.deploy.onnx import ExportVerificationError, op_counts, to_onnx
 
 
 def _randomize(model: keras.Model, seed: int = 0) -> keras.Model:
@@ -106,13 +108,13 @@ def test_batch_dimension_is_dynamic_and_outputs_match(tmp_path):
 
 
 def test_failed_check_writes_nothing(tmp_path, monkeypatch):
-    import kerasbn.export as export
+    import kerasbn.deploy.onnx as export
 
     model = _model((5,), PAIRS["dense_bn"][1])
     real = export._check_with_onnxruntime
 
     def pessimist(*args):
-        return tuple(export.BatchCheck(c.batch_size, 1.0, 1.0, False) for c in real(*args))
+        return tuple(dataclasses.replace(c, passed=False, max_abs_error=1.0) for c in real(*args))
 
     monkeypatch.setattr(export, "_check_with_onnxruntime", pessimist)
     with pytest.raises(ExportVerificationError, match="nothing written") as failure:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kerasbn import rules
-from kerasbn.verify import random_inputs
+from kerasbn.folding import plan
+from kerasbn.deploy.verify import keras_outputs, random_inputs
 
 FOLD_RTOL = 1e-5  # max|Δ| ≤ 1e-5·max|y|, the peers' float32 fold tolerance
 
@@ -24,7 +24,7 @@ def randomize_bn(model: keras.Model, seed: int = 0) -> keras.Model:
         "moving_variance": lambda shape: rng.uniform(0.5, 2.0, shape),
     }
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if rules.is_bn(layer):
+        if plan.is_bn(layer):
             for w in layer.weights:
                 if w.name in draw:
                     w.assign(draw[w.name](tuple(w.shape)).astype(w.dtype))
@@ -42,8 +42,13 @@ def randomize_biases(model: keras.Model, seed: int = 1) -> keras.Model:
 
 
 def outputs(model: keras.Model, inputs) -> list[np.ndarray]:
-    """Inference outputs as float64 arrays."""
-    return [np.asarray(keras.ops.convert_to_numpy(y), np.float64) for y in keras.tree.flatten(model(inputs, training=False))]
+    """Inference outputs as float64 arrays, through Keras's compiled predict path.
+
+    Not an eager call: without oneDNN (CPUs without AVX-512) TensorFlow has no
+    eager channels_first convolution on CPU, and with it an eager
+    channels_first Conv adds its bias along the wrong axis when channels == width.
+    """
+    return keras_outputs(model, inputs)
 
 
 def assert_same_outputs(reference: keras.Model, candidate: keras.Model, inputs=None, batch_size: int = 4) -> float:
@@ -65,4 +70,4 @@ def assert_same_outputs(reference: keras.Model, candidate: keras.Model, inputs=N
 
 def count_bn(model: keras.Model) -> int:
     """BN layers anywhere in ``model``."""
-    return sum(rules.is_bn(layer) for layer in model._flatten_layers(include_self=False, recursive=True))
+    return sum(plan.is_bn(layer) for layer in model._flatten_layers(include_self=False, recursive=True))

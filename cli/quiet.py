@@ -1,6 +1,7 @@
 """Import TensorFlow without its start-up noise, keeping every real error.
 
-TensorFlow 2.21 writes an absl preamble, a oneDNN notice and CUDA probe
+The command line's choice, not the library's: `kerasbn` itself never
+touches the process's stderr. TensorFlow 2.21 writes an absl preamble, a oneDNN notice and CUDA probe
 messages straight to file descriptor 2 at import, even with
 ``TF_CPP_MIN_LOG_LEVEL=3``. They are caught at the descriptor level while
 TensorFlow and Keras load; lines that are not known start-up noise are written
@@ -10,6 +11,7 @@ back to stderr, and a failed import shows everything it printed.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import sys
@@ -52,12 +54,21 @@ def quiet_stderr() -> Iterator[None]:
                 sys.stderr.write("\n".join(kept) + "\n")
 
 
-def import_tensorflow():
-    """Import TensorFlow and Keras quietly; returns the `tensorflow` module."""
+def import_frameworks(*extra: str) -> None:
+    """Import Keras (and TensorFlow when it is installed) quietly, then the ``extra`` modules.
+
+    Each module prints its noise once, on first import or device probe; after
+    this, the library's own imports of them are silent.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with quiet_stderr():
         import keras  # noqa: F401
-        import tensorflow as tf
 
-        tf.config.list_physical_devices()
-    return tf
+        try:
+            import tensorflow as tf
+        except ImportError:  # a JAX-only installation: nothing to hold back
+            pass
+        else:
+            tf.config.list_physical_devices()
+        for name in extra:
+            importlib.import_module(name)

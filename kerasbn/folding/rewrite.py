@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 from kerasbn.errors import UnsupportedModelError
-from kerasbn.graph import check_model, functional_of, nodes_in_order
+from kerasbn.folding.graph import check_model, functional_of, nodes_in_order
 
 
 @dataclass

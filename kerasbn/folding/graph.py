@@ -7,7 +7,7 @@ producer and the consumers of every tensor are known across nesting levels.
 A nested model called twice contributes its calls twice, which is how a
 layer inside it shows up as shared.
 
-This module and `kerasbn.rewrite` are the only places that read Keras's
+This module and `kerasbn.folding.rewrite` are the only places that read Keras's
 private node API (``_nodes_by_depth``, ``Node.arguments``): Keras changes it
 between minor releases, and one small module is easy to fix.
 """
@@ -49,7 +49,6 @@ class Graph:
     """The flattened call graph of a model.
 
     Attributes:
-        model: The model this view describes.
         calls: Every layer call, in topological order.
         shapes: Static shape of every tensor id.
         producer: Tensor id → the call that produces it (absent for model inputs).
@@ -58,7 +57,6 @@ class Graph:
         scope_outputs: Tensor ids that are outputs of any model, nested ones included.
     """
 
-    model: keras.Model
     calls: list[Call] = field(default_factory=list)
     shapes: dict[int, tuple] = field(default_factory=dict)
     producer: dict[int, Call] = field(default_factory=dict)
@@ -87,11 +85,6 @@ def functional_of(model: keras.layers.Layer) -> Functional | None:
     if isinstance(model, Functional):
         return model
     return None
-
-
-def is_graph_model(layer: keras.layers.Layer) -> bool:
-    """True for a Sequential or Functional model whose graph can be read."""
-    return functional_of(layer) is not None
 
 
 def check_model(model: object) -> Functional:
@@ -124,7 +117,7 @@ def nodes_in_order(functional: Functional) -> list:
 def build_graph(model: keras.Model) -> Graph:
     """Flatten ``model`` into a `Graph`; raises `UnsupportedModelError` if it has no graph."""
     functional = check_model(model)
-    graph = Graph(model=model)
+    graph = Graph()
     ids: dict[tuple, int] = {}
 
     def new_id(shape) -> int:

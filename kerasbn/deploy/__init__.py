@@ -1,0 +1,6 @@
+"""Files in and out: safe loading, atomic saving, the one verification, export.
+
+- `files`: `load_model` (safe mode), `save_model` and `atomic_output`, `load_inputs`.
+- `verify`: `compare` and `verify`, the one comparison with one set of defaults.
+- `onnx`: `export_onnx` (fold, tf2onnx, ONNX Runtime check).
+"""

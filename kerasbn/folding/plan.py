@@ -1,0 +1,338 @@
+"""Which BatchNormalization folds into which neighbour, and if not, why.
+
+Pure decisions over a `kerasbn.folding.graph.Graph`: nothing here changes a
+model. Each BN gets a `Plan` (the partner layer and the direction) or a
+`Refusal` (a `Reason` code for programs and a one-line reason for people).
+
+A backward fold (BN after a linear layer) is exact whenever the layer's
+output reaches nothing but the BN, the layer applies no activation and the
+BN normalizes the layer's channel axis. A forward fold (BN before a linear
+layer) is exact only where the layer never sees a zero-padded position; each
+family in `kerasbn.folding.families` says when that is.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import keras
+
+from kerasbn.folding.families import Dense, family_of
+from kerasbn.folding.graph import Call, Graph
+from kerasbn.layers import BatchNormalization as KerasbnBatchNormalization
+from kerasbn.report import BNFinding
+
+BACKWARD = "backward"
+FORWARD = "forward"
+
+
+class Reason(str, enum.Enum):
+    """Why a BN stays: the stable ``code`` of reports and JSON (its value)."""
+
+    FUSED_ACTIVATION = "fused_activation"
+    MULTIPLE_CONSUMERS = "multiple_consumers"
+    SHARED_LAYER = "shared_layer"
+    SHARED_BN = "shared_bn"
+    AXIS_MISMATCH = "axis_mismatch"
+    MULTI_AXIS = "multi_axis"
+    ZERO_PADDING = "zero_padding"
+    NONLINEAR = "nonlinear"
+    MODEL_INPUT = "model_input"
+    MODEL_OUTPUT = "model_output"
+    RENORM = "renorm"
+    VIRTUAL_BATCH = "virtual_batch"
+    UNKNOWN_SHAPE = "unknown_shape"
+    UNSUPPORTED = "unsupported"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def is_bn(layer: object) -> bool:
+    """True for `keras.layers.BatchNormalization` and `kerasbn.BatchNormalization`."""
+    return isinstance(layer, (keras.layers.BatchNormalization, KerasbnBatchNormalization))
+
+
+def bn_axes(layer: keras.layers.Layer, rank: int) -> list[int]:
+    """The BN's feature axes, made non-negative for an input of ``rank``."""
+    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return sorted({int(a) % rank for a in axis})
+
+
+def activation_name(layer: keras.layers.Layer) -> str | None:
+    """The name of the activation fused into ``layer``, or ``None`` if it is linear."""
+    act = getattr(layer, "activation", None)
+    if act is None or act is keras.activations.linear:
+        return None
+    name = getattr(act, "__name__", None) or type(act).__name__
+    return None if name == "linear" else name
+
+
+def describe(call: Call) -> str:
+    """``'name' (Class)`` for messages."""
+    return f"'{call.layer.name}' ({type(call.layer).__name__})"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a BN does not fold.
+
+    Attributes:
+        code: The `Reason`.
+        reason: A one-line explanation for people.
+        neighbour: Name of the layer the reason is about, if any.
+    """
+
+    code: Reason
+    reason: str
+    neighbour: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A fold to perform.
+
+    Attributes:
+        bn: The BN call.
+        partner: The linear layer's call that absorbs the BN.
+        direction: ``"backward"`` (BN after the partner) or ``"forward"`` (before).
+        flatten: For BN → Flatten → Dense, the Flatten call in between.
+    """
+
+    bn: Call
+    partner: Call
+    direction: str
+    flatten: Call | None = None
+
+
+def bn_refusal(graph: Graph, bn: Call) -> Refusal | None:
+    """Properties of the BN itself that rule out any fold."""
+    layer = bn.layer
+    if getattr(layer, "renorm", False):
+        return Refusal(Reason.RENORM, f"'{layer.name}' uses batch renormalization; only plain BN is folded")
+    if getattr(layer, "virtual_batch_size", None):
+        return Refusal(
+            Reason.VIRTUAL_BATCH, f"'{layer.name}' uses virtual (ghost) batches; only plain BN is folded"
+        )
+    n = len(graph.calls_of(layer))
+    if n > 1:
+        return Refusal(Reason.SHARED_BN, f"'{layer.name}' is a shared BN called {n} times")
+    if len(bn.inputs) != 1:
+        return Refusal(Reason.UNSUPPORTED, f"'{layer.name}' is called with {len(bn.inputs)} tensors")
+    rank = len(graph.shapes[bn.inputs[0]])
+    axes = bn_axes(layer, rank)
+    if len(axes) != 1:
+        return Refusal(
+            Reason.MULTI_AXIS, f"'{layer.name}' normalizes several axes {axes}; a layer has one channel axis"
+        )
+    return None
+
+
+def _usable(graph: Graph, call: Call, what: str) -> Refusal | None:
+    """Can the weights of the linear layer ``call`` be rewritten for this one call?"""
+    layer = call.layer
+    n = len(graph.calls_of(layer))
+    if n > 1:
+        return Refusal(Reason.SHARED_LAYER, f"{what} {describe(call)} is a shared layer called {n} times", layer.name)
+    if getattr(layer, "quantization_mode", None):
+        return Refusal(
+            Reason.UNSUPPORTED, f"{what} {describe(call)} is quantized ({layer.quantization_mode})", layer.name
+        )
+    if getattr(layer, "lora_enabled", False):
+        return Refusal(Reason.UNSUPPORTED, f"{what} {describe(call)} has LoRA enabled", layer.name)
+    return None
+
+
+def _partner_refusal(graph: Graph, call: Call, bn: Call, what: str) -> Refusal | None:
+    """Checks shared by both directions on the linear partner ``call``."""
+    refusal = _usable(graph, call, what)
+    if refusal is not None:
+        return refusal
+    layer = call.layer
+    rank = len(graph.shapes[bn.inputs[0]])
+    bn_axis = bn_axes(bn.layer, rank)[0]
+    axis = family_of(layer).channel_axis(layer, rank)
+    if bn_axis != axis:
+        return Refusal(
+            Reason.AXIS_MISMATCH,
+            f"BN axis {bn_axis} is not the channel axis {axis} of {what} {describe(call)}",
+            layer.name,
+        )
+    return None
+
+
+def backward(graph: Graph, bn: Call) -> Plan | Refusal:
+    """Can ``bn`` fold into the layer that produces its input?"""
+    x = bn.inputs[0]
+    producer = graph.producer.get(x)
+    if producer is None:
+        return Refusal(Reason.MODEL_INPUT, f"'{bn.layer.name}' reads a model input, there is no layer before it")
+    if family_of(producer.layer) is None:
+        return Refusal(
+            Reason.NONLINEAR, f"{describe(producer)} before it is not a foldable linear layer", producer.layer.name
+        )
+    act = activation_name(producer.layer)
+    if act is not None:
+        return Refusal(
+            Reason.FUSED_ACTIVATION, f"activation '{act}' is fused into {describe(producer)}", producer.layer.name
+        )
+    readers = graph.n_readers(x)
+    if readers > 1:
+        extra = " (one is a model output)" if x in graph.outputs else ""
+        return Refusal(
+            Reason.MULTIPLE_CONSUMERS,
+            f"the output of {describe(producer)} feeds {readers} consumers{extra}",
+            producer.layer.name,
+        )
+    refusal = _partner_refusal(graph, producer, bn, "producer")
+    return refusal or Plan(bn, producer, BACKWARD)
+
+
+def _through_flatten(graph: Graph, bn: Call, flatten: Call) -> Call | Refusal:
+    """The Dense after BN → Flatten, or why BN → Flatten → … does not fold."""
+    y = bn.outputs[0]
+    flat = flatten.outputs[0]
+    nxt = graph.consumers_of(flat)
+    if graph.n_readers(flat) != 1 or flat in graph.outputs or not isinstance(family_of(nxt[0].layer), Dense):
+        return Refusal(
+            Reason.NONLINEAR,
+            f"{describe(flatten)} after it is not followed by a single Dense layer",
+            flatten.layer.name,
+        )
+    if len(graph.calls_of(flatten.layer)) > 1:
+        return Refusal(Reason.SHARED_LAYER, f"{describe(flatten)} is a shared layer", flatten.layer.name)
+    if any(d is None for d in graph.shapes[y][1:]):
+        return Refusal(Reason.UNKNOWN_SHAPE, f"the shape {graph.shapes[y]} before {describe(flatten)} is not static")
+    return nxt[0]
+
+
+def forward(graph: Graph, bn: Call) -> Plan | Refusal:
+    """Can ``bn`` fold into the layer that consumes its output?"""
+    y = bn.outputs[0]
+    readers = graph.n_readers(y)
+    if y in graph.outputs:
+        return Refusal(Reason.MODEL_OUTPUT, f"the output of '{bn.layer.name}' is a model output")
+    if readers != 1:
+        return Refusal(Reason.MULTIPLE_CONSUMERS, f"the output of '{bn.layer.name}' feeds {readers} consumers")
+    consumer = graph.consumers_of(y)[0]
+    flatten = None
+    if isinstance(consumer.layer, keras.layers.Flatten):
+        dense = _through_flatten(graph, bn, consumer)
+        if isinstance(dense, Refusal):
+            return dense
+        flatten, consumer = consumer, dense
+    family = family_of(consumer.layer)
+    if family is None:
+        return Refusal(
+            Reason.NONLINEAR, f"{describe(consumer)} after it is not a foldable linear layer", consumer.layer.name
+        )
+    inexact = family.forward_inexact(consumer.layer, describe(consumer))
+    if not family.forward_foldable:
+        return Refusal(Reason.ZERO_PADDING, inexact, consumer.layer.name)
+    if flatten is None:
+        refusal = _partner_refusal(graph, consumer, bn, "consumer")
+    else:
+        # After Flatten every BN channel is spread over the Dense inputs, so
+        # any BN axis folds; only the Dense itself must be rewritable.
+        refusal = _usable(graph, consumer, "consumer")
+    if refusal is None and inexact is not None:
+        refusal = Refusal(Reason.ZERO_PADDING, inexact, consumer.layer.name)
+    return refusal or Plan(bn, consumer, FORWARD, flatten)
+
+
+def plan(graph: Graph, bn: Call) -> Plan | Refusal:
+    """Decide one BN: a backward fold if possible, else forward, else the most telling refusal."""
+    refusal = bn_refusal(graph, bn)
+    if refusal is not None:
+        return refusal
+    back = backward(graph, bn)
+    if isinstance(back, Plan):
+        return back
+    fwd = forward(graph, bn)
+    if isinstance(fwd, Plan):
+        return fwd
+    # Prefer the refusal about an actual linear neighbour (it names the
+    # obstacle); when neither side is linear, say what is on both sides.
+    if back.code not in (Reason.NONLINEAR, Reason.MODEL_INPUT):
+        return back
+    if fwd.code not in (Reason.NONLINEAR, Reason.MODEL_OUTPUT, Reason.MULTIPLE_CONSUMERS):
+        return fwd
+    return Refusal(back.code, f"{back.reason}; {fwd.reason}", back.neighbour)
+
+
+def path(call: Call) -> str:
+    """``nested_model/…/layer`` for a call inside nested models, else the layer name."""
+    return "/".join(call.scope + (call.layer.name,))
+
+
+def n_params(layer: keras.layers.Layer) -> int:
+    """The layer's weight count."""
+    return int(sum(math.prod(w.shape) for w in layer.weights))
+
+
+def out_channels(graph: Graph, call: Call) -> int:
+    """Output channels of the linear layer of ``call``."""
+    shape = graph.shapes[call.outputs[0]]
+    return int(shape[family_of(call.layer).channel_axis(call.layer, len(shape))])
+
+
+def analyse(graph: Graph) -> tuple[list[BNFinding], list[Plan]]:
+    """Decide every BN of ``graph``: the findings and the folds to perform."""
+    findings, plans = [], []
+    seen: set[int] = set()
+    for call in graph.calls:
+        if not is_bn(call.layer) or id(call.layer) in seen:
+            continue
+        seen.add(id(call.layer))
+        decision = plan(graph, call)
+        params = n_params(call.layer)
+        if isinstance(decision, Plan):
+            plans.append(decision)
+            partner = decision.partner.layer.name
+            findings.append(BNFinding(call.layer.name, path(call), partner, decision.direction, True, None, None, params))
+        else:
+            findings.append(
+                BNFinding(
+                    call.layer.name, path(call), decision.neighbour, None, False, decision.reason, decision.code, params
+                )
+            )
+    return findings, plans
+
+
+def redundant_bias(graph: Graph, call: Call) -> Call | None:
+    """The BN call that makes the bias of ``call`` redundant, or ``None``.
+
+    A bias is redundant when the layer is linear (no activation), called
+    once, and its output reaches only a plain BN over its channel axis: the
+    BN subtracts the mean, which absorbs any constant per-channel shift.
+    """
+    layer = call.layer
+    family = family_of(layer)
+    if family is None or not getattr(layer, "use_bias", False) or activation_name(layer):
+        return None
+    if len(graph.calls_of(layer)) != 1 or len(call.outputs) != 1:
+        return None
+    y = call.outputs[0]
+    if graph.n_readers(y) != 1 or y in graph.outputs:
+        return None
+    bn = graph.consumers_of(y)[0]
+    if not is_bn(bn.layer) or getattr(bn.layer, "renorm", False) or len(graph.calls_of(bn.layer)) != 1:
+        return None
+    if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
+        return None
+    rank = len(graph.shapes[y])
+    if bn_axes(bn.layer, rank) != [family.channel_axis(layer, rank)]:
+        return None
+    return bn
+
+
+def redundant_biases(graph: Graph) -> list[tuple[Call, Call]]:
+    """``(layer call, BN call)`` for every redundant bias in ``graph``."""
+    pairs = []
+    for call in graph.calls:
+        bn = redundant_bias(graph, call)
+        if bn is not None:
+            pairs.append((call, bn))
+    return pairs

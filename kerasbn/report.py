@@ -1,0 +1,341 @@
+"""Reports of the fold engine and how they look: rich tables, Markdown and JSON.
+
+Every record a command prints is defined here with its rendering, so the
+library's ``print(report)``, the CLI's tables and its ``--format json`` and
+``markdown`` output cannot drift apart. rich is imported inside the
+functions: building a report never needs it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+BN_COLUMNS = ("BN", "partner", "direction", "folds", "reason")
+
+
+@dataclass(frozen=True)
+class BNFinding:
+    """What happens to one BatchNormalization layer.
+
+    Attributes:
+        layer: The BN layer's name.
+        path: ``nested_model/…/layer`` for a BN inside nested models, else the name.
+        partner: The layer it folds into; for a BN that stays, the neighbour the
+            reason is about (``None`` when there is none).
+        direction: ``"backward"`` (into the layer before), ``"forward"`` (into
+            the layer after) or ``None``.
+        foldable: Whether it folds.
+        reason: Why not, one line; ``None`` when it folds.
+        code: A `kerasbn.folding.plan.Reason` (a str) for the reason; ``None`` when it folds.
+        parameters: The BN's weight count (all of it goes when it folds).
+    """
+
+    layer: str
+    path: str
+    partner: str | None
+    direction: str | None
+    foldable: bool
+    reason: str | None
+    code: str | None
+    parameters: int
+
+
+@dataclass(frozen=True)
+class RedundantBias:
+    """A Dense/Conv bias that the following BN's mean subtraction absorbs.
+
+    Attributes:
+        layer: The layer with the bias.
+        path: Its path through nested models.
+        bn: The BN that follows it.
+        parameters: The bias size.
+    """
+
+    layer: str
+    path: str
+    bn: str
+    parameters: int
+
+
+@dataclass
+class AuditReport:
+    """The audit of one model.
+
+    Attributes:
+        model: The model's name.
+        batch_norms: One `BNFinding` per BN layer, in graph order.
+        redundant_biases: One `RedundantBias` per redundant bias.
+        parameters: Weight count of the model.
+        parameters_saved: Weights a fold removes (folded BN weights minus the
+            biases that partners without one gain).
+    """
+
+    model: str
+    batch_norms: list[BNFinding] = field(default_factory=list)
+    redundant_biases: list[RedundantBias] = field(default_factory=list)
+    parameters: int = 0
+    parameters_saved: int = 0
+
+    @property
+    def bn_layers(self) -> int:
+        """Number of BN layers."""
+        return len(self.batch_norms)
+
+    @property
+    def foldable(self) -> int:
+        """Number of BN layers that fold."""
+        return sum(f.foldable for f in self.batch_norms)
+
+    @property
+    def bias_parameters(self) -> int:
+        """Weights `kerasbn.strip_redundant_biases` removes."""
+        return sum(b.parameters for b in self.redundant_biases)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: ``model``, ``totals``, ``batch_norms``, ``redundant_biases``."""
+        return {
+            "model": self.model,
+            "totals": {
+                "bn_layers": self.bn_layers,
+                "foldable": self.foldable,
+                "not_foldable": self.bn_layers - self.foldable,
+                "parameters": self.parameters,
+                "parameters_saved": self.parameters_saved,
+                "redundant_biases": len(self.redundant_biases),
+                "bias_parameters": self.bias_parameters,
+            },
+            "batch_norms": [_jsonable_finding(f) for f in self.batch_norms],
+            "redundant_biases": [asdict(b) for b in self.redundant_biases],
+        }
+
+    def _caption(self) -> str:
+        return (
+            f"{self.foldable}/{self.bn_layers} BN layers fold, saving {self.parameters_saved:,} "
+            f"of {self.parameters:,} parameters"
+        )
+
+    def _bias_caption(self) -> str:
+        return f"{len(self.redundant_biases)} biases, {self.bias_parameters:,} parameters"
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+
+        parts = [table(f"BatchNormalization layers in '{self.model}'", BN_COLUMNS, bn_rows(self.batch_norms), self._caption())]
+        if self.redundant_biases:
+            parts.append(table("Redundant biases", ("layer", "BN", "parameters"), bias_rows(self.redundant_biases), self._bias_caption()))
+        return Group(*parts)
+
+    def to_markdown(self) -> str:
+        """The audit as Markdown (for a pull request or a CI step summary)."""
+        lines = [
+            f"### BatchNormalization audit of `{self.model}`",
+            "",
+            markdown_table(BN_COLUMNS, bn_rows(self.batch_norms)),
+            "",
+            f"**{self.foldable}/{self.bn_layers}** BN layers fold, saving "
+            f"{self.parameters_saved:,} of {self.parameters:,} parameters.",
+        ]
+        if self.redundant_biases:
+            lines += [
+                "",
+                "#### Redundant biases",
+                "",
+                markdown_table(("layer", "BN", "parameters"), [[b.path, b.bn, b.parameters] for b in self.redundant_biases]),
+                "",
+                f"{self._bias_caption()}.",
+            ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+@dataclass
+class FoldReport:
+    """What `kerasbn.fold` did.
+
+    Attributes:
+        model: The model's name.
+        folded: `BNFinding` of each BN that was folded (``partner``, ``direction``).
+        not_folded: `BNFinding` of each BN that stays, with ``reason`` and ``code``.
+        parameters_before: Weight count of the original model.
+        parameters_after: Weight count of the folded model.
+    """
+
+    model: str
+    folded: list[BNFinding] = field(default_factory=list)
+    not_folded: list[BNFinding] = field(default_factory=list)
+    parameters_before: int = 0
+    parameters_after: int = 0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: ``model``, ``totals``, ``folded``, ``not_folded``."""
+        return {
+            "model": self.model,
+            "totals": {
+                "bn_layers": len(self.folded) + len(self.not_folded),
+                "folded": len(self.folded),
+                "not_folded": len(self.not_folded),
+                "parameters_before": self.parameters_before,
+                "parameters_after": self.parameters_after,
+                "parameters_saved": self.parameters_before - self.parameters_after,
+            },
+            "folded": [_jsonable_finding(f) for f in self.folded],
+            "not_folded": [_jsonable_finding(f) for f in self.not_folded],
+        }
+
+    def __rich__(self) -> Any:
+        n = len(self.folded) + len(self.not_folded)
+        caption = (
+            f"{len(self.folded)}/{n} BN layers folded; parameters {self.parameters_before:,} → "
+            f"{self.parameters_after:,}"
+        )
+        columns = ("BN", "partner", "direction", "folded", "reason")
+        return table(f"Fold of '{self.model}'", columns, bn_rows(self.folded + self.not_folded), caption)
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+@dataclass
+class StripReport:
+    """What `kerasbn.strip_redundant_biases` did.
+
+    Attributes:
+        model: The model's name.
+        removed: One `RedundantBias` per bias moved into its BN.
+        parameters_before: Weight count of the original model.
+        parameters_after: Weight count of the new model.
+    """
+
+    model: str
+    removed: list[RedundantBias] = field(default_factory=list)
+    parameters_before: int = 0
+    parameters_after: int = 0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: ``model``, ``totals``, ``removed``."""
+        return {
+            "model": self.model,
+            "totals": {
+                "removed": len(self.removed),
+                "parameters_before": self.parameters_before,
+                "parameters_after": self.parameters_after,
+            },
+            "removed": [asdict(b) for b in self.removed],
+        }
+
+    def __rich__(self) -> Any:
+        caption = (
+            f"{len(self.removed)} biases removed; parameters {self.parameters_before:,} → {self.parameters_after:,}"
+        )
+        return table(
+            f"Redundant biases in '{self.model}'",
+            ("layer", "BN", "parameters"),
+            bias_rows(self.removed),
+            caption,
+            numeric=(2,),
+            title_justify="left",
+        )
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+def op_table(op_counts: dict[str, int], before: dict[str, int] | None) -> list[tuple[str, int | None, int]]:
+    """Rows (op type, count before the fold or ``None``, count after), onnx-simplifier style."""
+    ops = sorted(set(before or {}) | set(op_counts))
+    return [(op, None if before is None else before.get(op, 0), op_counts.get(op, 0)) for op in ops]
+
+
+def export_table(title: str, op_counts: dict[str, int], before: dict[str, int] | None, size: int, size_before: int | None) -> Any:
+    """The before/after op-count table of an export, with totals and file sizes."""
+    folded = before is not None
+    rows: list[Sequence[str]] = []
+    for op, n_before, n_after in op_table(op_counts, before):
+        if not folded:
+            rows.append((op, str(n_after)))
+        elif n_before == n_after:
+            rows.append((op, str(n_before), str(n_after)))
+        else:
+            rows.append((op, str(n_before), f"{n_after} ({n_after - n_before:+d})"))
+    if folded:
+        rows.append(("Total", str(sum(before.values())), str(sum(op_counts.values()))))
+        rows.append(("Model size", file_size(size_before), file_size(size)))
+        headers = ("Op", "Before fold", "After fold")
+    else:
+        rows.append(("Model size", file_size(size)))
+        headers = ("Op", "Count")
+    return table(title, headers, rows, numeric=range(1, 3), title_justify="left")
+
+
+def table(
+    title: str | None,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    caption: str | None = None,
+    *,
+    numeric: Sequence[int] = (),
+    title_justify: str = "center",
+) -> Any:
+    """A rich `Table`; columns listed in ``numeric`` are right-aligned."""
+    from rich.table import Table
+
+    out = Table(title=title, caption=caption, title_justify=title_justify, show_lines=False)
+    for i, header in enumerate(headers):
+        out.add_column(header, justify="right" if i in numeric else "left", overflow="fold")
+    for row in rows:
+        out.add_row(*("" if cell is None else str(cell) for cell in row))
+    return out
+
+
+def render(*renderables: Any) -> str:
+    """Plain text of rich renderables, 140 columns wide, no colour."""
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=140, color_system=None, force_terminal=False)
+    for r in renderables:
+        console.print(r)
+    return buffer.getvalue().rstrip()
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (``|`` escaped, newlines flattened)."""
+
+    def cell(value: Any) -> str:
+        return ("" if value is None else str(value)).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def bn_rows(findings: Sequence[BNFinding]) -> list[list[str]]:
+    """Table rows for `BNFinding` records."""
+    return [
+        [f.path, f.partner or "", f.direction or "", "yes" if f.foldable else "no", f.reason or ""] for f in findings
+    ]
+
+
+def bias_rows(biases: Sequence[RedundantBias]) -> list[list[str]]:
+    """Table rows for `RedundantBias` records."""
+    return [[b.path, b.bn, f"{b.parameters:,}"] for b in biases]
+
+
+def file_size(n: int) -> str:
+    """``n`` bytes for people: ``812 B``, ``3.1 KiB``, ``97.4 MiB``."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 2**20:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _jsonable_finding(finding: BNFinding) -> dict:
+    data = asdict(finding)
+    # The Reason enum is a str; JSON gets its plain value.
+    data["code"] = None if finding.code is None else str(finding.code)
+    return data
