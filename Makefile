@@ -8,7 +8,7 @@ PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install test test-fast test-jax demo bench clean
+.PHONY: install lint format test test-fast test-jax demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## ruff: lint and formatting, as CI runs them.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 ## The whole suite on the TensorFlow backend, then the layer tests on JAX.
 test: $(STAMP)

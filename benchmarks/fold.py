@@ -30,12 +30,14 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-import kerasbn  # noqa: E402  (quiet TensorFlow start-up first)
-from kerasbn.quiet import import_tensorflow  # noqa: E402
+from kerasbn_cli.quiet import import_frameworks  # noqa: E402
 
-tf = import_tensorflow()
+import_frameworks()  # TensorFlow's start-up noise held back, real errors kept
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import kerasbn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.helpers import randomize_bn  # noqa: E402
@@ -141,8 +143,13 @@ def measure_latency(name: str) -> dict:
     if check.max_rel_error > 1e-5:
         raise SystemExit(f"{name}: the folded model differs from the original: {check}")
     t_orig, t_fold, ratio = latency(model, folded, x)
-    return {"original": t_orig, "folded": t_fold, "ratio": ratio,
-            "ops_before": elementwise_ops(model), "ops_after": elementwise_ops(folded)}
+    return {
+        "original": t_orig,
+        "folded": t_fold,
+        "ratio": ratio,
+        "ops_before": elementwise_ops(model),
+        "ops_after": elementwise_ops(folded),
+    }
 
 
 def latency_in_processes(name: str) -> dict:
@@ -172,8 +179,10 @@ def main() -> None:
     for name, target in targets.items():
         r = latency_in_processes(name)
         rows.append((name, r, target))
-        print(f"{name}: original {r['original'] * 1e3:.1f} ms, folded {r['folded'] * 1e3:.1f} ms, "
-              f"ratio {r['ratio']:.3f} ({r['low']:.3f}–{r['high']:.3f})")
+        print(
+            f"{name}: original {r['original'] * 1e3:.1f} ms, folded {r['folded'] * 1e3:.1f} ms, "
+            f"ratio {r['ratio']:.3f} ({r['low']:.3f}–{r['high']:.3f})"
+        )
 
     resnet = randomize_bn(keras.applications.ResNet50(weights=None))
     resnet_fold, resnet_count = fold_time(resnet, 3)

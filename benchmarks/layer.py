@@ -156,9 +156,10 @@ def run_backend(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["KERAS_BACKEND"] = name
     sys.path.insert(0, str(ROOT))
-    import kerasbn  # noqa: F401  (quiet TensorFlow start-up)
     import keras
     import numpy as np
+
+    import kerasbn  # noqa: F401  (quiet TensorFlow start-up)
 
     if keras.backend.backend() != name:
         raise SystemExit(f"Keras was imported with the {keras.backend.backend()} backend, not {name}.")

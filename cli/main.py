@@ -8,9 +8,10 @@ prints and returns an exit code; the library does the work.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -250,8 +251,8 @@ def _save_verified(
 
 def _check_distinct(settings: Settings, model: Path, output: Path) -> None:
     """Refuse a bad output before the long work; the input is never modified, even with --force."""
-    from kerasbn.errors import KerasbnError
     from kerasbn.deploy.files import check_output_path
+    from kerasbn.errors import KerasbnError
 
     if output.exists() and model.exists() and output.resolve() == model.resolve():
         raise KerasbnError(f"{output}: is the input model; choose another output file")

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 _NOISE = re.compile(
     r"All log messages before absl::InitializeLog"

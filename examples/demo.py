@@ -23,12 +23,16 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import kerasbn  # noqa: E402  (first: it imports TensorFlow without its start-up noise)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from timing import median_ms  # noqa: E402
+
+from kerasbn_cli.quiet import import_frameworks  # noqa: E402
+
+import_frameworks()  # TensorFlow's start-up noise held back, real errors kept
+import kerasbn  # noqa: E402
 
 OUT = Path("build/demo")
 # The installed console script beside this interpreter: the demo shows the real CLI.
@@ -85,7 +89,7 @@ def score(x_test, y_test, original_path: Path, folded_path: Path, onnx_path: Pat
     for label, (run, bn_layers) in runners.items():
         predictions[label] = np.argmax(np.asarray(run(x_test)), axis=1)
         accuracy = float(np.mean(predictions[label] == y_test))
-        one, batch = median_ms(lambda: run(x_test[:1])), median_ms(lambda: run(x_test))
+        one, batch = median_ms(lambda run=run: run(x_test[:1])), median_ms(lambda run=run: run(x_test))
         print(f"{label:<22} {bn_layers:>9} {accuracy:>14.4f} {one:>8.2f}ms {batch:>10.2f}ms")
     reference = predictions["original (Keras)"]
     same = all(np.array_equal(reference, p) for p in predictions.values())

@@ -29,12 +29,16 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import kerasbn  # noqa: E402  (first: it imports TensorFlow without its start-up noise)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from timing import median_ms  # noqa: E402
+
+from kerasbn_cli.quiet import import_frameworks  # noqa: E402
+
+import_frameworks()  # TensorFlow's start-up noise held back, real errors kept
+import kerasbn  # noqa: E402
 
 console = Console()
 
@@ -122,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     kerasbn.save_model(stripped, args.out / "resnet50.nobias.keras", overwrite=True)
     kerasbn.save_model(folded, args.out / "resnet50.folded.keras", overwrite=True)
 
-    checks = {"stripped": kerasbn.verify(original, stripped, inputs), "folded": kerasbn.verify(original, folded, inputs)}
+    checks = {
+        "stripped": kerasbn.verify(original, stripped, inputs),
+        "folded": kerasbn.verify(original, folded, inputs),
+    }
 
     onnx = {}
     with console.status("Exporting to ONNX (unfolded, for comparison)"):
@@ -144,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             name: median_ms(lambda m=m: m.predict_on_batch(one), args.repeats)
             for name, m in (("original", original), ("stripped", stripped), ("folded", folded))
         }
-        onnx_ms = {name: median_ms(lambda r=onnx_runner(e.path): r(one), args.repeats) for name, e in onnx.items()}
+        runners = {name: onnx_runner(e.path) for name, e in onnx.items()}
+        onnx_ms = {name: median_ms(lambda r=r: r(one), args.repeats) for name, r in runners.items()}
 
     def onnx_error(name: str) -> str:
         worst = max(c.max_abs_error for c in onnx[name].checks)
@@ -159,14 +167,26 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(column, justify="right")
     table.add_row("parameters", *(f"{parameters(m):,}" for m in (original, stripped, folded)))
     table.add_row("BN layers", *(str(bn_count(m)) for m in (original, stripped, folded)))
-    table.add_row("ONNX BatchNormalization ops", str(onnx["original"].op_counts.get("BatchNormalization", 0)), "—",
-                  str(onnx["folded"].op_counts.get("BatchNormalization", 0)))
-    table.add_row("ONNX ops in all", str(sum(onnx["original"].op_counts.values())), "—",
-                  str(sum(onnx["folded"].op_counts.values())))
+    table.add_row(
+        "ONNX BatchNormalization ops",
+        str(onnx["original"].op_counts.get("BatchNormalization", 0)),
+        "—",
+        str(onnx["folded"].op_counts.get("BatchNormalization", 0)),
+    )
+    table.add_row(
+        "ONNX ops in all",
+        str(sum(onnx["original"].op_counts.values())),
+        "—",
+        str(sum(onnx["folded"].op_counts.values())),
+    )
     table.add_row("Keras latency", *(f"{keras_ms[n]:.1f} ms" for n in ("original", "stripped", "folded")))
     table.add_row("ONNX Runtime latency", f"{onnx_ms['original']:.1f} ms", "—", f"{onnx_ms['folded']:.1f} ms")
-    table.add_row("max |Δ| vs original (Keras)", "0", f"{checks['stripped'].max_abs_error:.2e}",
-                  f"{checks['folded'].max_abs_error:.2e}")
+    table.add_row(
+        "max |Δ| vs original (Keras)",
+        "0",
+        f"{checks['stripped'].max_abs_error:.2e}",
+        f"{checks['folded'].max_abs_error:.2e}",
+    )
     table.add_row("max |Δ| ONNX Runtime vs Keras", onnx_error("original"), "—", onnx_error("folded"))
     table.caption = (
         f"max |y| = {checks['folded'].max_abs_reference:.3g}; softmax over 1,000 classes; "

@@ -32,11 +32,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import kerasbn  # noqa: E402  (first: it imports TensorFlow without its start-up noise)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
+
+from kerasbn_cli.quiet import import_frameworks  # noqa: E402
+
+import_frameworks()  # TensorFlow's start-up noise held back, real errors kept
+import kerasbn  # noqa: E402
 
 BATCH = 60  # the paper's mini-batch size
 HIDDEN = 100
@@ -143,7 +147,10 @@ def plot(curves: dict[str, list], path: Path, target: float) -> None:
         step, _, p15, p50, p85 = np.array(rows).T
         for p, ls in ((p15, "--"), (p50, "-"), (p85, "--")):
             ax.plot(step, p, color=colors[name], ls=ls)
-        ax.set(xlabel="training steps", title=f"{label} sigmoid input, {name[0].lower() + name[1:]}\n15th / 50th / 85th percentile")
+        ax.set(
+            xlabel="training steps",
+            title=f"{label} sigmoid input, {name[0].lower() + name[1:]}\n15th / 50th / 85th percentile",
+        )
     low = min(axes[1].get_ylim()[0], axes[2].get_ylim()[0])
     high = max(axes[1].get_ylim()[1], axes[2].get_ylim()[1])
     for ax in axes[1:]:
@@ -204,19 +211,33 @@ def main(argv: list[str] | None = None) -> int:
             plain, with_bn = (
                 train(bn, args.lr * factor, lr_steps, args.every, data, args.seed).rows for bn in (False, True)
             )
-        table.append((factor, args.lr * factor, plain[-1][1], with_bn[-1][1], steps_to(plain, args.target),
-                      steps_to(with_bn, args.target)))
+        table.append(
+            (
+                factor,
+                args.lr * factor,
+                plain[-1][1],
+                with_bn[-1][1],
+                steps_to(plain, args.target),
+                steps_to(with_bn, args.target),
+            )
+        )
     with open(args.out / "learning_rates.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(("factor", "lr", "plain_accuracy", "bn_accuracy", "plain_steps_to_target", "bn_steps_to_target"))
+        writer.writerow(
+            ("factor", "lr", "plain_accuracy", "bn_accuracy", "plain_steps_to_target", "bn_steps_to_target")
+        )
         writer.writerows(table)
 
     print(f"\nlearning rate ({lr_steps} steps each): final test accuracy, steps to {args.target:.0%}")
     print(f"{'lr':>10} {'without BN':>12} {'with BN':>10} {'steps w/o BN':>13} {'steps w/ BN':>12}")
     for factor, lr, plain_acc, bn_acc, plain_steps, bn_steps in table:
-        print(f"{f'{factor}× = {lr:g}':>10} {fmt_accuracy(plain_acc):>12} {fmt_accuracy(bn_acc):>10} "
-              f"{fmt_steps(plain_steps):>13} {fmt_steps(bn_steps):>12}")
-    print(f"\nwrote {args.out / 'figure1.png'}, figure1.csv and learning_rates.csv in {time.perf_counter() - start:.0f} s")
+        print(
+            f"{f'{factor}× = {lr:g}':>10} {fmt_accuracy(plain_acc):>12} {fmt_accuracy(bn_acc):>10} "
+            f"{fmt_steps(plain_steps):>13} {fmt_steps(bn_steps):>12}"
+        )
+    print(
+        f"\nwrote {args.out / 'figure1.png'}, figure1.csv and learning_rates.csv in {time.perf_counter() - start:.0f} s"
+    )
     return 0
 
 

@@ -62,9 +62,7 @@ def plot(results: list[dict], out: Path) -> None:
                 ratios = [runs[k + (op, impl)]["ratio_to_keras"] if k + (op, impl) in runs else np.nan for k in keys]
                 label, color = IMPLS[impl]
                 ax.bar(x + (j - (len(impls) - 1) / 2) * width, ratios, width, label=label, color=color)
-            bounds = [
-                runs[k + (op, "keras")]["copy_ms"] / 2 * PASSES[op] / runs[k + (op, "keras")]["ms"] for k in keys
-            ]
+            bounds = [runs[k + (op, "keras")]["copy_ms"] / 2 * PASSES[op] / runs[k + (op, "keras")]["ms"] for k in keys]
             ax.scatter(x, bounds, marker="_", s=900, color="black", zorder=3, label="bandwidth bound")
             # Small tensors on a GPU stay in cache, where the copy-based bound
             # can exceed the measured time: keep those marks in view too.
@@ -72,7 +70,9 @@ def plot(results: list[dict], out: Path) -> None:
             ax.set_ylim(0, 1.1 * tallest)
             ax.axhline(1.0, color="tab:blue", lw=0.8, ls=":")
             ax.set_xticks(
-                x, [f"{BACKEND.get(b, b)} {m}\n{'×'.join(map(str, s))}\n{DTYPE.get(d, d)}" for b, m, s, d in keys], fontsize=7.5
+                x,
+                [f"{BACKEND.get(b, b)} {m}\n{'×'.join(map(str, s))}\n{DTYPE.get(d, d)}" for b, m, s, d in keys],
+                fontsize=7.5,
             )
             ax.set_ylabel("time ÷ Keras's time")
             name = "training step (forward + backward)" if op == "train" else "inference"

@@ -9,8 +9,9 @@ functions: building a report never needs it.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 BN_COLUMNS = ("BN", "partner", "direction", "folds", "reason")
 
@@ -122,9 +123,20 @@ class AuditReport:
     def __rich__(self) -> Any:
         from rich.console import Group
 
-        parts = [table(f"BatchNormalization layers in '{self.model}'", BN_COLUMNS, bn_rows(self.batch_norms), self._caption())]
+        parts = [
+            table(
+                f"BatchNormalization layers in '{self.model}'", BN_COLUMNS, bn_rows(self.batch_norms), self._caption()
+            )
+        ]
         if self.redundant_biases:
-            parts.append(table("Redundant biases", ("layer", "BN", "parameters"), bias_rows(self.redundant_biases), self._bias_caption()))
+            parts.append(
+                table(
+                    "Redundant biases",
+                    ("layer", "BN", "parameters"),
+                    bias_rows(self.redundant_biases),
+                    self._bias_caption(),
+                )
+            )
         return Group(*parts)
 
     def to_markdown(self) -> str:
@@ -142,7 +154,9 @@ class AuditReport:
                 "",
                 "#### Redundant biases",
                 "",
-                markdown_table(("layer", "BN", "parameters"), [[b.path, b.bn, b.parameters] for b in self.redundant_biases]),
+                markdown_table(
+                    ("layer", "BN", "parameters"), [[b.path, b.bn, b.parameters] for b in self.redundant_biases]
+                ),
                 "",
                 f"{self._bias_caption()}.",
             ]
@@ -250,7 +264,9 @@ def op_table(op_counts: dict[str, int], before: dict[str, int] | None) -> list[t
     return [(op, None if before is None else before.get(op, 0), op_counts.get(op, 0)) for op in ops]
 
 
-def export_table(title: str, op_counts: dict[str, int], before: dict[str, int] | None, size: int, size_before: int | None) -> Any:
+def export_table(
+    title: str, op_counts: dict[str, int], before: dict[str, int] | None, size: int, size_before: int | None
+) -> Any:
     """The before/after op-count table of an export, with totals and file sizes."""
     folded = before is not None
     rows: list[Sequence[str]] = []

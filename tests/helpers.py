@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kerasbn.folding import plan
 from kerasbn.deploy.verify import keras_outputs, random_inputs
+from kerasbn.folding import plan
 
 FOLD_RTOL = 1e-5  # max|Δ| ≤ 1e-5·max|y|, the peers' float32 fold tolerance
 

@@ -86,15 +86,29 @@ def test_plot_benchmarks_charts_every_configuration(tmp_path):
     import json
 
     runs = [
-        {"backend": "tensorflow", "mode": mode, "shape": [4, 8], "dtype": "float32", "op": op, "impl": impl,
-         "ms": ms, "copy_ms": 0.5, "ratio_to_keras": ms / 2.0, "bound_fraction": 0.5, "ratio_to_copy": ms / 0.5}
-        for mode in ("graph", "xla") for op in ("train", "infer") for impl, ms in (("kerasbn", 1.0), ("keras", 2.0))
+        {
+            "backend": "tensorflow",
+            "mode": mode,
+            "shape": [4, 8],
+            "dtype": "float32",
+            "op": op,
+            "impl": impl,
+            "ms": ms,
+            "copy_ms": 0.5,
+            "ratio_to_keras": ms / 2.0,
+            "bound_fraction": 0.5,
+            "ratio_to_copy": ms / 0.5,
+        }
+        for mode in ("graph", "xla")
+        for op in ("train", "infer")
+        for impl, ms in (("kerasbn", 1.0), ("keras", 2.0))
     ]
     source = tmp_path / "layer.json"
     source.write_text(json.dumps({"machine": {"device": "cpu", "name": "test CPU", "cores": 2}, "runs": runs}))
     module = load("plot_benchmarks")
     assert module.configurations(runs, "train") == [
-        ("tensorflow", "graph", (4, 8), "float32"), ("tensorflow", "xla", (4, 8), "float32")
+        ("tensorflow", "graph", (4, 8), "float32"),
+        ("tensorflow", "xla", (4, 8), "float32"),
     ]
     out = tmp_path / "chart.png"
     assert module.main(["--json", str(source), "--out", str(out)]) == 0

@@ -21,8 +21,9 @@ import re
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from kerasbn.errors import KerasbnError, ModelLoadError, UnsupportedModelError
 
@@ -203,8 +204,7 @@ def _check_input_file(path: Path) -> str:
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
         raise ModelLoadError(
-            f"{path}: is a directory; give a .keras or .h5 file "
-            "(TensorFlow SavedModel folders are not Keras 3 models)"
+            f"{path}: is a directory; give a .keras or .h5 file (TensorFlow SavedModel folders are not Keras 3 models)"
         )
     suffix = path.suffix
     try:

@@ -20,15 +20,17 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from kerasbn.deploy.files import atomic_output
 from kerasbn.deploy.tolerances import ATOL, RTOL
 from kerasbn.deploy.verify import VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
 from kerasbn.report import export_table, op_table
+
 
 @dataclass(frozen=True)
 class ExportResult:
@@ -161,7 +163,7 @@ def export_onnx(
     opset_used = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_bytes(proto.SerializeToString())
-        checks: tuple[BatchCheck, ...] = ()
+        checks: tuple[VerifyResult, ...] = ()
         if verify:
             step("Checking with ONNX Runtime")
             checks = _check_with_onnxruntime(tmp, model, batch_sizes, inputs, atol, rtol, seed)

@@ -7,8 +7,9 @@ defaults (`kerasbn.deploy.tolerances`), and reported as a `VerifyResult`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import numpy as np

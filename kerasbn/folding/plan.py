@@ -113,9 +113,7 @@ def bn_refusal(graph: Graph, bn: Call) -> Refusal | None:
     if getattr(layer, "renorm", False):
         return Refusal(Reason.RENORM, f"'{layer.name}' uses batch renormalization; only plain BN is folded")
     if getattr(layer, "virtual_batch_size", None):
-        return Refusal(
-            Reason.VIRTUAL_BATCH, f"'{layer.name}' uses virtual (ghost) batches; only plain BN is folded"
-        )
+        return Refusal(Reason.VIRTUAL_BATCH, f"'{layer.name}' uses virtual (ghost) batches; only plain BN is folded")
     n = len(graph.calls_of(layer))
     if n > 1:
         return Refusal(Reason.SHARED_BN, f"'{layer.name}' is a shared BN called {n} times")
@@ -291,7 +289,9 @@ def analyse(graph: Graph) -> tuple[list[BNFinding], list[Plan]]:
         if isinstance(decision, Plan):
             plans.append(decision)
             partner = decision.partner.layer.name
-            findings.append(BNFinding(call.layer.name, path(call), partner, decision.direction, True, None, None, params))
+            findings.append(
+                BNFinding(call.layer.name, path(call), partner, decision.direction, True, None, None, params)
+            )
         else:
             findings.append(
                 BNFinding(

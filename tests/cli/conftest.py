@@ -22,27 +22,10 @@ import pytest
 from click.testing import CliRunner
 
 from kerasbn_cli.main import main
+from tests.helpers import randomize_bn
 
 KERASBN = Path(sys.executable).with_name("kerasbn")
 COMMANDS = ("audit", "fold", "strip-biases", "export")
-
-
-def randomize_bn(model: keras.Model, seed: int = 0) -> keras.Model:
-    """Give every BN layer non-trivial statistics, so folding it changes weights."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization) or "batch_normalization" in layer.name:
-            values = []
-            for w in layer.weights:
-                shape = tuple(w.shape)
-                if "variance" in w.name:
-                    values.append(rng.uniform(0.5, 2.0, shape))
-                elif "gamma" in w.name:
-                    values.append(rng.uniform(0.5, 1.5, shape))
-                else:
-                    values.append(rng.normal(0, 0.5, shape))
-            layer.set_weights([v.astype(w.dtype) for v, w in zip(values, layer.weights)])
-    return model
 
 
 def tiny_model() -> keras.Model:
@@ -134,9 +117,7 @@ def corpus(tmp_path_factory, model_files) -> dict[str, Path]:
         "random_bytes": write("random.keras", np.random.default_rng(0).bytes(4096)),
         "truncated_half": write("truncated_half.keras", good[: len(good) // 2]),
         "truncated_tail": write("truncated_tail.keras", good[:-7]),
-        "flipped_weights": write(
-            "flipped.keras", good[:2000] + bytes([good[2000] ^ 0xFF]) + good[2001:]
-        ),
+        "flipped_weights": write("flipped.keras", good[:2000] + bytes([good[2000] ^ 0xFF]) + good[2001:]),
         "no_config": _zip(folder / "no_config.keras", {k: v for k, v in members.items() if k != "config.json"}),
         "no_weights": _zip(folder / "no_weights.keras", {k: v for k, v in members.items() if k != "model.weights.h5"}),
         "garbage_weights": _zip(folder / "garbage_weights.keras", {**members, "model.weights.h5": b"\0" * 64}),
@@ -145,13 +126,19 @@ def corpus(tmp_path_factory, model_files) -> dict[str, Path]:
         "config_no_class": with_config("config_no_class.keras", '{"config": {}}'),
         "unknown_layer": with_config(
             "unknown_layer.keras",
-            json.dumps(config).replace('"module": "keras.layers", "class_name": "ReLU"', '"module": null, "class_name": "MyFancyReLU"'),
+            json.dumps(config).replace(
+                '"module": "keras.layers", "class_name": "ReLU"', '"module": null, "class_name": "MyFancyReLU"'
+            ),
         ),
         "os_system_injection": with_config(
             "os_system.keras",
-            json.dumps(config).replace('"module": "keras.layers", "class_name": "ReLU"', '"module": "os", "class_name": "system"'),
+            json.dumps(config).replace(
+                '"module": "keras.layers", "class_name": "ReLU"', '"module": "os", "class_name": "system"'
+            ),
         ),
-        "wrong_weight_shapes": with_config("wrong_shapes.keras", json.dumps(config).replace('"units": 4', '"units": 5')),
+        "wrong_weight_shapes": with_config(
+            "wrong_shapes.keras", json.dumps(config).replace('"units": 4', '"units": 5')
+        ),
         "empty_h5": write("empty.h5", b""),
         "text_h5": write("text.h5", b"not hdf5 at all"),
         "truncated_h5": write("truncated.h5", good_h5[:3000]),

@@ -179,7 +179,11 @@ def test_inputs_file(model_files, tmp_path):
     np.savez(bad, image=np.zeros((3, 5, 5, 2), "float32"))
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, image=np.array([object()], dtype=object))
-    for path, message in [(bad, "the model expects"), (pickled, "not a readable .npz"), (tmp_path / "no.npz", "no such")]:
+    for path, message in [
+        (bad, "the model expects"),
+        (pickled, "not a readable .npz"),
+        (tmp_path / "no.npz", "no such"),
+    ]:
         result = invoke("fold", model_files["keras"], "-o", tmp_path / "other.keras", "--inputs", path)
         assert_clean_error(result.exit_code, result.stdout, result.stderr)
         assert message in result.stderr

@@ -24,7 +24,9 @@ def test_export_prints_the_op_table_and_writes_beside_the_input(model_files, cop
 
 
 def test_export_without_fold_and_verify(model_files, tmp_path):
-    result = invoke("export", model_files["keras"], "-o", tmp_path / "m.onnx", "--no-fold", "--no-verify", "--opset", "13")
+    result = invoke(
+        "export", model_files["keras"], "-o", tmp_path / "m.onnx", "--no-fold", "--no-verify", "--opset", "13"
+    )
     assert result.exit_code == 0, result.stderr
     assert "Before fold" not in result.stdout and "Not verified" in result.stdout
     assert onnx.load(str(tmp_path / "m.onnx")).opset_import[0].version == 13

@@ -13,7 +13,9 @@ def _booby_trapped(folder, suffix: str):
     marker = folder / "pwned.txt"
     # A real Python lambda (Keras marshals its bytecode); the path is a constant in the code.
     payload = eval(f"lambda t: (open({str(marker)!r}, 'w').close(), t)[1]")  # noqa: S307
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Lambda(payload), keras.layers.Dense(2), keras.layers.ReLU()])
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Lambda(payload), keras.layers.Dense(2), keras.layers.ReLU()]
+    )
     path = folder / f"evil{suffix}"
     model.save(path)
     marker.unlink()  # building the model above ran the payload once

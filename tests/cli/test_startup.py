@@ -1,4 +1,4 @@
-"""`kerasbn --help` and `--version` answer at once: no TensorFlow, no kerasbn library import."""
+"""`kerasbn --help` and `--version` answer at once: no TensorFlow, nothing of the library but its tolerances."""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ import pytest
 
 from tests.cli.conftest import COMMANDS, KERASBN
 
-HEAVY = ("tensorflow", "keras", "kerasbn", "numpy", "tf2onnx", "onnxruntime", "rich")
+HEAVY = (
+    "tensorflow",
+    "keras",
+    "numpy",
+    "tf2onnx",
+    "onnxruntime",
+    "rich",
+    "kerasbn.layers",
+    "kerasbn.folding",
+    "kerasbn.deploy.verify",
+    "kerasbn.report",
+)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], *[[c, "--help"] for c in COMMANDS]])

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import kerasbn
-from kerasbn.errors import KerasbnError, ModelLoadError, UnsupportedModelError, VerificationError
 from kerasbn.deploy.files import atomic_output, load_inputs
+from kerasbn.errors import KerasbnError, ModelLoadError, UnsupportedModelError, VerificationError
 
 
 def _model() -> keras.Model:
@@ -155,7 +155,10 @@ def test_weights_that_keras_skips_are_an_error(saved, monkeypatch):
     real = keras.saving.load_model
 
     def skipping(*args, **kwargs):
-        warnings.warn("Skipping nested container at 'x': ... Affected layers will retain their freshly-initialized weights.")
+        warnings.warn(
+            "Skipping nested container at 'x': ... Affected layers will retain their freshly-initialized weights.",
+            stacklevel=2,
+        )
         return real(*args, **kwargs)
 
     monkeypatch.setattr(keras.saving, "load_model", skipping)

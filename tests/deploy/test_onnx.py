@@ -12,8 +12,8 @@ import onnx
 import pytest
 
 import kerasbn
-from kerasbn.errors import KerasbnError
 from kerasbn.deploy.onnx import ExportVerificationError, op_counts, to_onnx
+from kerasbn.errors import KerasbnError
 
 
 def _randomize(model: keras.Model, seed: int = 0) -> keras.Model:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from kerasbn.folding import families
-from kerasbn.folding.families import ConvTranspose, Dense, DepthwiseConv, SeparableConv
 from kerasbn.folding.families import Conv as ConvFamily
+from kerasbn.folding.families import ConvTranspose, Dense, DepthwiseConv, SeparableConv
 
 rng = np.random.default_rng(0)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from tests.helpers import assert_same_outputs, count_bn, randomize_biases, randomize_bn
 
 import kerasbn
 from kerasbn.errors import UnsupportedModelError
+from tests.helpers import assert_same_outputs, count_bn, randomize_biases, randomize_bn
 
 L = keras.layers
 CF = "channels_first"
