@@ -53,7 +53,7 @@ def strip_redundant_biases(model: keras.Model) -> StripResult:
 
     >>> import keras, kerasbn
     >>> x = keras.Input((8,))
-    >>> y = keras.layers.BatchNormalization()(keras.layers.Dense(4)(x))
+    >>> y = keras.layers.BatchNormalization()(keras.layers.Dense(4, name="dense")(x))
     >>> result = kerasbn.strip_redundant_biases(keras.Model(x, y))
     >>> [b.layer for b in result.report.removed], result.model.layers[1].use_bias
     (['dense'], False)
