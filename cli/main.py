@@ -70,7 +70,6 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool) -> int:
     from kerasbn_cli import render
 
     with render.progress(settings.quiet) as step:
-        quiet.import_frameworks()
         import kerasbn
 
         step(f"Loading {model.name}")
@@ -109,7 +108,6 @@ def fold(settings: Settings, checking: Checking, model: Path, output: Path | Non
 
     output = output or model.with_name(f"{model.stem}.folded.keras")
     with render.progress(settings.quiet) as step:
-        quiet.import_frameworks()
         import kerasbn
 
         original, inputs = _load(settings, checking, model, output, step)
@@ -140,7 +138,6 @@ def strip_biases(settings: Settings, checking: Checking, model: Path, output: Pa
 
     output = output or model.with_name(f"{model.stem}.nobias.keras")
     with render.progress(settings.quiet) as step:
-        quiet.import_frameworks()
         import kerasbn
 
         original, inputs = _load(settings, checking, model, output, step)
@@ -178,7 +175,7 @@ def export(
 
     output = output or model.with_suffix(".onnx")
     with render.progress(settings.quiet) as step:
-        quiet.import_frameworks("tf2onnx")
+        quiet.import_frameworks("tf2onnx")  # its own start-up noise
         from kerasbn.deploy.onnx import export_onnx
 
         keras_model, inputs = _load(settings, checking, model, output, step)
@@ -191,8 +188,7 @@ def export(
             overwrite=settings.force,
             batch_sizes=sorted({1, checking.batch}),
             inputs=inputs,
-            atol=checking.atol,
-            rtol=checking.rtol,
+            **checking.tolerances(),
             on_step=step,
         )
     render.print_export(settings, result, fmt)
@@ -227,9 +223,7 @@ def _save_verified(
     checks = {}
 
     def compare(candidate, stage: str) -> None:
-        result = kerasbn.verify(
-            original, candidate, inputs, batch_size=checking.batch, atol=checking.atol, rtol=checking.rtol
-        )
+        result = kerasbn.verify(original, candidate, inputs, batch_size=checking.batch, **checking.tolerances())
         checks[stage] = result
         if not result.passed:
             raise VerificationError(f"the {stage} model differs from the original: {result}; nothing written")

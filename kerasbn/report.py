@@ -169,6 +169,7 @@ class AuditReport(_Printable):
             ]
         return "\n".join(lines)
 
+
 @dataclass
 class FoldReport(_Printable):
     """What `kerasbn.fold` did.
@@ -212,6 +213,7 @@ class FoldReport(_Printable):
         columns = ("BN", "partner", "direction", "folded", "reason")
         return table(f"Fold of '{self.model}'", columns, bn_rows(self.folded + self.not_folded), caption)
 
+
 @dataclass
 class StripReport(_Printable):
     """What `kerasbn.strip_redundant_biases` did.
@@ -252,6 +254,7 @@ class StripReport(_Printable):
             numeric=(2,),
             title_justify="left",
         )
+
 
 def op_table(op_counts: dict[str, int], before: dict[str, int] | None) -> list[tuple[str, int | None, int]]:
     """Rows (op type, count before the fold or ``None``, count after), onnx-simplifier style."""

@@ -8,8 +8,8 @@ batch sizes and compared with the original Keras model by
 `kerasbn.deploy.verify.compare`, so a bad fold or a bad conversion never
 reaches the output path.
 
-TensorFlow, tf2onnx and ONNX Runtime are imported inside the functions: they
-cost seconds, and importing this module should not.
+tf2onnx and ONNX Runtime are imported inside the functions: they cost
+seconds, which `import kerasbn` should not pay.
 """
 
 from __future__ import annotations
@@ -23,15 +23,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kerasbn.deploy.files import atomic_output
 from kerasbn.deploy.tolerances import ATOL, RTOL
+from kerasbn.deploy.verify import VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
 from kerasbn.report import export_table, op_table
-
-if TYPE_CHECKING:  # the module itself stays cheap to import
-    from kerasbn.deploy.verify import VerifyResult
 
 
 @dataclass(frozen=True)
