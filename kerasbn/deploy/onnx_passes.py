@@ -7,17 +7,17 @@ could carry: a bias ``Add`` after a ``ConvTranspose`` or after the
 ``Add`` of zeros where a BatchNormalization was folded in place (set to the
 identity). `PASSES` removes them, well-kept optimizers first:
 
-1. ``onnxslim``: constant folding, dead nodes, Conv/ConvTranspose + BN, Mul
-   and Add fusion.
-2. ``onnxoptimizer`` (``eliminate_nop_with_unit``, ``eliminate_identity``,
-   ``fuse_add_bias_into_conv``, ``fuse_bn_into_conv``): ``Mul`` by one and
-   ``Add`` of zero when they do not broadcast the other operand.
-3. `fuse_through_squeeze` (ours): the bias ``Add`` (and a per-channel
-   ``Mul``) after the ``Squeeze`` of a 1-D convolution, which neither library
-   matches.
-4. `fuse_matmul_add_into_gemm` (ours): ``MatMul`` + ``Add`` with a dynamic
-   batch dimension; onnxslim, onnxoptimizer and tf2onnx only fuse it when
+1. ``onnxslim``: constant folding, dead nodes, ``Mul`` by one and ``Add``
+   of zero, Conv/ConvTranspose + BatchNormalization, Mul and Add fusion.
+2. `fuse_through_squeeze` (ours): the bias ``Add`` (and a per-channel
+   ``Mul``) after the ``Squeeze`` of a 1-D convolution, which onnxslim and
+   onnxoptimizer do not match.
+3. `fuse_matmul_add_into_gemm` (ours): ``MatMul`` + ``Add`` with a dynamic
+   batch dimension; onnxslim, onnxoptimizer and tf2onnx fuse it only when
    every dimension is static.
+
+onnxoptimizer's ``eliminate_nop_with_unit``, ``fuse_add_bias_into_conv`` and
+``fuse_bn_into_conv`` find nothing onnxslim leaves, so it is not a dependency.
 
 Every pass takes and returns an `onnx.ModelProto` and changes nothing it
 cannot prove equal; `kerasbn.deploy.onnx.export_onnx` still runs ONNX
@@ -42,14 +42,6 @@ def slim(model: Any) -> Any:
     import onnxslim
 
     return onnxslim.slim(model)
-
-
-def eliminate_nops(model: Any) -> Any:
-    """onnxoptimizer's passes for identity arithmetic and the Conv bias/BN fusions it knows."""
-    import onnxoptimizer
-
-    passes = ["eliminate_nop_with_unit", "eliminate_identity", "fuse_add_bias_into_conv", "fuse_bn_into_conv"]
-    return onnxoptimizer.optimize(model, passes)
 
 
 def fuse_through_squeeze(model: Any) -> Any:
@@ -166,7 +158,6 @@ def fuse_matmul_add_into_gemm(model: Any) -> Any:
 
 PASSES: tuple[tuple[str, Pass], ...] = (
     ("onnxslim", slim),
-    ("onnxoptimizer", eliminate_nops),
     ("Conv → Squeeze → Mul/Add", fuse_through_squeeze),
     ("MatMul + Add → Gemm", fuse_matmul_add_into_gemm),
 )

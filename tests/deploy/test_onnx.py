@@ -370,3 +370,26 @@ def test_matmul_add_becomes_gemm_only_for_a_2d_input(shape, fused):
     after_model = onnx_passes.fuse_matmul_add_into_gemm(model)
     assert op_counts(after_model) == ({"Gemm": 1} if fused else {"Add": 1, "MatMul": 1})
     np.testing.assert_allclose(_run(after_model, x), before, rtol=0, atol=5 * EPS32 * np.abs(before).max())
+
+
+def test_mul_by_ones_and_add_of_zeros_are_removed_and_checked():
+    # What a BN folded in place (γ = 1, β = 0, μ = 0, σ² = 1 − ε) leaves where nothing can carry it.
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Mul", ["r", "ones"], ["m"]),
+            helper.make_node("Add", ["m", "zeros"], ["y"]),
+        ],
+        "identity_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(np.ones((1, 1, 4), np.float32), "ones"),
+            numpy_helper.from_array(np.zeros((4,), np.float32), "zeros"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    x = np.random.default_rng(4).normal(size=(3, 5, 4)).astype("float32")
+    optimized, changed = onnx_passes.run_passes(model, [x])
+    assert op_counts(optimized) == {"Relu": 1} and changed == ("onnxslim",)
+    np.testing.assert_array_equal(_run(optimized, x), np.maximum(x, 0))
