@@ -185,6 +185,33 @@ KERAS_HUB = {
             "last_layer_filter": 288,
         },
     ),
+    # Exact GELU (Erfc in TensorFlow) between BN layers; keras-hub's test config, BN instead of RMS norm.
+    "mobilenet_v5_gelu": (
+        "MobileNetV5Backbone",
+        {
+            "stackwise_block_types": [["er"], ["uir", "uir"]],
+            "stackwise_num_blocks": [1, 2],
+            "stackwise_num_filters": [[24], [48, 48]],
+            "stackwise_strides": [[2], [2, 1]],
+            "stackwise_act_layers": [["gelu"], ["gelu", "gelu"]],
+            "stackwise_exp_ratios": [[4.0], [6.0, 6.0]],
+            "stackwise_se_ratios": [[0.0], [0.0, 0.0]],
+            "stackwise_dw_kernel_sizes": [[0], [5, 5]],
+            "stackwise_dw_start_kernel_sizes": [[0], [0, 0]],
+            "stackwise_dw_end_kernel_sizes": [[0], [0, 0]],
+            "stackwise_exp_kernel_sizes": [[3], [0, 0]],
+            "stackwise_pw_kernel_sizes": [[1], [0, 0]],
+            "stackwise_num_heads": [[0], [0, 0]],
+            "stackwise_key_dims": [[0], [0, 0]],
+            "stackwise_value_dims": [[0], [0, 0]],
+            "stackwise_kv_strides": [[0], [0, 0]],
+            "stackwise_use_cpe": [[False], [False, False]],
+            "image_shape": (32, 32, 3),
+            "stem_size": 16,
+            "use_msfa": False,
+            "norm_layer": "batch_norm",
+        },
+    ),
     "hgnetv2_light_blocks": (
         "HGNetV2Backbone",
         {
