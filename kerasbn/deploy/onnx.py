@@ -297,16 +297,18 @@ def _random_arrays(model: Any, batch_size: int, seed: int) -> list[Any]:
 
 @contextlib.contextmanager
 def _graph_mode_grouped_conv() -> Iterator[None]:
-    """While tracing, Keras's TensorFlow ``conv`` emits the plain ``Conv2D``/``Conv3D`` op for grouped kernels.
+    """While tracing, Keras's TensorFlow ``conv`` always emits the plain convolution op, grouped kernels too.
 
     Keras runs a grouped convolution (input channels ≠ the kernel's) and a
     channels_first Conv3D inside a ``tf.function(jit_compile=True)`` because
     TensorFlow's CPU *kernels* lack them; tf2onnx cannot convert that call
     ("No Op registered for StatefulPartitionedCall"). The graph op itself
     accepts a grouped kernel, and tf2onnx sets the ONNX ``Conv``'s ``group``
-    from the kernel's shape, so the traced graph only needs the plain op. It
-    is never run by TensorFlow here: ONNX Runtime checks the result. The
-    module attribute is restored afterwards (Keras looks it up at call time).
+    from the kernel's shape, so the traced graph only needs the plain op (the
+    one Keras emits for every other convolution). It is never run by
+    TensorFlow here: ONNX Runtime checks the result. The module attribute is
+    restored afterwards (Keras looks it up at call time); tracing another
+    model in another thread meanwhile would see the patch too.
     """
     import tensorflow as tf
     from keras.src import backend

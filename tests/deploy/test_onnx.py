@@ -103,6 +103,35 @@ def test_export_leaves_no_bn_or_bias_arithmetic(case, tmp_path):
     assert result.op_counts_unfolded is not None  # the "before fold" column of the table
 
 
+# The partners of a BN that the fold engine folds in place inside a custom layer.
+IN_PLACE = {
+    "conv1d": ((10, 3), lambda: L.Conv1D(4, 3, use_bias=False)),
+    "dense": ((5,), lambda: L.Dense(4, use_bias=False)),
+    "grouped_conv2d_depthwise": ((6, 6, 4), lambda: L.Conv2D(4, 3, groups=4, use_bias=False)),
+    "conv3dtranspose": ((4, 4, 4, 2), lambda: L.Conv3DTranspose(3, 2, use_bias=False)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epsilon", [1e-3, 1.001e-5])
+@pytest.mark.parametrize("partner", sorted(IN_PLACE))
+def test_a_bn_folded_in_place_leaves_no_arithmetic(partner, epsilon, tmp_path):
+    """γ = 1, μ = 0, σ² = 1 − ε is the identity scale; β carries the partner's new bias."""
+    shape, make = IN_PLACE[partner]
+    inputs = keras.Input(shape, name="x")
+    bn = BN(epsilon=epsilon)
+    model = keras.Model(inputs, L.ReLU()(bn(make()(inputs))))
+    channels = bn.gamma.shape
+    beta = np.random.default_rng(6).normal(0, 0.5, channels)
+    bn.set_weights([np.ones(channels), beta, np.zeros(channels), np.full(channels, 1 - epsilon)])
+
+    result = kerasbn.export_onnx(model, tmp_path / "m.onnx", fold=False)
+
+    assert result.verified
+    ops = op_counts(onnx.load(str(tmp_path / "m.onnx")))
+    assert not ARITHMETIC & set(ops), ops
+
+
 @pytest.mark.parametrize("groups", [2, 4])
 def test_grouped_convolution_is_one_onnx_conv_with_its_group(groups, tmp_path):
     # Keras runs these through an XLA-compiled function on CPU, which tf2onnx cannot convert.
