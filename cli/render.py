@@ -59,6 +59,8 @@ def print_export(settings: Any, result: Any, fmt: str) -> None:
         return
     out = console()
     out.print(result)
+    if result.passes:
+        out.print(f"Graph passes that changed it: {', '.join(result.passes)}")
     for check in result.checks:
         verdict = "ok" if check.passed else "FAILED"
         out.print(
