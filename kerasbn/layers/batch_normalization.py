@@ -6,8 +6,9 @@ import keras
 from keras import backend, constraints, initializers, ops, regularizers
 from keras.layers import InputSpec
 
+from kerasbn.ops import dispatch
 from kerasbn.ops.moments import moments, static_count
-from kerasbn.ops.normalize import normalize, tf_fused_available, tf_fused_inference, tf_fused_normalize
+from kerasbn.ops.normalize import normalize
 
 _RENORM_KEYS = ("rmax", "rmin", "dmax")
 
@@ -36,9 +37,10 @@ class BatchNormalization(keras.layers.Layer):
     This is a drop-in replacement for `keras.layers.BatchNormalization`: the
     constructor is a superset of Keras's, the weights have the same names and
     shapes, and ``unbiased=False`` reproduces Keras's statistics. The batch
-    statistics are computed around a sample of the data itself, so they stay
-    exact when the inputs carry a large constant offset, where
-    ``E[x²] − E[x]²`` in float32 fails.
+    statistics are computed in one pass around the mean of a small sample
+    of the data itself, so they are as accurate as a float32 two-pass
+    computation at any offset, including large constant offsets where
+    ``E[x²] − E[x]²`` in float32 fails (`kerasbn.ops.moments`).
 
     Note that the often-copied snippet ``(X − mean(X, axis=−1)) / (std +
     eps)`` normalizes each sample over its own features: that is layer
@@ -310,10 +312,10 @@ class BatchNormalization(keras.layers.Layer):
         # the fused kernel, which computes in float32 inside: no cast passes.
         dtype = backend.standardize_dtype(inputs.dtype)
         raw = inputs if dtype in ("float16", "bfloat16") and dtype == self.compute_dtype else x
-        if tf_fused_available(raw, self._axes, synchronized=False):
+        if dispatch.fused_available(raw, self._axes, synchronized=False):
             # One kernel instead of TensorFlow's three elementwise passes;
             # it subtracts the mean first, like the form below.
-            return tf_fused_inference(raw, self.moving_mean, self.moving_variance, gamma, beta, self.epsilon)
+            return dispatch.fused_inference(raw, self.moving_mean, self.moving_variance, gamma, beta, self.epsilon)
         a = ops.rsqrt(self._bcast(self.moving_variance, x.dtype) + self.epsilon)
         if gamma is not None:
             a = a * gamma
@@ -359,8 +361,8 @@ class BatchNormalization(keras.layers.Layer):
             # the backward pass is half the size of a float32 copy, and the
             # fused kernels read and write half precision themselves.
             raw = inputs if shape is None else x
-            if shape is None and tf_fused_available(raw, self._axes, self.synchronized):
-                y = tf_fused_normalize(raw, stats, gamma, beta, self.epsilon)
+            if shape is None and dispatch.fused_available(raw, self._axes, self.synchronized):
+                y = dispatch.fused_normalize(raw, stats, gamma, beta, self.epsilon)
             else:
                 y = normalize(raw, stats, gamma, beta, self.epsilon, axes, self.synchronized)
             self._update_moving_statistics(stats)

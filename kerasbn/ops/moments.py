@@ -1,31 +1,44 @@
-"""Batch statistics that stay exact when the data carry a large offset.
+"""Batch statistics of Algorithm 1, exact at any offset, in one pass.
 
 The naive ``E[x²] − E[x]²`` in float32 loses every significant digit of the
 variance once ``|mean| ≫ std`` (at an offset of 1e4 the square of the mean
 eats all 24 bits), and even a two-pass ``mean((x − mean)²)`` is only as good
 as the float32 mean, which is off by half an ulp of the offset. Both errors go
-away when the data are shifted by one of their own values first: ``x − x₀`` is
-exact in float32 for values within a factor of two of each other (Sterbenz),
-and the shifted sums are of the order of the spread, not of the offset
-(Chan, Golub & LeVeque 1983). Keeping the mean as the pair ``shift + delta``
-lets the layer normalize as ``((x − shift) − delta)·a + β`` without ever
-forming the rounded mean.
+away when the data are shifted by a value close to their mean first
+(Chan, Golub & LeVeque 1983): with a float32 shift within a factor of two of
+the data, ``d = x − shift`` is exact (Sterbenz), and
 
-What is left is the rounding of the sums themselves; `kerasbn.ops.reduce`
-arranges them per backend so that they stay exact to float32 rounding of the
-result (TensorFlow's own reductions are nearly sequential).
+    μ_B = shift + Σd/m,   σ²_B = Σd²/m − (Σd/m)²
+
+has only the rounding of the sums left, magnified by the condition number
+``1 + c²`` of the subtraction, ``c = (μ_B − shift)/σ_B``. A single data
+value as the shift can sit several σ away (c² ≈ 10); the shift here is the
+mean of a strided sample of `SAMPLE` values per feature, which puts it
+within about σ/8 of the batch mean (c² ≈ 0.02) for a negligible read.
+Keeping the mean as the pair ``shift + delta`` lets the layer normalize as
+``((x − shift) − delta)·a + β`` without ever forming the rounded mean.
+
+The sums are the backend's (`kerasbn.ops.dispatch.sums`), arranged so that
+they stay exact to float32 rounding of the result. Masked batches weight
+``d`` and the count; ghost batches are a leading kept axis; across
+`tf.distribute` replicas the shifted sums are combined around a common shift.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from keras import backend, ops
+from keras import ops
 
-from kerasbn.ops import distributed
-from kerasbn.ops.reduce import sums
+from kerasbn.ops import dispatch
+
+# Values per feature in the sample whose mean is the shift: the shift then
+# lies within about σ/8 of the batch mean for independent data, and 64
+# values per feature are a negligible read next to a batch.
+SAMPLE = 64
 
 
 @dataclass(frozen=True)
@@ -33,7 +46,7 @@ class Moments:
     """Per-feature batch statistics, broadcastable against the input.
 
     Attributes:
-        shift: One sample value per feature; ``mean = shift + delta``.
+        shift: A float32 estimate of the mean, per feature; ``mean = shift + delta``.
         delta: Mean of ``x − shift``.
         variance: The biased batch variance ``σ²_B`` (never negative).
         count: Number of values reduced per feature, ``m``.
@@ -45,7 +58,7 @@ class Moments:
     count: Any
 
     @property
-    def mean(self):
+    def mean(self) -> Any:
         return self.shift + self.delta
 
 
@@ -68,17 +81,11 @@ def _dynamic_count(x, axes: Sequence[int], dtype):
     return count
 
 
-# Values per feature in the sample whose mean is the shift: the shift then
-# lies within about σ/8 of the batch mean for independent data, and the
-# sample is a negligible read (64 values per feature) next to the batch.
-SAMPLE = 64
-
-
 def _sample(x, axes: Sequence[int]):
     """About `SAMPLE` values per feature, strided evenly over the reduced axes.
 
     Spread over the whole batch rather than taken from its first rows: the
-    borders of a feature map or the first sequence steps are often not
+    borders of a feature map or the first steps of a sequence are often not
     typical of the rest.
     """
     per_axis = max(2, math.ceil(SAMPLE ** (1.0 / max(len(axes), 1))))
@@ -102,8 +109,7 @@ def sample_mean(x, axes: Sequence[int], mask=None):
     averaged; where the sample keeps none, all of it is.
     """
     s = _sample(x, axes)
-    ndim = len(x.shape)
-    first = s[tuple(slice(0, 1) if a in axes else slice(None) for a in range(ndim))]
+    first = s[tuple(slice(0, 1) if a in axes else slice(None) for a in range(len(x.shape)))]
     d = s - first
     mean = ops.mean(d, axis=axes, keepdims=True)
     if mask is not None:
@@ -131,26 +137,18 @@ def moments(x, axes: Sequence[int], mask=None, synchronized: bool = False) -> Mo
         A `Moments` with every field shaped like ``x`` reduced with keepdims.
     """
     axes = tuple(axes)
-    shift = ops.stop_gradient(sample_mean(x, axes, mask))
-    if backend.backend() == "jax":
-        # XLA fuses the sample into each consumer, and a fusion that reads x
-        # through it cannot write its output over x. Where a loop carries x
-        # (`lax.fori_loop`, `scan`), ∂/∂x then takes a copy per step.
-        # Materializing the per-feature shift keeps the big fusions
-        # elementwise.
-        from jax import lax
-
-        shift = lax.optimization_barrier(shift)
+    shift = dispatch.materialize(ops.stop_gradient(sample_mean(x, axes, mask)))
     d = x - shift
-    if mask is None:
-        count = _dynamic_count(x, axes, "float64" if backend.backend() == "tensorflow" else x.dtype)
-    else:
+    if mask is not None:
         w = ops.cast(ops.broadcast_to(mask, ops.shape(x)), x.dtype)
         d = d * w
-        (count,) = sums([w], axes)
-    s1, s2 = sums([d, d * d], axes)
+        (count,) = dispatch.sums([w], axes)
+    s1, s2 = dispatch.sums([d, d * d], axes)
+    if mask is None:
+        # In the sums' dtype: TensorFlow adds the partial sums in float64.
+        count = _dynamic_count(x, axes, s1.dtype)
     if synchronized:
-        shift, s1, s2, count = distributed.all_reduce_moments(shift, s1, s2, count)
+        shift, s1, s2, count = dispatch.all_reduce_moments(shift, s1, s2, count)
     safe = ops.maximum(count, 1.0)
     delta = s1 / safe
     variance = ops.maximum(s2 / safe - delta * delta, 0.0)

@@ -1,4 +1,4 @@
-"""`kerasbn.ops.reduce.sums` against float64 NumPy in every execution mode.
+"""`kerasbn.ops.dispatch.sums` against float64 NumPy in every execution mode.
 
 The sums take a different route per backend, mode and layout (leading or
 inner blocks, one variadic reduction, float64 across blocks); each route must
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kerasbn.ops.reduce import sums
+from kerasbn.ops.dispatch import sums
 from tests.conftest import BACKEND, MODES
 
 CASES = {
