@@ -59,7 +59,14 @@ def _block_size(n: int | None) -> int | None:
     return None
 
 
-def blocked_sums(values: Sequence, axes: Sequence[int], leading: bool, variadic: Variadic | None, acc) -> list:
+def blocked_sums(
+    values: Sequence,
+    axes: Sequence[int],
+    leading: bool,
+    variadic: Variadic | None,
+    acc,
+    outer_sums: Variadic | None = None,
+) -> list:
     """``[Σ v over axes (keepdims) for v in values]`` in two levels.
 
     Args:
@@ -71,6 +78,8 @@ def blocked_sums(values: Sequence, axes: Sequence[int], leading: bool, variadic:
         variadic: Sums the first level of all values in one reduction, or
             None for one reduction per value.
         acc: The dtype the partial sums are added in.
+        outer_sums: Adds the partial sums over the remaining axes (all
+            values in one call); plain sums in ``acc`` if None.
     """
     x = values[0]
     m = math.prod(x.shape[a] or 0 for a in axes)
@@ -101,7 +110,9 @@ def blocked_sums(values: Sequence, axes: Sequence[int], leading: bool, variadic:
     else:
         partials = [ops.sum(v, axis=block, keepdims=True) for v in values]
     partials = [ops.cast(p, acc) for p in partials]
-    if outer:
+    if outer and outer_sums is not None:
+        partials = outer_sums(partials, outer)
+    elif outer:
         partials = [ops.sum(p, axis=outer, keepdims=True) for p in partials]
     return [ops.reshape(p, keep_shape) for p in partials]
 
