@@ -15,6 +15,7 @@ write dx — and 2 for inference), each costing half a copy. The small-CNN
 
     python benchmarks/layer.py                 # both backends, writes JSON and docs/benchmarks.md
     python benchmarks/layer.py --quick         # one shape, few repeats
+    python benchmarks/layer.py --quick --shape 256x1024 --no-fit   # another shape, training and inference
     KERAS_BACKEND=jax python benchmarks/layer.py --backend jax --json out.json --no-markdown
     python benchmarks/layer.py --render        # rebuild the Markdown from the JSON files
 
@@ -67,6 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["all", "tensorflow", "jax"], default="all")
     parser.add_argument("--quick", action="store_true", help="one shape in float32, few repeats")
+    parser.add_argument(
+        "--shape", action="append", default=None, help="only this shape, e.g. 256x1024 (repeatable; default: all)"
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="where to write the results")
     parser.add_argument("--no-markdown", action="store_true")
@@ -91,6 +95,7 @@ def main() -> None:
             out.parent.mkdir(exist_ok=True)
             cmd = [sys.executable, __file__, "--backend", name, "--mode", mode, "--json", str(out), "--no-markdown"]
             cmd += ["--quick"] * args.quick + ["--no-fit"] * (args.no_fit or not fit)
+            cmd += [f"--shape={shape}" for shape in args.shape or []]
             cmd += ["--repeats", str(args.repeats)] if args.repeats else []
             subprocess.run(cmd, check=True, env={**MALLOC_ENV, **os.environ, "KERAS_BACKEND": name})
             results.append(json.loads(out.read_text()))
@@ -103,7 +108,10 @@ def main() -> None:
         path = args.json or CPU_JSON
         path.write_text(json.dumps(merged, indent=1) + "\n")
     else:
-        result = run_backend(args.backend, args.quick, args.repeats, not args.no_fit, args.steps_per_call, args.mode)
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shape] if args.shape else None
+        result = run_backend(
+            args.backend, args.quick, args.repeats, not args.no_fit, args.steps_per_call, args.mode, shapes
+        )
         path = args.json or (CPU_JSON if result["machine"]["device"] == "cpu" else GPU_JSON)
         path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
@@ -151,7 +159,13 @@ def paired(num: list, den: list) -> float:
 
 
 def run_backend(
-    name: str, quick: bool, repeats: int | None, fit: bool, steps_per_call: int | None = None, only: str | None = None
+    name: str,
+    quick: bool,
+    repeats: int | None,
+    fit: bool,
+    steps_per_call: int | None = None,
+    only: str | None = None,
+    only_shapes: list[tuple[int, ...]] | None = None,
 ) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["KERAS_BACKEND"] = name
@@ -164,7 +178,7 @@ def run_backend(
         raise SystemExit(f"Keras was imported with the {keras.backend.backend()} backend, not {name}.")
     bench = TFBench() if name == "tensorflow" else JaxBench(steps_per_call)
     repeats = repeats or (5 if quick else 21)
-    shapes = SHAPES[:1] if quick else SHAPES
+    shapes = only_shapes or (SHAPES[:1] if quick else SHAPES)
     dtypes = DTYPES[:1] if quick else DTYPES
     rng = np.random.default_rng(0)
     runs = []

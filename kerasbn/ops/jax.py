@@ -61,6 +61,13 @@ def _partial_sums(partials: Sequence, axes: Sequence[int]) -> list:
 
 def _compensated_sums(values: Sequence, axis: int) -> list:
     """Keepdims sums over ``axis`` with a running error term per sum (TwoSum)."""
+    out = _compensated_sum(tuple(values), axis)
+    keep = [1 if a == axis else d for a, d in enumerate(values[0].shape)]
+    return [ops.reshape(o, keep) for o in out]
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _compensated_sum(values, axis):
     n = len(values)
 
     def add(a, b):
@@ -73,9 +80,15 @@ def _compensated_sums(values: Sequence, axis: int) -> list:
         return tuple(sums + errors)
 
     zeros = tuple(lax.full((), 0, v.dtype) for v in values)
-    out = lax.reduce(tuple(values) + tuple(lax.full_like(v, 0) for v in values), zeros + zeros, add, (axis,))
-    keep = [1 if a == axis else d for a, d in enumerate(values[0].shape)]
-    return [ops.reshape(s + e, keep) for s, e in zip(out[:n], out[n:], strict=True)]
+    out = lax.reduce(values + tuple(lax.full_like(v, 0) for v in values), zeros + zeros, add, (axis,))
+    return tuple(s + e for s, e in zip(out[:n], out[n:], strict=True))
+
+
+@_compensated_sum.defjvp
+def _compensated_sum_jvp(axis, primals, tangents):
+    # As for `_variadic_sum`: the sum is linear, its tangent a plain sum.
+    (values,), (dvalues,) = primals, tangents
+    return _compensated_sum(values, axis), tuple(lax.reduce_sum(d, (axis,)) for d in dvalues)
 
 
 def materialize(x):

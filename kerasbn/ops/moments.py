@@ -20,8 +20,10 @@ Keeping the mean as the pair ``shift + delta`` lets the layer normalize as
 
 The sums are the backend's (`kerasbn.ops.dispatch.sums`), arranged so that
 they stay exact to float32 rounding of the result. Masked batches weight
-``d`` and the count; ghost batches are a leading kept axis; across
-`tf.distribute` replicas the shifted sums are combined around a common shift.
+``d`` and the count, around the mean of the kept values (one more pass: a
+sample may hold only padding); ghost batches are a leading kept axis, each
+group with its own shift; across `tf.distribute` replicas the shifted sums
+are moved to a common shift and added (`all_reduce_moments`).
 """
 
 from __future__ import annotations
@@ -86,41 +88,52 @@ def _sample(x, axes: Sequence[int]):
 
     Spread over the whole batch rather than taken from its first rows: the
     borders of a feature map or the first steps of a sequence are often not
-    typical of the rest.
+    typical of the rest. The budget is shared out from the shortest axis up
+    (an axis of size 1 takes none of it); an axis of size n with k samples
+    has step n // k, so it gives between k and 2k − 1 values.
     """
-    per_axis = max(2, math.ceil(SAMPLE ** (1.0 / max(len(axes), 1))))
-    index = []
-    for a, n in enumerate(x.shape):
-        if a not in axes:
-            index.append(slice(None))
-        elif n is None:
-            index.append(slice(None, None, ops.maximum(ops.shape(x)[a] // per_axis, 1)))
+    shape = ops.shape(x)
+    order = sorted(axes, key=lambda a: math.inf if x.shape[a] is None else x.shape[a])
+    budget = float(SAMPLE)
+    steps = {}
+    for i, a in enumerate(order):
+        k = max(1, math.ceil(budget ** (1.0 / (len(order) - i))))
+        n = x.shape[a]
+        if n is None:
+            steps[a] = ops.maximum(shape[a] // k, 1)
         else:
-            index.append(slice(None, None, max(n // per_axis, 1)))
-    return x[tuple(index)]
+            k = min(k, n)
+            steps[a] = max(n // k, 1)
+        budget /= k
+    return x[tuple(slice(None, None, steps[a]) if a in steps else slice(None) for a in range(len(x.shape)))]
 
 
-def sample_mean(x, axes: Sequence[int], mask=None):
+def sample_mean(x, axes: Sequence[int]):
     """A float32 estimate of the per-feature mean from a strided sample (see `SAMPLE`).
 
     Computed as ``s₀ + mean(s − s₀)`` around the sample's first value ``s₀``
     so that the estimate is good to rounding at the scale of the spread,
-    whatever the offset. With a mask the kept values of the sample are
-    averaged; where the sample keeps none, all of it is.
+    whatever the offset.
     """
     s = _sample(x, axes)
     first = s[tuple(slice(0, 1) if a in axes else slice(None) for a in range(len(x.shape)))]
-    d = s - first
-    mean = ops.mean(d, axis=axes, keepdims=True)
-    if mask is not None:
-        w = ops.cast(_sample(ops.broadcast_to(mask, ops.shape(x)), axes), s.dtype)
-        kept = ops.sum(w, axis=axes, keepdims=True)
-        weighted = ops.sum(d * w, axis=axes, keepdims=True) / ops.maximum(kept, 1.0)
-        mean = ops.where(kept > 0, weighted, mean)
+    mean = first + ops.mean(s - first, axis=axes, keepdims=True)
     # A strided slice with a step known only at run time loses the static
     # rank on TensorFlow; the keepdims shape is known but for a kept batch axis.
-    keep = [1 if a in axes else (-1 if n is None else n) for a, n in enumerate(x.shape)]
-    return ops.reshape(first + mean, keep)
+    return ops.reshape(mean, [1 if a in axes else (-1 if n is None else n) for a, n in enumerate(x.shape)])
+
+
+def _masked_mean(x, axes: Sequence[int], w):
+    """The mean of the kept values, around the sample mean; the sample mean where none is kept.
+
+    A strided sample of a masked batch may hold only padding, which can lie
+    far from the data (a shift there would cost every digit of the
+    variance): masked batches take this extra pass over the data instead.
+    """
+    guess = ops.stop_gradient(sample_mean(x, axes))
+    s1, count = dispatch.sums([(x - guess) * w, w], axes)
+    delta = ops.cast(s1 / ops.maximum(count, 1.0), x.dtype)
+    return guess + ops.where(count > 0, delta, ops.zeros_like(delta))
 
 
 def moments(x, axes: Sequence[int], mask=None, synchronized: bool = False) -> Moments:
@@ -137,10 +150,14 @@ def moments(x, axes: Sequence[int], mask=None, synchronized: bool = False) -> Mo
         A `Moments` with every field shaped like ``x`` reduced with keepdims.
     """
     axes = tuple(axes)
-    shift = dispatch.materialize(ops.stop_gradient(sample_mean(x, axes, mask)))
+    if mask is None:
+        shift = sample_mean(x, axes)
+    else:
+        w = ops.cast(ops.broadcast_to(mask, ops.shape(x)), x.dtype)
+        shift = _masked_mean(x, axes, w)
+    shift = dispatch.materialize(ops.stop_gradient(shift))
     d = x - shift
     if mask is not None:
-        w = ops.cast(ops.broadcast_to(mask, ops.shape(x)), x.dtype)
         d = d * w
         (count,) = dispatch.sums([w], axes)
     s1, s2 = dispatch.sums([d, d * d], axes)

@@ -20,7 +20,8 @@ from keras import ops
 # The most values a float32 partial sum accumulates: short enough that the
 # partial sums of squares are exact to ~1e-7.
 BLOCK = 32
-# Up to this many values per feature a single reduction is used.
+# Up to this many values per feature a single reduction is used, where the
+# backend's reduction of that many is exact enough (see `blocked_sums`).
 SMALL = 1024
 # Consecutive positions per partial sum of the gradient (see `inner_block_sums`).
 INNER = 8
@@ -66,6 +67,7 @@ def blocked_sums(
     variadic: Variadic | None,
     acc,
     outer_sums: Variadic | None = None,
+    small: int = SMALL,
 ) -> list:
     """``[Σ v over axes (keepdims) for v in values]`` in two levels.
 
@@ -80,12 +82,13 @@ def blocked_sums(
         acc: The dtype the partial sums are added in.
         outer_sums: Adds the partial sums over the remaining axes (all
             values in one call); plain sums in ``acc`` if None.
+        small: Up to this many values per feature, one plain reduction.
     """
     x = values[0]
     m = math.prod(x.shape[a] or 0 for a in axes)
-    if 0 < m <= SMALL:
-        # Few values per feature: one float32 reduction is exact enough
-        # (~1e-6 at m = 256) and its fixed cost is what counts.
+    if 0 < m <= small:
+        # Few values per feature: one float32 reduction is exact enough and
+        # its fixed cost is what counts.
         return [ops.cast(ops.sum(v, axis=axes, keepdims=True), acc) for v in values]
     keep_shape = keepdims_shape(x, [1 if a in axes else d for a, d in enumerate(x.shape)])
     block = _block_axes(x.shape, axes, leading=leading)
