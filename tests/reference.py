@@ -32,7 +32,7 @@ def algorithm1(x, feature_axes, gamma=None, beta=None, eps=1e-3, mask=None):
 def broadcast(v, ndim, feature_axes):
     features = sorted({a % ndim for a in np.atleast_1d(feature_axes)})
     shape = [1] * ndim
-    for a, d in zip(features, np.shape(v)):
+    for a, d in zip(features, np.shape(v), strict=False):
         shape[a] = d
     return np.reshape(np.asarray(v, np.float64), shape)
 

@@ -55,7 +55,7 @@ def test_sums_match_float64(case, mode, exact, rng):
     d = rng.normal(1.0, 2.0, size=shape).astype("float32")
     values = [dy, dy * d]
     got = run_sums(values, axes, exact, mode)
-    for v, g in zip(values, got):
+    for v, g in zip(values, got, strict=True):
         want = v.astype(np.float64).sum(axis=axes, keepdims=True)
         scale = np.abs(v.astype(np.float64)).sum(axis=axes, keepdims=True)
         assert g.shape == want.shape
