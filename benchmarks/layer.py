@@ -76,10 +76,18 @@ def main() -> None:
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--no-fit", action="store_true", help="skip the model.fit epoch-time comparison")
     parser.add_argument("--render", action="store_true", help="only rebuild the Markdown from the JSON files")
-    parser.add_argument("--mode", choices=["graph", "xla", "jit"], default=None,
-                        help="only this execution mode (default: all of the backend's)")
-    parser.add_argument("--steps-per-call", type=int, default=None,
-                        help="JAX: steps per timed call (default 1 on CPU, %d on accelerators)" % JaxBench.LOOP)
+    parser.add_argument(
+        "--mode",
+        choices=["graph", "xla", "jit"],
+        default=None,
+        help="only this execution mode (default: all of the backend's)",
+    )
+    parser.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=None,
+        help=f"JAX: steps per timed call (default 1 on CPU, {JaxBench.LOOP} on accelerators)",
+    )
     args = parser.parse_args()
     if args.render:
         write_markdown()
@@ -155,7 +163,7 @@ def paired(num: list, den: list) -> float:
     taken in the same repeat see the same load, so their ratio is steadier
     than a ratio of medians.
     """
-    return statistics.median(a / b for a, b in zip(num, den))
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
 def run_backend(
@@ -170,7 +178,6 @@ def run_backend(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["KERAS_BACKEND"] = name
     sys.path.insert(0, str(ROOT))
-    import kerasbn  # noqa: F401  (quiet TensorFlow start-up)
     import keras
     import numpy as np
 
@@ -199,15 +206,27 @@ def run_backend(
                         t = statistics.median(ts)
                         to_keras = paired(ts, samples[f"keras/{op}"])
                         to_copy = paired(ts, copy)
-                        runs.append({
-                            "backend": name, "mode": mode, "shape": list(shape), "dtype": dtype, "op": op,
-                            "impl": impl, "ms": t * 1e3, "copy_ms": statistics.median(copy) * 1e3,
-                            "ratio_to_keras": to_keras, "bound_fraction": passes / 2 / to_copy,
-                            "ratio_to_copy": to_copy,
-                        })
-                        print(f"{name:10s} {mode:5s} {str(shape):18s} {dtype:8s} {op:5s} {impl:8s} "
-                              f"{t * 1e3:8.3f} ms  ×Keras {to_keras:5.2f}  ×copy {to_copy:5.2f}  "
-                              f"bound {passes / 2 / to_copy:5.1%}", flush=True)
+                        runs.append(
+                            {
+                                "backend": name,
+                                "mode": mode,
+                                "shape": list(shape),
+                                "dtype": dtype,
+                                "op": op,
+                                "impl": impl,
+                                "ms": t * 1e3,
+                                "copy_ms": statistics.median(copy) * 1e3,
+                                "ratio_to_keras": to_keras,
+                                "bound_fraction": passes / 2 / to_copy,
+                                "ratio_to_copy": to_copy,
+                            }
+                        )
+                        print(
+                            f"{name:10s} {mode:5s} {str(shape):18s} {dtype:8s} {op:5s} {impl:8s} "
+                            f"{t * 1e3:8.3f} ms  ×Keras {to_keras:5.2f}  ×copy {to_copy:5.2f}  "
+                            f"bound {passes / 2 / to_copy:5.1%}",
+                            flush=True,
+                        )
     fits = bench.fit_ratio(quick) if fit else []
     return {"machine": bench.machine(), "runs": runs, "fit": fits, "quick": quick}
 
@@ -234,8 +253,14 @@ class TFBench:
         self.tf = tf
 
     def machine(self) -> dict:
-        return {"device": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), "tensorflow": self.tf.__version__,
-                "keras": _keras_version(), "python": platform.python_version()}
+        return {
+            "device": "cpu",
+            "name": _cpu_name(),
+            "cores": os.cpu_count(),
+            "tensorflow": self.tf.__version__,
+            "keras": _keras_version(),
+            "python": platform.python_version(),
+        }
 
     def steps(self, x32, dy32, dtype, mode) -> dict:
         import keras
@@ -328,8 +353,12 @@ class JaxBench:
 
     def machine(self) -> dict:
         dev = self.jax.devices()[0]
-        info = {"jax": self.jax.__version__, "keras": _keras_version(), "python": platform.python_version(),
-                "steps_per_call": self.loop}
+        info = {
+            "jax": self.jax.__version__,
+            "keras": _keras_version(),
+            "python": platform.python_version(),
+            "steps_per_call": self.loop,
+        }
         if dev.platform == "cpu":
             return {"device": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), **info}
         return {"device": dev.platform, "name": dev.device_kind, **info}
@@ -374,7 +403,7 @@ class JaxBench:
             def train(tv, ntv, t, g, train_step=train_step):
                 def body(t, y, ntv, acc):
                     y, dx, dtv, new_ntv = train_step(tv, ntv, t, g)
-                    return dx, y, new_ntv, [a + d for a, d in zip(acc, dtv)]
+                    return dx, y, new_ntv, [a + d for a, d in zip(acc, dtv, strict=True)]
 
                 return repeat(body, (t, jnp.zeros_like(t), ntv, [jnp.zeros_like(v) for v in tv]))
 
@@ -410,15 +439,25 @@ def _fit_ratio(backend: str, quick: bool) -> dict:
     models = {}
     for name, bn in (("kerasbn", kerasbn.BatchNormalization), ("keras", keras.layers.BatchNormalization)):
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([
-            keras.Input((32, 32, 3)),
-            keras.layers.Conv2D(32, 3, padding="same", use_bias=False), bn(), keras.layers.ReLU(),
-            keras.layers.Conv2D(64, 3, padding="same", use_bias=False, strides=2), bn(), keras.layers.ReLU(),
-            keras.layers.Conv2D(64, 3, padding="same", use_bias=False), bn(), keras.layers.ReLU(),
-            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10),
-        ])
-        model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      jit_compile=True)
+        model = keras.Sequential(
+            [
+                keras.Input((32, 32, 3)),
+                keras.layers.Conv2D(32, 3, padding="same", use_bias=False),
+                bn(),
+                keras.layers.ReLU(),
+                keras.layers.Conv2D(64, 3, padding="same", use_bias=False, strides=2),
+                bn(),
+                keras.layers.ReLU(),
+                keras.layers.Conv2D(64, 3, padding="same", use_bias=False),
+                bn(),
+                keras.layers.ReLU(),
+                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Dense(10),
+            ]
+        )
+        model.compile(
+            optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True
+        )
         models[name] = model
     epoch_times: dict = {name: [] for name in models}
     for _ in range(epochs + 1):
@@ -430,8 +469,14 @@ def _fit_ratio(backend: str, quick: bool) -> dict:
     for name, t in times.items():
         print(f"{backend:10s} fit epoch {name:8s} {t * 1e3:8.1f} ms", flush=True)
     ratio = paired(epoch_times["kerasbn"][1:], epoch_times["keras"][1:])
-    return {"backend": backend, "samples": n, "batch_size": 64, "kerasbn_ms": times["kerasbn"] * 1e3,
-            "keras_ms": times["keras"] * 1e3, "ratio": ratio}
+    return {
+        "backend": backend,
+        "samples": n,
+        "batch_size": 64,
+        "kerasbn_ms": times["kerasbn"] * 1e3,
+        "keras_ms": times["keras"] * 1e3,
+        "ratio": ratio,
+    }
 
 
 def _cpu_name() -> str:
@@ -463,8 +508,16 @@ def _table(result: dict, gpu: bool) -> list[str]:
         "copy ms | kerasbn ÷ copy | of bandwidth bound |",
         "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
-    keys = sorted({k[:5] for k in by}, key=lambda k: (k[0] != "tensorflow", k[1] != "graph", SHAPES.index(k[2])
-                                                    if k[2] in SHAPES else 9, k[3], k[4] != "train"))
+    keys = sorted(
+        {k[:5] for k in by},
+        key=lambda k: (
+            k[0] != "tensorflow",
+            k[1] != "graph",
+            SHAPES.index(k[2]) if k[2] in SHAPES else 9,
+            k[3],
+            k[4] != "train",
+        ),
+    )
     for key in keys:
         ours, theirs, fused = by.get(key + ("kerasbn",)), by.get(key + ("keras",)), by.get(key + ("tf_fused",))
         if ours is None or theirs is None:
@@ -494,18 +547,26 @@ def _machine_line(machine: dict) -> str:
         what = f"GPU: {machine['name']}"
     versions = ", ".join(f"{k} {machine[k]}" for k in ("tensorflow", "jax", "keras", "python") if k in machine)
     loop = machine.get("steps_per_call", 1)
-    timing = (f" JAX times are per step of {loop} run back to back in one jitted `fori_loop` (one dispatch), "
-              "each step's ∂/∂x feeding the next." if loop > 1 else "")
+    timing = (
+        f" JAX times are per step of {loop} run back to back in one jitted `fori_loop` (one dispatch), "
+        "each step's ∂/∂x feeding the next."
+        if loop > 1
+        else ""
+    )
     return f"{what} ({versions}).{timing}"
 
 
 def _fit_lines(result: dict) -> list[str]:
     if not result.get("fit"):
         return []
-    lines = ["", "Small CNN (3 × Conv–BN–ReLU, 32×32×3 inputs, batch 64), `model.fit(jit_compile=True)`, "
-             "median epoch time after a compiling epoch (ratio: median of the per-epoch ratios):", "",
-             "| backend | samples | kerasbn ms/epoch | Keras ms/epoch | kerasbn ÷ Keras |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "",
+        "Small CNN (3 × Conv–BN–ReLU, 32×32×3 inputs, batch 64), `model.fit(jit_compile=True)`, "
+        "median epoch time after a compiling epoch (ratio: median of the per-epoch ratios):",
+        "",
+        "| backend | samples | kerasbn ms/epoch | Keras ms/epoch | kerasbn ÷ Keras |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for f in result["fit"]:
         lines.append(
             f"| {f['backend']} | {f['samples']} | {f['kerasbn_ms']:.0f} | {f['keras_ms']:.0f} | {f['ratio']:.2f} |"
@@ -518,7 +579,8 @@ def write_markdown() -> None:
         "## Layer",
         "",
         "Written by `benchmarks/layer.py` (`make bench`); raw figures in `docs/layer-benchmarks.json`"
-        + (" and `docs/layer-benchmarks-gpu.json`" if GPU_JSON.exists() else "") + ".",
+        + (" and `docs/layer-benchmarks-gpu.json`" if GPU_JSON.exists() else "")
+        + ".",
         "Training step = forward and backward to x, γ, β for a given upstream gradient, moving statistics "
         "updated; times are medians of interleaved repeats after warm-up, ratios the medians of the "
         "per-repeat ratios (a shared machine's load slows both layers of a repeat alike). "
@@ -539,8 +601,13 @@ def write_markdown() -> None:
         if not path.exists():
             continue
         result = json.loads(path.read_text())
-        body += ["", f"### {'GPU' if gpu else 'CPU'}", "", _machine_line(result["machine"])
-                 + (" Quick run (`--quick`)." if result.get("quick") else ""), ""]
+        body += [
+            "",
+            f"### {'GPU' if gpu else 'CPU'}",
+            "",
+            _machine_line(result["machine"]) + (" Quick run (`--quick`)." if result.get("quick") else ""),
+            "",
+        ]
         body += _table(result, gpu) + _fit_lines(result)
     section = "\n".join(body) + "\n"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"

@@ -176,9 +176,7 @@ class BatchNormalization(keras.layers.Layer):
         if virtual_batch_size is not None:
             virtual_batch_size = int(virtual_batch_size)
             if virtual_batch_size < 1:
-                raise ValueError(
-                    f"`virtual_batch_size` must be a positive integer. Received: {virtual_batch_size}"
-                )
+                raise ValueError(f"`virtual_batch_size` must be a positive integer. Received: {virtual_batch_size}")
         self.virtual_batch_size = virtual_batch_size
         if self.renorm and self.momentum is None:
             raise ValueError("`renorm=True` needs a float `momentum`; the cumulative average is not defined for it.")
@@ -201,9 +199,7 @@ class BatchNormalization(keras.layers.Layer):
         if len(self._axes) != len(axes):
             raise ValueError(f"`axis` names the same axis twice: {self.axis}.")
         if any(input_shape[a] is None for a in self._axes):
-            raise ValueError(
-                f"The feature axes {self._axes} of input shape {tuple(input_shape)} must be known."
-            )
+            raise ValueError(f"The feature axes {self._axes} of input shape {tuple(input_shape)} must be known.")
         if self.virtual_batch_size is not None:
             if 0 in self._axes:
                 raise ValueError("`virtual_batch_size` needs the batch axis 0 to be reduced, not a feature axis.")
@@ -217,7 +213,9 @@ class BatchNormalization(keras.layers.Layer):
         self._broadcast_shape = tuple(input_shape[a] if a in self._axes else 1 for a in range(ndim))
 
         if self.scale:
-            self.gamma = self._param("gamma", self.gamma_initializer, True, self.gamma_regularizer, self.gamma_constraint)
+            self.gamma = self._param(
+                "gamma", self.gamma_initializer, True, self.gamma_regularizer, self.gamma_constraint
+            )
         if self.center:
             self.beta = self._param("beta", self.beta_initializer, True, self.beta_regularizer, self.beta_constraint)
         self.moving_mean = self._param("moving_mean", self.moving_mean_initializer, False)
@@ -323,8 +321,8 @@ class BatchNormalization(keras.layers.Layer):
         if raw is not x:
             # Half-precision data: x·a + (β − E[x]·a). The product rounds at
             # 2⁻²⁴ of the offset, far below the data's own spacing (2⁻⁸ of it
-            # in bfloat16), and one vector fewer per element keeps XLA:CPU's
-            # loop at 1.1× a copy instead of 1.2×.
+            # in bfloat16), and one per-feature vector fewer per element keeps
+            # XLA:CPU's loop closer to a copy.
             b = -mean * a if beta is None else beta - mean * a
             return x * a + b
         # (x − E[x])·a + β rather than x·a + b: with |E[x]| ≫ std the product

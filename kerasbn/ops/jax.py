@@ -113,7 +113,7 @@ def variadic_sums(values: Sequence, axes: Sequence[int]) -> list:
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _variadic_sum(values, axes):
     zeros = tuple(lax.full((), 0, v.dtype) for v in values)
-    return lax.reduce(values, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), axes)
+    return lax.reduce(values, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), axes)
 
 
 @_variadic_sum.defjvp

@@ -85,5 +85,5 @@ def normalize(x, stats: Moments, gamma, beta, epsilon: float, axes: Sequence[int
 
 def _reduce_to(grad, like):
     """Sum ``grad`` over the axes that ``like`` broadcasts (ghost batches' groups)."""
-    extra = [i for i, (n, k) in enumerate(zip(like.shape, grad.shape)) if n == 1 and k != 1]
+    extra = [i for i, (n, k) in enumerate(zip(like.shape, grad.shape, strict=True)) if n == 1 and k != 1]
     return ops.sum(grad, axis=extra, keepdims=True) if extra else grad

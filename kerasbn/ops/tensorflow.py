@@ -78,7 +78,7 @@ def variadic_sums(values: Sequence, axes: Sequence[int]) -> list:
         n = len(values)
 
         def add(*args):
-            return [a + b for a, b in zip(args[:n], args[n:])]
+            return [a + b for a, b in zip(args[:n], args[n:], strict=True)]
 
         zero = tf.TensorSpec([], dtype)
         _REDUCERS[key] = tf.function(add).get_concrete_function(*[zero] * (2 * n))
