@@ -18,6 +18,7 @@ write dx — and 2 for inference), each costing half a copy. The small-CNN
     python benchmarks/layer.py --quick --shape 256x1024 --no-fit   # another shape, training and inference
     KERAS_BACKEND=jax python benchmarks/layer.py --backend jax --json out.json --no-markdown
     python benchmarks/layer.py --render        # rebuild the Markdown from the JSON files
+    python benchmarks/layer.py --quick --baseline ../base --baseline-label "before #12"   # before/after ratios
 
 The Markdown goes under the `## Layer` heading of docs/benchmarks.md; other
 sections of that file are left as they are.
@@ -40,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 CPU_JSON = ROOT / "docs" / "layer-benchmarks.json"
 GPU_JSON = ROOT / "docs" / "layer-benchmarks-gpu.json"
+BEFORE_AFTER_JSON = ROOT / "docs" / "layer-benchmarks-before-after.json"
+# The processes of a full CPU run: (backend, mode, with the model.fit comparison).
+PROCESSES = (("tensorflow", "graph", False), ("tensorflow", "xla", True), ("jax", "jit", True))
 SHAPES = [(32, 56, 56, 64), (256, 1024), (8, 28, 28, 256)]
 DTYPES = ["float32", "bfloat16"]
 TRAIN_PASSES = 8
@@ -88,9 +92,23 @@ def main() -> None:
         default=None,
         help=f"JAX: steps per timed call (default 1 on CPU, {JaxBench.LOOP} on accelerators)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="source tree of an earlier kerasbn: time it and this one in alternating processes, "
+        f"training-step ratios to {BEFORE_AFTER_JSON.relative_to(ROOT)}",
+    )
+    parser.add_argument("--baseline-label", default=None, help="what the baseline is, for the table")
+    parser.add_argument("--rounds", type=int, default=2, help="with --baseline: alternations of the two trees")
     args = parser.parse_args()
     if args.render:
         write_markdown()
+        return
+    if args.baseline:
+        compare(args)
+        if not args.no_markdown:
+            write_markdown()
         return
     if args.backend == "all":
         # One process per backend and mode: code run in one mode changes
@@ -98,7 +116,7 @@ def main() -> None:
         # (32, 56, 56, 64) took 10.5 or 16 ms after a TF graph run, 10.5 ms
         # always without one). The model.fit comparison compiles with XLA.
         results = []
-        for name, mode, fit in (("tensorflow", "graph", False), ("tensorflow", "xla", True), ("jax", "jit", True)):
+        for name, mode, fit in PROCESSES:
             out = ROOT / "build" / f"layer-{name}-{mode}.json"
             out.parent.mkdir(exist_ok=True)
             cmd = [sys.executable, __file__, "--backend", name, "--mode", mode, "--json", str(out), "--no-markdown"]
@@ -125,6 +143,53 @@ def main() -> None:
     print(f"wrote {path}")
     if not args.no_markdown:
         write_markdown()
+
+
+def compare(args) -> None:
+    """Training-step ratios (kerasbn ÷ Keras) of a baseline source tree and of this one.
+
+    Each backend and mode runs in its own process, the two trees in turn for
+    `--rounds` rounds, with the same options; a row's ratio is the median
+    over the rounds of each process's median of per-repeat ratios.
+    """
+    files: dict = {"before": [], "after": []}
+    for round_ in range(args.rounds):
+        for side, source in (("before", args.baseline.resolve()), ("after", ROOT)):
+            for name, mode, _ in PROCESSES:
+                out = ROOT / "build" / f"compare-{side}-{name}-{mode}-{round_}.json"
+                out.parent.mkdir(exist_ok=True)
+                cmd = [sys.executable, __file__, "--backend", name, "--mode", mode, "--json", str(out)]
+                cmd += ["--no-markdown", "--no-fit"] + ["--quick"] * args.quick
+                cmd += [f"--shape={shape}" for shape in args.shape or []]
+                cmd += ["--repeats", str(args.repeats)] if args.repeats else []
+                env = {**MALLOC_ENV, **os.environ, "KERAS_BACKEND": name, "KERASBN_SOURCE": str(source)}
+                subprocess.run(cmd, check=True, env=env)
+                files[side].append(out)
+    result = before_after(files, args.baseline_label or str(args.baseline), args.quick)
+    BEFORE_AFTER_JSON.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {BEFORE_AFTER_JSON}")
+
+
+def before_after(files: dict, label: str, quick: bool) -> dict:
+    """The training-step rows of the per-process JSON files of both trees (see `compare`)."""
+    rows: dict = {}
+    machine: dict = {}
+    for side, paths in files.items():
+        for path in paths:
+            result = json.loads(Path(path).read_text())
+            machine.update(result["machine"])
+            for r in result["runs"]:
+                if r["op"] == "train" and r["impl"] == "kerasbn":
+                    key = (r["backend"], r["mode"], tuple(r["shape"]), r["dtype"])
+                    rows.setdefault(key, {"before": [], "after": []})[side].append(r["ratio_to_keras"])
+    return {
+        "baseline": label,
+        "machine": machine,
+        "quick": quick,
+        "rows": [
+            {"backend": k[0], "mode": k[1], "shape": list(k[2]), "dtype": k[3], **v} for k, v in sorted(rows.items())
+        ],
+    }
 
 
 # --------------------------------------------------------------------------- timing
@@ -177,7 +242,8 @@ def run_backend(
 ) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["KERAS_BACKEND"] = name
-    sys.path.insert(0, str(ROOT))
+    # `compare` points this at a baseline source tree.
+    sys.path.insert(0, os.environ.get("KERASBN_SOURCE", str(ROOT)))
     import keras
     import numpy as np
 
@@ -574,6 +640,34 @@ def _fit_lines(result: dict) -> list[str]:
     return lines
 
 
+def _before_after_lines() -> list[str]:
+    if not BEFORE_AFTER_JSON.exists():
+        return []
+    result = json.loads(BEFORE_AFTER_JSON.read_text())
+    rounds = max(len(r["after"]) for r in result["rows"])
+    lines = [
+        "",
+        f"### Before/after: {result['baseline']}",
+        "",
+        f"{_machine_line(result['machine'])} Training step, kerasbn ÷ Keras in the same process; the two source "
+        f"trees ran in alternating processes, {rounds} rounds"
+        + (", `--quick` (11 repeats)" if result.get("quick") else "")
+        + "; a ratio is the median over the rounds; change = after ÷ before − 1 (≤ +5 % allowed). Command: "
+        "`python benchmarks/layer.py --quick --shape … --baseline DIR --baseline-label …`.",
+        "",
+        "| backend | mode | shape | dtype | before | after | change | rounds (before; after) |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in result["rows"]:
+        before, after = statistics.median(r["before"]), statistics.median(r["after"])
+        each = f"{', '.join(f'{v:.2f}' for v in r['before'])}; {', '.join(f'{v:.2f}' for v in r['after'])}"
+        lines.append(
+            f"| {r['backend']} | {r['mode']} | {'×'.join(map(str, r['shape']))} | {r['dtype']} | {before:.2f} | "
+            f"{after:.2f} | {after / before - 1:+.1%} | {each} |"
+        )
+    return lines
+
+
 def write_markdown() -> None:
     body = [
         "## Layer",
@@ -609,6 +703,7 @@ def write_markdown() -> None:
             "",
         ]
         body += _table(result, gpu) + _fit_lines(result)
+    body += _before_after_lines()
     section = "\n".join(body) + "\n"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     start = text.find("\n## Layer\n")
