@@ -39,7 +39,7 @@ from kerasbn.ops import dispatch
 
 # Values per feature in the sample whose mean is the shift: the shift then
 # lies within about σ/8 of the batch mean for independent data, and 64
-# values per feature are a negligible read next to a batch.
+# values per feature are a small read next to a batch.
 SAMPLE = 64
 
 
@@ -84,28 +84,34 @@ def _dynamic_count(x, axes: Sequence[int], dtype):
 
 
 def _sample(x, axes: Sequence[int]):
-    """About `SAMPLE` values per feature, strided evenly over the reduced axes.
+    """About `SAMPLE` values per feature from across the reduced axes.
 
-    Spread over the whole batch rather than taken from its first rows: the
-    borders of a feature map or the first steps of a sequence are often not
-    typical of the rest. The budget is shared out from the shortest axis up
-    (an axis of size 1 takes none of it); an axis of size n with k samples
-    has step n // k, so it gives between k and 2k − 1 values.
+    The outermost reduced axis (the batch, whose order carries nothing in
+    training) gives its first rows, a contiguous read; every other reduced
+    axis is strided from end to end, since the borders of a feature map or
+    the first steps of a sequence are often not typical of the rest (and a
+    strided read of the whole batch is a slow copy in a TensorFlow graph).
+    The budget is shared out from the shortest axis up (an axis of size 1
+    takes none of it); a strided axis of size n with k samples has step
+    n // k, so it gives between k and 2k − 1 values.
     """
     shape = ops.shape(x)
+    outermost = min(axes)
     order = sorted(axes, key=lambda a: math.inf if x.shape[a] is None else x.shape[a])
     budget = float(SAMPLE)
-    steps = {}
+    index = [slice(None)] * len(x.shape)
     for i, a in enumerate(order):
         k = max(1, math.ceil(budget ** (1.0 / (len(order) - i))))
         n = x.shape[a]
-        if n is None:
-            steps[a] = ops.maximum(shape[a] // k, 1)
+        k = k if n is None else min(k, n)
+        if a == outermost:
+            index[a] = slice(0, k)
+        elif n is None:
+            index[a] = slice(None, None, ops.maximum(shape[a] // k, 1))
         else:
-            k = min(k, n)
-            steps[a] = max(n // k, 1)
+            index[a] = slice(None, None, max(n // k, 1))
         budget /= k
-    return x[tuple(slice(None, None, steps[a]) if a in steps else slice(None) for a in range(len(x.shape)))]
+    return x[tuple(index)]
 
 
 def sample_mean(x, axes: Sequence[int]):
