@@ -92,5 +92,10 @@ def variance_tolerance(mu, var, shift=None):
     the bound is ``VARIANCE_UNITS·u·κ`` (κ = 1 for a two-pass computation or
     an unknown shift close to the mean).
     """
-    kappa = 1.0 if shift is None else 1.0 + (np.asarray(mu, np.float64) - shift) ** 2 / np.asarray(var, np.float64)
+    var = np.asarray(var, np.float64)
+    if shift is None:
+        return VARIANCE_UNITS * UNIT * np.ones_like(var)
+    offset2 = (np.asarray(mu, np.float64) - shift) ** 2
+    # A constant feature (σ = 0) has no relative error to bound: κ = 1 there.
+    kappa = 1.0 + np.divide(offset2, var, out=np.zeros_like(offset2 * var), where=var > 0)
     return VARIANCE_UNITS * UNIT * kappa
