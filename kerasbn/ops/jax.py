@@ -4,8 +4,10 @@ On accelerators XLA fuses sibling reductions and their producers into one
 pass by itself, so plain sums are right there. On CPU, XLA hands plain sums
 to YNNPACK, which cannot fuse their producers, so each sum re-reads a
 materialized input: the statistics' Σd and Σd² share one variadic reduction
-over leading blocks instead (one read of the data), and the gradient's Σdy
-and Σdy·d run over short inner blocks first (`kerasbn.ops.reduce`).
+over leading blocks instead (one read of the data), whose partial sums are
+then added with compensation (JAX has no float64 by default), and the
+gradient's Σdy and Σdy·d run over short inner blocks first
+(`kerasbn.ops.reduce`).
 
 `keras.distribution` compiles one SPMD program over the global batch: the
 reductions are already global and XLA inserts the all-reduce itself, so the

@@ -13,8 +13,9 @@ the data, ``d = x − shift`` is exact (Sterbenz), and
 has only the rounding of the sums left, magnified by the condition number
 ``1 + c²`` of the subtraction, ``c = (μ_B − shift)/σ_B``. A single data
 value as the shift can sit several σ away (c² ≈ 10); the shift here is the
-mean of a strided sample of `SAMPLE` values per feature, which puts it
-within about σ/8 of the batch mean (c² ≈ 0.02) for a negligible read.
+mean of a sample of `SAMPLE` values per feature spread over the batch,
+which puts it within about σ/8 of the batch mean (c² ≈ 0.02) for a small
+read: the rounding of a float32 two-pass computation, in one pass.
 Keeping the mean as the pair ``shift + delta`` lets the layer normalize as
 ``((x − shift) − delta)·a + β`` without ever forming the rounded mean.
 
