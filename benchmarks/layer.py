@@ -101,6 +101,7 @@ def main() -> None:
     )
     parser.add_argument("--baseline-label", default=None, help="what the baseline is, for the table")
     parser.add_argument("--rounds", type=int, default=2, help="with --baseline: alternations of the two trees")
+    parser.add_argument("--append", action="store_true", help="with --baseline: add rounds to the existing table")
     args = parser.parse_args()
     if args.render:
         write_markdown()
@@ -153,7 +154,9 @@ def compare(args) -> None:
     over the rounds of each process's median of per-repeat ratios.
     """
     files: dict = {"before": [], "after": []}
-    for round_ in range(args.rounds):
+    previous = json.loads(BEFORE_AFTER_JSON.read_text()) if args.append and BEFORE_AFTER_JSON.exists() else None
+    first = max(len(r["after"]) for r in previous["rows"]) if previous else 0
+    for round_ in range(first, first + args.rounds):
         for side, source in (("before", args.baseline.resolve()), ("after", ROOT)):
             for name, mode, _ in PROCESSES:
                 out = ROOT / "build" / f"compare-{side}-{name}-{mode}-{round_}.json"
@@ -166,6 +169,12 @@ def compare(args) -> None:
                 subprocess.run(cmd, check=True, env=env)
                 files[side].append(out)
     result = before_after(files, args.baseline_label or str(args.baseline), args.quick)
+    if previous:
+        earlier = {(r["backend"], r["mode"], tuple(r["shape"]), r["dtype"]): r for r in previous["rows"]}
+        for row in result["rows"]:
+            old = earlier.get((row["backend"], row["mode"], tuple(row["shape"]), row["dtype"]))
+            if old:
+                row["before"], row["after"] = old["before"] + row["before"], old["after"] + row["after"]
     BEFORE_AFTER_JSON.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {BEFORE_AFTER_JSON}")
 
@@ -640,6 +649,36 @@ def _fit_lines(result: dict) -> list[str]:
     return lines
 
 
+# Measurements behind the arrangements in kerasbn/ops, taken when each was
+# chosen (kerasbn 0.1.0; CPU: the machine of the tables above, 2 cores; GPU:
+# the H200). Kept here rather than in docstrings, where they would go stale.
+DESIGN_MEASUREMENTS = [
+    "TF-XLA, Σd and Σd² on (32, 56, 56, 64) float32: 12.0 ms as two blocked reductions, 5.6 ms as one variadic "
+    "reduction; in a TF graph 3.7 ms blocked against 6.1 ms plain; casting the data to float64 took 22–27 ms "
+    "(`ops/tensorflow.py`, `ops/reduce.py`).",
+    "JAX on CPU, Σd and Σd² on (32, 56, 56, 64): 0.7 ms as one variadic reduction over leading blocks against "
+    "2.3 ms as plain sums (a copy: 0.28 ms); on the H200 31 µs plain against 51 µs variadic (`ops/jax.py`).",
+    "The gradient's Σdy and Σdy·d over runs of 8 positions first, (32, 56, 56, 64): 1.6 against 2.1 ms in float32 "
+    "and 1.1 against 10.6 ms in bfloat16 under TF-XLA; 1.2 against 2.2 ms and 0.7 against 5.6 ms under JAX; the "
+    "JAX training step on (256, 1024) 0.16 against 0.21 ms; runs of 4 and 16 were slower on every shape tried "
+    "(`ops/reduce.py: inner_block_sums`).",
+    "Σdy·x̂ as (Σdy·d − δ·Σdy)·inv rather than Σdy·(d − δ)·inv: TF-XLA training step 7.2 against 10.4 ms on "
+    "(32, 56, 56, 64) (`ops/normalize.py`).",
+    "The shift behind `lax.optimization_barrier` on JAX: without it ∂/∂x took a copy per step of a loop, 5.9 of "
+    "the 51 µs of a bfloat16 (32, 56, 56, 64) training step on the H200 (`ops/jax.py: materialize`).",
+    "TF fused kernels: their own float32 statistics were 8e-5 off in y at 10⁵ values per feature (hence the "
+    "layer's statistics as their reserve space); half-precision data fed as they are: bfloat16 training step "
+    "7.4 against 11.1 ms; the data viewed as m images of one pixel: inference 1.2 against 1.9 ms as one image of "
+    "m pixels, on (32, 56, 56, 64) (`ops/tensorflow.py`).",
+    "Half-precision inference as x·a + (β − E[x]·a): XLA:CPU's loop at 1.1 × a copy against 1.2 × "
+    "(`layers/batch_normalization.py`).",
+]
+
+
+def _design_lines() -> list[str]:
+    return ["", "### Measurements behind the arrangements in kerasbn/ops", ""] + [f"- {m}" for m in DESIGN_MEASUREMENTS]
+
+
 def _before_after_lines() -> list[str]:
     if not BEFORE_AFTER_JSON.exists():
         return []
@@ -649,7 +688,8 @@ def _before_after_lines() -> list[str]:
         "",
         f"### Before/after: {result['baseline']}",
         "",
-        f"{_machine_line(result['machine'])} Training step, kerasbn ÷ Keras in the same process; the two source "
+        f"{_machine_line(result['machine'])} A run of its own, apart from the full tables above (which may "
+        "predate the after tree). Training step, kerasbn ÷ Keras in the same process; the two source "
         f"trees ran in alternating processes, {rounds} rounds"
         + (", `--quick` (11 repeats)" if result.get("quick") else "")
         + "; a ratio is the median over the rounds; change = after ÷ before − 1 (≤ +5 % allowed). Command: "
@@ -703,7 +743,7 @@ def write_markdown() -> None:
             "",
         ]
         body += _table(result, gpu) + _fit_lines(result)
-    body += _before_after_lines()
+    body += _before_after_lines() + _design_lines()
     section = "\n".join(body) + "\n"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     start = text.find("\n## Layer\n")
