@@ -15,7 +15,7 @@ export KERAS_BACKEND=jax PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu-info.txt"
 python3 -c "import jax, keras; print(jax.__version__, keras.__version__, jax.devices())" | tee -a "$OUT/gpu-info.txt"
 
-# Σd and Σd² two ways, to check the per-platform choice in kerasbn/ops/reduce.py:
+# Σd and Σd² two ways, to check the per-platform choice in kerasbn/ops/jax.py:
 # plain sums (XLA fuses the siblings) against one variadic reduction over
 # leading blocks (the CPU path).
 python3 - <<'EOF' 2>&1 | tee "$OUT/sums.txt"

@@ -15,8 +15,10 @@ write dx — and 2 for inference), each costing half a copy. The small-CNN
 
     python benchmarks/layer.py                 # both backends, writes JSON and docs/benchmarks.md
     python benchmarks/layer.py --quick         # one shape, few repeats
+    python benchmarks/layer.py --quick --shape 256x1024 --no-fit   # another shape, training and inference
     KERAS_BACKEND=jax python benchmarks/layer.py --backend jax --json out.json --no-markdown
     python benchmarks/layer.py --render        # rebuild the Markdown from the JSON files
+    python benchmarks/layer.py --quick --baseline ../base --baseline-label "before #12"   # before/after ratios
 
 The Markdown goes under the `## Layer` heading of docs/benchmarks.md; other
 sections of that file are left as they are.
@@ -39,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 CPU_JSON = ROOT / "docs" / "layer-benchmarks.json"
 GPU_JSON = ROOT / "docs" / "layer-benchmarks-gpu.json"
+BEFORE_AFTER_JSON = ROOT / "docs" / "layer-benchmarks-before-after.json"
+# The processes of a full CPU run: (backend, mode, with the model.fit comparison).
+PROCESSES = (("tensorflow", "graph", False), ("tensorflow", "xla", True), ("jax", "jit", True))
 SHAPES = [(32, 56, 56, 64), (256, 1024), (8, 28, 28, 256)]
 DTYPES = ["float32", "bfloat16"]
 TRAIN_PASSES = 8
@@ -67,18 +72,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["all", "tensorflow", "jax"], default="all")
     parser.add_argument("--quick", action="store_true", help="one shape in float32, few repeats")
+    parser.add_argument(
+        "--shape", action="append", default=None, help="only this shape, e.g. 256x1024 (repeatable; default: all)"
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="where to write the results")
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--no-fit", action="store_true", help="skip the model.fit epoch-time comparison")
     parser.add_argument("--render", action="store_true", help="only rebuild the Markdown from the JSON files")
-    parser.add_argument("--mode", choices=["graph", "xla", "jit"], default=None,
-                        help="only this execution mode (default: all of the backend's)")
-    parser.add_argument("--steps-per-call", type=int, default=None,
-                        help="JAX: steps per timed call (default 1 on CPU, %d on accelerators)" % JaxBench.LOOP)
+    parser.add_argument(
+        "--mode",
+        choices=["graph", "xla", "jit"],
+        default=None,
+        help="only this execution mode (default: all of the backend's)",
+    )
+    parser.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=None,
+        help=f"JAX: steps per timed call (default 1 on CPU, {JaxBench.LOOP} on accelerators)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="source tree of an earlier kerasbn: time it and this one in alternating processes, "
+        f"training-step ratios to {BEFORE_AFTER_JSON.relative_to(ROOT)}",
+    )
+    parser.add_argument("--baseline-label", default=None, help="what the baseline is, for the table")
+    parser.add_argument("--rounds", type=int, default=2, help="with --baseline: alternations of the two trees")
+    parser.add_argument("--append", action="store_true", help="with --baseline: add rounds to the existing table")
     args = parser.parse_args()
     if args.render:
         write_markdown()
+        return
+    if args.baseline:
+        compare(args)
+        if not args.no_markdown:
+            write_markdown()
         return
     if args.backend == "all":
         # One process per backend and mode: code run in one mode changes
@@ -86,11 +117,12 @@ def main() -> None:
         # (32, 56, 56, 64) took 10.5 or 16 ms after a TF graph run, 10.5 ms
         # always without one). The model.fit comparison compiles with XLA.
         results = []
-        for name, mode, fit in (("tensorflow", "graph", False), ("tensorflow", "xla", True), ("jax", "jit", True)):
+        for name, mode, fit in PROCESSES:
             out = ROOT / "build" / f"layer-{name}-{mode}.json"
             out.parent.mkdir(exist_ok=True)
             cmd = [sys.executable, __file__, "--backend", name, "--mode", mode, "--json", str(out), "--no-markdown"]
             cmd += ["--quick"] * args.quick + ["--no-fit"] * (args.no_fit or not fit)
+            cmd += [f"--shape={shape}" for shape in args.shape or []]
             cmd += ["--repeats", str(args.repeats)] if args.repeats else []
             subprocess.run(cmd, check=True, env={**MALLOC_ENV, **os.environ, "KERAS_BACKEND": name})
             results.append(json.loads(out.read_text()))
@@ -103,12 +135,70 @@ def main() -> None:
         path = args.json or CPU_JSON
         path.write_text(json.dumps(merged, indent=1) + "\n")
     else:
-        result = run_backend(args.backend, args.quick, args.repeats, not args.no_fit, args.steps_per_call, args.mode)
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shape] if args.shape else None
+        result = run_backend(
+            args.backend, args.quick, args.repeats, not args.no_fit, args.steps_per_call, args.mode, shapes
+        )
         path = args.json or (CPU_JSON if result["machine"]["device"] == "cpu" else GPU_JSON)
         path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     if not args.no_markdown:
         write_markdown()
+
+
+def compare(args) -> None:
+    """Training-step ratios (kerasbn ÷ Keras) of a baseline source tree and of this one.
+
+    Each backend and mode runs in its own process, the two trees in turn for
+    `--rounds` rounds, with the same options; a row's ratio is the median
+    over the rounds of each process's median of per-repeat ratios.
+    """
+    files: dict = {"before": [], "after": []}
+    previous = json.loads(BEFORE_AFTER_JSON.read_text()) if args.append and BEFORE_AFTER_JSON.exists() else None
+    first = max(len(r["after"]) for r in previous["rows"]) if previous else 0
+    for round_ in range(first, first + args.rounds):
+        for side, source in (("before", args.baseline.resolve()), ("after", ROOT)):
+            for name, mode, _ in PROCESSES:
+                out = ROOT / "build" / f"compare-{side}-{name}-{mode}-{round_}.json"
+                out.parent.mkdir(exist_ok=True)
+                cmd = [sys.executable, __file__, "--backend", name, "--mode", mode, "--json", str(out)]
+                cmd += ["--no-markdown", "--no-fit"] + ["--quick"] * args.quick
+                cmd += [f"--shape={shape}" for shape in args.shape or []]
+                cmd += ["--repeats", str(args.repeats)] if args.repeats else []
+                env = {**MALLOC_ENV, **os.environ, "KERAS_BACKEND": name, "KERASBN_SOURCE": str(source)}
+                subprocess.run(cmd, check=True, env=env)
+                files[side].append(out)
+    result = before_after(files, args.baseline_label or str(args.baseline), args.quick)
+    if previous:
+        earlier = {(r["backend"], r["mode"], tuple(r["shape"]), r["dtype"]): r for r in previous["rows"]}
+        for row in result["rows"]:
+            old = earlier.get((row["backend"], row["mode"], tuple(row["shape"]), row["dtype"]))
+            if old:
+                row["before"], row["after"] = old["before"] + row["before"], old["after"] + row["after"]
+    BEFORE_AFTER_JSON.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {BEFORE_AFTER_JSON}")
+
+
+def before_after(files: dict, label: str, quick: bool) -> dict:
+    """The training-step rows of the per-process JSON files of both trees (see `compare`)."""
+    rows: dict = {}
+    machine: dict = {}
+    for side, paths in files.items():
+        for path in paths:
+            result = json.loads(Path(path).read_text())
+            machine.update(result["machine"])
+            for r in result["runs"]:
+                if r["op"] == "train" and r["impl"] == "kerasbn":
+                    key = (r["backend"], r["mode"], tuple(r["shape"]), r["dtype"])
+                    rows.setdefault(key, {"before": [], "after": []})[side].append(r["ratio_to_keras"])
+    return {
+        "baseline": label,
+        "machine": machine,
+        "quick": quick,
+        "rows": [
+            {"backend": k[0], "mode": k[1], "shape": list(k[2]), "dtype": k[3], **v} for k, v in sorted(rows.items())
+        ],
+    }
 
 
 # --------------------------------------------------------------------------- timing
@@ -147,15 +237,22 @@ def paired(num: list, den: list) -> float:
     taken in the same repeat see the same load, so their ratio is steadier
     than a ratio of medians.
     """
-    return statistics.median(a / b for a, b in zip(num, den))
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
 def run_backend(
-    name: str, quick: bool, repeats: int | None, fit: bool, steps_per_call: int | None = None, only: str | None = None
+    name: str,
+    quick: bool,
+    repeats: int | None,
+    fit: bool,
+    steps_per_call: int | None = None,
+    only: str | None = None,
+    only_shapes: list[tuple[int, ...]] | None = None,
 ) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["KERAS_BACKEND"] = name
-    sys.path.insert(0, str(ROOT))
+    # `compare` points this at a baseline source tree.
+    sys.path.insert(0, os.environ.get("KERASBN_SOURCE", str(ROOT)))
     import keras
     import numpy as np
 
@@ -165,7 +262,7 @@ def run_backend(
         raise SystemExit(f"Keras was imported with the {keras.backend.backend()} backend, not {name}.")
     bench = TFBench() if name == "tensorflow" else JaxBench(steps_per_call)
     repeats = repeats or (5 if quick else 21)
-    shapes = SHAPES[:1] if quick else SHAPES
+    shapes = only_shapes or (SHAPES[:1] if quick else SHAPES)
     dtypes = DTYPES[:1] if quick else DTYPES
     rng = np.random.default_rng(0)
     runs = []
@@ -186,15 +283,27 @@ def run_backend(
                         t = statistics.median(ts)
                         to_keras = paired(ts, samples[f"keras/{op}"])
                         to_copy = paired(ts, copy)
-                        runs.append({
-                            "backend": name, "mode": mode, "shape": list(shape), "dtype": dtype, "op": op,
-                            "impl": impl, "ms": t * 1e3, "copy_ms": statistics.median(copy) * 1e3,
-                            "ratio_to_keras": to_keras, "bound_fraction": passes / 2 / to_copy,
-                            "ratio_to_copy": to_copy,
-                        })
-                        print(f"{name:10s} {mode:5s} {str(shape):18s} {dtype:8s} {op:5s} {impl:8s} "
-                              f"{t * 1e3:8.3f} ms  ×Keras {to_keras:5.2f}  ×copy {to_copy:5.2f}  "
-                              f"bound {passes / 2 / to_copy:5.1%}", flush=True)
+                        runs.append(
+                            {
+                                "backend": name,
+                                "mode": mode,
+                                "shape": list(shape),
+                                "dtype": dtype,
+                                "op": op,
+                                "impl": impl,
+                                "ms": t * 1e3,
+                                "copy_ms": statistics.median(copy) * 1e3,
+                                "ratio_to_keras": to_keras,
+                                "bound_fraction": passes / 2 / to_copy,
+                                "ratio_to_copy": to_copy,
+                            }
+                        )
+                        print(
+                            f"{name:10s} {mode:5s} {str(shape):18s} {dtype:8s} {op:5s} {impl:8s} "
+                            f"{t * 1e3:8.3f} ms  ×Keras {to_keras:5.2f}  ×copy {to_copy:5.2f}  "
+                            f"bound {passes / 2 / to_copy:5.1%}",
+                            flush=True,
+                        )
     fits = bench.fit_ratio(quick) if fit else []
     return {"machine": bench.machine(), "runs": runs, "fit": fits, "quick": quick}
 
@@ -221,8 +330,14 @@ class TFBench:
         self.tf = tf
 
     def machine(self) -> dict:
-        return {"device": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), "tensorflow": self.tf.__version__,
-                "keras": _keras_version(), "python": platform.python_version()}
+        return {
+            "device": "cpu",
+            "name": _cpu_name(),
+            "cores": os.cpu_count(),
+            "tensorflow": self.tf.__version__,
+            "keras": _keras_version(),
+            "python": platform.python_version(),
+        }
 
     def steps(self, x32, dy32, dtype, mode) -> dict:
         import keras
@@ -315,8 +430,12 @@ class JaxBench:
 
     def machine(self) -> dict:
         dev = self.jax.devices()[0]
-        info = {"jax": self.jax.__version__, "keras": _keras_version(), "python": platform.python_version(),
-                "steps_per_call": self.loop}
+        info = {
+            "jax": self.jax.__version__,
+            "keras": _keras_version(),
+            "python": platform.python_version(),
+            "steps_per_call": self.loop,
+        }
         if dev.platform == "cpu":
             return {"device": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), **info}
         return {"device": dev.platform, "name": dev.device_kind, **info}
@@ -361,7 +480,7 @@ class JaxBench:
             def train(tv, ntv, t, g, train_step=train_step):
                 def body(t, y, ntv, acc):
                     y, dx, dtv, new_ntv = train_step(tv, ntv, t, g)
-                    return dx, y, new_ntv, [a + d for a, d in zip(acc, dtv)]
+                    return dx, y, new_ntv, [a + d for a, d in zip(acc, dtv, strict=True)]
 
                 return repeat(body, (t, jnp.zeros_like(t), ntv, [jnp.zeros_like(v) for v in tv]))
 
@@ -397,15 +516,25 @@ def _fit_ratio(backend: str, quick: bool) -> dict:
     models = {}
     for name, bn in (("kerasbn", kerasbn.BatchNormalization), ("keras", keras.layers.BatchNormalization)):
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([
-            keras.Input((32, 32, 3)),
-            keras.layers.Conv2D(32, 3, padding="same", use_bias=False), bn(), keras.layers.ReLU(),
-            keras.layers.Conv2D(64, 3, padding="same", use_bias=False, strides=2), bn(), keras.layers.ReLU(),
-            keras.layers.Conv2D(64, 3, padding="same", use_bias=False), bn(), keras.layers.ReLU(),
-            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10),
-        ])
-        model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      jit_compile=True)
+        model = keras.Sequential(
+            [
+                keras.Input((32, 32, 3)),
+                keras.layers.Conv2D(32, 3, padding="same", use_bias=False),
+                bn(),
+                keras.layers.ReLU(),
+                keras.layers.Conv2D(64, 3, padding="same", use_bias=False, strides=2),
+                bn(),
+                keras.layers.ReLU(),
+                keras.layers.Conv2D(64, 3, padding="same", use_bias=False),
+                bn(),
+                keras.layers.ReLU(),
+                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Dense(10),
+            ]
+        )
+        model.compile(
+            optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True
+        )
         models[name] = model
     epoch_times: dict = {name: [] for name in models}
     for _ in range(epochs + 1):
@@ -417,8 +546,14 @@ def _fit_ratio(backend: str, quick: bool) -> dict:
     for name, t in times.items():
         print(f"{backend:10s} fit epoch {name:8s} {t * 1e3:8.1f} ms", flush=True)
     ratio = paired(epoch_times["kerasbn"][1:], epoch_times["keras"][1:])
-    return {"backend": backend, "samples": n, "batch_size": 64, "kerasbn_ms": times["kerasbn"] * 1e3,
-            "keras_ms": times["keras"] * 1e3, "ratio": ratio}
+    return {
+        "backend": backend,
+        "samples": n,
+        "batch_size": 64,
+        "kerasbn_ms": times["kerasbn"] * 1e3,
+        "keras_ms": times["keras"] * 1e3,
+        "ratio": ratio,
+    }
 
 
 def _cpu_name() -> str:
@@ -450,8 +585,16 @@ def _table(result: dict, gpu: bool) -> list[str]:
         "copy ms | kerasbn ÷ copy | of bandwidth bound |",
         "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
-    keys = sorted({k[:5] for k in by}, key=lambda k: (k[0] != "tensorflow", k[1] != "graph", SHAPES.index(k[2])
-                                                    if k[2] in SHAPES else 9, k[3], k[4] != "train"))
+    keys = sorted(
+        {k[:5] for k in by},
+        key=lambda k: (
+            k[0] != "tensorflow",
+            k[1] != "graph",
+            SHAPES.index(k[2]) if k[2] in SHAPES else 9,
+            k[3],
+            k[4] != "train",
+        ),
+    )
     for key in keys:
         ours, theirs, fused = by.get(key + ("kerasbn",)), by.get(key + ("keras",)), by.get(key + ("tf_fused",))
         if ours is None or theirs is None:
@@ -481,21 +624,88 @@ def _machine_line(machine: dict) -> str:
         what = f"GPU: {machine['name']}"
     versions = ", ".join(f"{k} {machine[k]}" for k in ("tensorflow", "jax", "keras", "python") if k in machine)
     loop = machine.get("steps_per_call", 1)
-    timing = (f" JAX times are per step of {loop} run back to back in one jitted `fori_loop` (one dispatch), "
-              "each step's ∂/∂x feeding the next." if loop > 1 else "")
+    timing = (
+        f" JAX times are per step of {loop} run back to back in one jitted `fori_loop` (one dispatch), "
+        "each step's ∂/∂x feeding the next."
+        if loop > 1
+        else ""
+    )
     return f"{what} ({versions}).{timing}"
 
 
 def _fit_lines(result: dict) -> list[str]:
     if not result.get("fit"):
         return []
-    lines = ["", "Small CNN (3 × Conv–BN–ReLU, 32×32×3 inputs, batch 64), `model.fit(jit_compile=True)`, "
-             "median epoch time after a compiling epoch (ratio: median of the per-epoch ratios):", "",
-             "| backend | samples | kerasbn ms/epoch | Keras ms/epoch | kerasbn ÷ Keras |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "",
+        "Small CNN (3 × Conv–BN–ReLU, 32×32×3 inputs, batch 64), `model.fit(jit_compile=True)`, "
+        "median epoch time after a compiling epoch (ratio: median of the per-epoch ratios):",
+        "",
+        "| backend | samples | kerasbn ms/epoch | Keras ms/epoch | kerasbn ÷ Keras |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for f in result["fit"]:
         lines.append(
             f"| {f['backend']} | {f['samples']} | {f['kerasbn_ms']:.0f} | {f['keras_ms']:.0f} | {f['ratio']:.2f} |"
+        )
+    return lines
+
+
+# Measurements behind the arrangements in kerasbn/ops, taken when each was
+# chosen (kerasbn 0.1.0; CPU: the machine of the tables above, 2 cores; GPU:
+# the H200). Kept here rather than in docstrings, where they would go stale.
+DESIGN_MEASUREMENTS = [
+    "TF-XLA, Σd and Σd² on (32, 56, 56, 64) float32: 12.0 ms as two blocked reductions, 5.6 ms as one variadic "
+    "reduction; in a TF graph 3.7 ms blocked against 6.1 ms plain; casting the data to float64 took 22–27 ms "
+    "(`ops/tensorflow.py`, `ops/reduce.py`).",
+    "JAX on CPU, Σd and Σd² on (32, 56, 56, 64): 0.7 ms as one variadic reduction over leading blocks against "
+    "2.3 ms as plain sums (a copy: 0.28 ms); on the H200 31 µs plain against 51 µs variadic (`ops/jax.py`).",
+    "The gradient's Σdy and Σdy·d over runs of 8 positions first, (32, 56, 56, 64): 1.6 against 2.1 ms in float32 "
+    "and 1.1 against 10.6 ms in bfloat16 under TF-XLA; 1.2 against 2.2 ms and 0.7 against 5.6 ms under JAX; the "
+    "JAX training step on (256, 1024) 0.16 against 0.21 ms; runs of 4 and 16 were slower on every shape tried "
+    "(`ops/reduce.py: inner_block_sums`).",
+    "Σdy·x̂ as (Σdy·d − δ·Σdy)·inv rather than Σdy·(d − δ)·inv: TF-XLA training step 7.2 against 10.4 ms on "
+    "(32, 56, 56, 64) (`ops/normalize.py`).",
+    "The shift behind `lax.optimization_barrier` on JAX: without it ∂/∂x took a copy per step of a loop, 5.9 of "
+    "the 51 µs of a bfloat16 (32, 56, 56, 64) training step on the H200 (`ops/jax.py: materialize`).",
+    "TF fused kernels: their own float32 statistics were 8e-5 off in y at 10⁵ values per feature (hence the "
+    "layer's statistics as their reserve space); half-precision data fed as they are: bfloat16 training step "
+    "7.4 against 11.1 ms; the data viewed as m images of one pixel: inference 1.2 against 1.9 ms as one image of "
+    "m pixels, on (32, 56, 56, 64) (`ops/tensorflow.py`).",
+    "Half-precision inference as x·a + (β − E[x]·a): XLA:CPU's loop at 1.1 × a copy against 1.2 × "
+    "(`layers/batch_normalization.py`).",
+]
+
+
+def _design_lines() -> list[str]:
+    return ["", "### Measurements behind the arrangements in kerasbn/ops", ""] + [f"- {m}" for m in DESIGN_MEASUREMENTS]
+
+
+def _before_after_lines() -> list[str]:
+    if not BEFORE_AFTER_JSON.exists():
+        return []
+    result = json.loads(BEFORE_AFTER_JSON.read_text())
+    rounds = max(len(r["after"]) for r in result["rows"])
+    lines = [
+        "",
+        f"### Before/after: {result['baseline']}",
+        "",
+        f"{_machine_line(result['machine'])} A run of its own, apart from the full tables above (which may "
+        "predate the after tree). Training step, kerasbn ÷ Keras in the same process; the two source "
+        f"trees ran in alternating processes, {rounds} rounds"
+        + (", `--quick` (11 repeats)" if result.get("quick") else "")
+        + "; a ratio is the median over the rounds; change = after ÷ before − 1 (≤ +5 % allowed). Command: "
+        "`python benchmarks/layer.py --quick --shape … --baseline DIR --baseline-label …`.",
+        "",
+        "| backend | mode | shape | dtype | before | after | change | rounds (before; after) |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in result["rows"]:
+        before, after = statistics.median(r["before"]), statistics.median(r["after"])
+        each = f"{', '.join(f'{v:.2f}' for v in r['before'])}; {', '.join(f'{v:.2f}' for v in r['after'])}"
+        lines.append(
+            f"| {r['backend']} | {r['mode']} | {'×'.join(map(str, r['shape']))} | {r['dtype']} | {before:.2f} | "
+            f"{after:.2f} | {after / before - 1:+.1%} | {each} |"
         )
     return lines
 
@@ -505,7 +715,8 @@ def write_markdown() -> None:
         "## Layer",
         "",
         "Written by `benchmarks/layer.py` (`make bench`); raw figures in `docs/layer-benchmarks.json`"
-        + (" and `docs/layer-benchmarks-gpu.json`" if GPU_JSON.exists() else "") + ".",
+        + (" and `docs/layer-benchmarks-gpu.json`" if GPU_JSON.exists() else "")
+        + ".",
         "Training step = forward and backward to x, γ, β for a given upstream gradient, moving statistics "
         "updated; times are medians of interleaved repeats after warm-up, ratios the medians of the "
         "per-repeat ratios (a shared machine's load slows both layers of a repeat alike). "
@@ -526,9 +737,15 @@ def write_markdown() -> None:
         if not path.exists():
             continue
         result = json.loads(path.read_text())
-        body += ["", f"### {'GPU' if gpu else 'CPU'}", "", _machine_line(result["machine"])
-                 + (" Quick run (`--quick`)." if result.get("quick") else ""), ""]
+        body += [
+            "",
+            f"### {'GPU' if gpu else 'CPU'}",
+            "",
+            _machine_line(result["machine"]) + (" Quick run (`--quick`)." if result.get("quick") else ""),
+            "",
+        ]
         body += _table(result, gpu) + _fit_lines(result)
+    body += _before_after_lines() + _design_lines()
     section = "\n".join(body) + "\n"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     start = text.find("\n## Layer\n")

@@ -46,7 +46,7 @@ def run(layer, x, *, training: bool, mode: str, mask=None):
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
     out, new_state = step(trainable, non_trainable, x, mask)
-    for variable, value in zip(layer.non_trainable_variables, new_state):
+    for variable, value in zip(layer.non_trainable_variables, new_state, strict=True):
         variable.assign(value)
     return np.asarray(out)
 
@@ -77,7 +77,7 @@ def gradients(layer, x, dy):
         gx, gw = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), [w.value for w in weights])
         grads = [gx] + list(gw)
     grads = [keras.ops.convert_to_numpy(g) for g in grads]
-    return grads[0], {w.name: g for w, g in zip(weights, grads[1:])}
+    return grads[0], {w.name: g for w, g in zip(weights, grads[1:], strict=True)}
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def algorithm1(x, feature_axes, gamma=None, beta=None, eps=1e-3, mask=None):
 def broadcast(v, ndim, feature_axes):
     features = sorted({a % ndim for a in np.atleast_1d(feature_axes)})
     shape = [1] * ndim
-    for a, d in zip(features, np.shape(v)):
+    for a, d in zip(features, np.shape(v), strict=False):
         shape[a] = d
     return np.reshape(np.asarray(v, np.float64), shape)
 
@@ -72,3 +72,30 @@ def backward(x, dy, feature_axes, gamma=None, eps=1e-3):
     dgamma = (dy * xhat).sum(axis=axes, keepdims=True)
     dx = g * inv / m * (m * dy - dbeta - xhat * dgamma)
     return dx, dgamma, dbeta
+
+
+# float32's unit roundoff: the spacing of float32 numbers relative to their size is 2u.
+UNIT = 2.0**-24
+# Relative error allowed in a float32 batch variance of well-conditioned data:
+# what a float32 two-pass computation with pairwise sums reaches, ≈ 4.8e-7.
+# Blocked float32 sums of at most 32 values (then the partial sums) round by
+# about √(log₂ m)·u at random; 8 units leave room for the rounding of the
+# stored float32 result (u/2) and of the squares (u each, averaged out).
+VARIANCE_UNITS = 8
+
+
+def variance_tolerance(mu, var, shift=None):
+    """Relative error bound of a float32 batch variance computed around ``shift``.
+
+    The shifted form ``Σd²/m − (Σd/m)²`` with ``d = x − shift`` magnifies the
+    rounding of the sums by its condition number ``κ = 1 + (μ − shift)²/σ²``:
+    the bound is ``VARIANCE_UNITS·u·κ`` (κ = 1 for a two-pass computation or
+    an unknown shift close to the mean).
+    """
+    var = np.asarray(var, np.float64)
+    if shift is None:
+        return VARIANCE_UNITS * UNIT * np.ones_like(var)
+    offset2 = (np.asarray(mu, np.float64) - shift) ** 2
+    # A constant feature (σ = 0) has no relative error to bound: κ = 1 there.
+    kappa = 1.0 + np.divide(offset2, var, out=np.zeros_like(offset2 * var), where=var > 0)
+    return VARIANCE_UNITS * UNIT * kappa

@@ -6,8 +6,9 @@ import keras
 from keras import backend, constraints, initializers, ops, regularizers
 from keras.layers import InputSpec
 
+from kerasbn.ops import dispatch
 from kerasbn.ops.moments import moments, static_count
-from kerasbn.ops.normalize import normalize, tf_fused_available, tf_fused_inference, tf_fused_normalize
+from kerasbn.ops.normalize import normalize
 
 _RENORM_KEYS = ("rmax", "rmin", "dmax")
 
@@ -36,9 +37,10 @@ class BatchNormalization(keras.layers.Layer):
     This is a drop-in replacement for `keras.layers.BatchNormalization`: the
     constructor is a superset of Keras's, the weights have the same names and
     shapes, and ``unbiased=False`` reproduces Keras's statistics. The batch
-    statistics are computed around a sample of the data itself, so they stay
-    exact when the inputs carry a large constant offset, where
-    ``E[x²] − E[x]²`` in float32 fails.
+    statistics are computed in one pass around the mean of a small sample
+    of the data itself, so they are as accurate as a float32 two-pass
+    computation at any offset, including large constant offsets where
+    ``E[x²] − E[x]²`` in float32 fails (`kerasbn.ops.moments`).
 
     Note that the often-copied snippet ``(X − mean(X, axis=−1)) / (std +
     eps)`` normalizes each sample over its own features: that is layer
@@ -174,9 +176,7 @@ class BatchNormalization(keras.layers.Layer):
         if virtual_batch_size is not None:
             virtual_batch_size = int(virtual_batch_size)
             if virtual_batch_size < 1:
-                raise ValueError(
-                    f"`virtual_batch_size` must be a positive integer. Received: {virtual_batch_size}"
-                )
+                raise ValueError(f"`virtual_batch_size` must be a positive integer. Received: {virtual_batch_size}")
         self.virtual_batch_size = virtual_batch_size
         if self.renorm and self.momentum is None:
             raise ValueError("`renorm=True` needs a float `momentum`; the cumulative average is not defined for it.")
@@ -199,9 +199,7 @@ class BatchNormalization(keras.layers.Layer):
         if len(self._axes) != len(axes):
             raise ValueError(f"`axis` names the same axis twice: {self.axis}.")
         if any(input_shape[a] is None for a in self._axes):
-            raise ValueError(
-                f"The feature axes {self._axes} of input shape {tuple(input_shape)} must be known."
-            )
+            raise ValueError(f"The feature axes {self._axes} of input shape {tuple(input_shape)} must be known.")
         if self.virtual_batch_size is not None:
             if 0 in self._axes:
                 raise ValueError("`virtual_batch_size` needs the batch axis 0 to be reduced, not a feature axis.")
@@ -215,7 +213,9 @@ class BatchNormalization(keras.layers.Layer):
         self._broadcast_shape = tuple(input_shape[a] if a in self._axes else 1 for a in range(ndim))
 
         if self.scale:
-            self.gamma = self._param("gamma", self.gamma_initializer, True, self.gamma_regularizer, self.gamma_constraint)
+            self.gamma = self._param(
+                "gamma", self.gamma_initializer, True, self.gamma_regularizer, self.gamma_constraint
+            )
         if self.center:
             self.beta = self._param("beta", self.beta_initializer, True, self.beta_regularizer, self.beta_constraint)
         self.moving_mean = self._param("moving_mean", self.moving_mean_initializer, False)
@@ -310,10 +310,10 @@ class BatchNormalization(keras.layers.Layer):
         # the fused kernel, which computes in float32 inside: no cast passes.
         dtype = backend.standardize_dtype(inputs.dtype)
         raw = inputs if dtype in ("float16", "bfloat16") and dtype == self.compute_dtype else x
-        if tf_fused_available(raw, self._axes, synchronized=False):
+        if dispatch.fused_available(raw, self._axes, synchronized=False):
             # One kernel instead of TensorFlow's three elementwise passes;
             # it subtracts the mean first, like the form below.
-            return tf_fused_inference(raw, self.moving_mean, self.moving_variance, gamma, beta, self.epsilon)
+            return dispatch.fused_inference(raw, self.moving_mean, self.moving_variance, gamma, beta, self.epsilon)
         a = ops.rsqrt(self._bcast(self.moving_variance, x.dtype) + self.epsilon)
         if gamma is not None:
             a = a * gamma
@@ -321,8 +321,8 @@ class BatchNormalization(keras.layers.Layer):
         if raw is not x:
             # Half-precision data: x·a + (β − E[x]·a). The product rounds at
             # 2⁻²⁴ of the offset, far below the data's own spacing (2⁻⁸ of it
-            # in bfloat16), and one vector fewer per element keeps XLA:CPU's
-            # loop at 1.1× a copy instead of 1.2×.
+            # in bfloat16), and one per-feature vector fewer per element keeps
+            # XLA:CPU's loop closer to a copy.
             b = -mean * a if beta is None else beta - mean * a
             return x * a + b
         # (x − E[x])·a + β rather than x·a + b: with |E[x]| ≫ std the product
@@ -359,8 +359,8 @@ class BatchNormalization(keras.layers.Layer):
             # the backward pass is half the size of a float32 copy, and the
             # fused kernels read and write half precision themselves.
             raw = inputs if shape is None else x
-            if shape is None and tf_fused_available(raw, self._axes, self.synchronized):
-                y = tf_fused_normalize(raw, stats, gamma, beta, self.epsilon)
+            if shape is None and dispatch.fused_available(raw, self._axes, self.synchronized):
+                y = dispatch.fused_normalize(raw, stats, gamma, beta, self.epsilon)
             else:
                 y = normalize(raw, stats, gamma, beta, self.epsilon, axes, self.synchronized)
             self._update_moving_statistics(stats)

@@ -1,1 +1,3 @@
-"""Backend-agnostic numerical kernels behind the layer."""
+"""The layer's numerics: the paper's arithmetic in `moments` and `normalize`
+(Keras ops only), each backend's arrangements in `tensorflow`, `jax` and
+`generic`, chosen by `dispatch`."""

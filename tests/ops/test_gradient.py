@@ -53,7 +53,7 @@ def layer_gradients(layer, x, dy, mode, mask=None):
         gx, gw = grad(jnp.asarray(x), [w.value for w in weights])
         out = [gx] + list(gw)
     out = [np.asarray(o, np.float64) for o in out]
-    return out[0], {w.name: g for w, g in zip(weights, out[1:])}
+    return out[0], {w.name: g for w, g in zip(weights, out[1:], strict=True)}
 
 
 def random_affine(layer, rng):
@@ -165,74 +165,72 @@ def test_gradient_without_center_or_scale(center, scale, mode, rng):
 # Keras on JAX computes a float64 layer partly in float32 unless JAX's
 # float64 mode is on for the whole process, which would change every other
 # test: the finite differences run on TensorFlow, where float64 is exact.
-if BACKEND == "tensorflow":
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="needs float64 throughout: JAX only with jax_enable_x64")
+@pytest.mark.parametrize("kwargs", [{}, {"virtual_batch_size": 3}, {"mask": True}], ids=["plain", "virtual", "mask"])
+def test_gradient_matches_finite_differences(kwargs, rng):
+    """Central differences of a float64 layer (closed form; autodiff for masks).
 
-    @pytest.mark.parametrize(
-        "kwargs", [{}, {"virtual_batch_size": 3}, {"mask": True}], ids=["plain", "virtual", "mask"]
-    )
-    def test_gradient_matches_finite_differences(kwargs, rng):
-        """Central differences of a float64 layer (closed form; autodiff for masks).
+    Renorm is left out on purpose: its corrections r and d are constants to
+    the gradient by definition (Ioffe, 2017), so it is not the derivative.
+    """
+    kwargs = dict(kwargs)
+    use_mask = kwargs.pop("mask", False)
+    shape = (6, 3, 2)
+    layer = kerasbn.BatchNormalization(dtype="float64", **kwargs)
+    layer.build(shape)
+    random_affine(layer, rng)
+    x = rng.normal(1.0, 2.0, shape)
+    dy = rng.normal(size=shape)
+    mask = (rng.uniform(size=shape[:-1]) > 0.3) if use_mask else None
+    if mask is not None:
+        mask[0, 0] = True
+    weights = layer.trainable_variables
+    values = [np.asarray(w, np.float64) for w in weights]
 
-        Renorm is left out on purpose: its corrections r and d are constants to
-        the gradient by definition (Ioffe, 2017), so it is not the derivative.
-        """
-        kwargs = dict(kwargs)
-        use_mask = kwargs.pop("mask", False)
-        shape = (6, 3, 2)
-        layer = kerasbn.BatchNormalization(dtype="float64", **kwargs)
-        layer.build(shape)
-        random_affine(layer, rng)
-        x = rng.normal(1.0, 2.0, shape)
-        dy = rng.normal(size=shape)
-        mask = (rng.uniform(size=shape[:-1]) > 0.3) if use_mask else None
-        if mask is not None:
-            mask[0, 0] = True
-        weights = layer.trainable_variables
-        values = [np.asarray(w, np.float64) for w in weights]
+    def loss(xv, wv):
+        for w, v in zip(weights, wv, strict=True):
+            w.assign(v)
+        state = [np.asarray(v) for v in layer.non_trainable_variables]
+        y = np.asarray(layer(xv, training=True, mask=mask), np.float64)
+        for v, s in zip(layer.non_trainable_variables, state, strict=True):
+            v.assign(s)
+        return float(np.sum(y * dy))
 
-        def loss(xv, wv):
-            for w, v in zip(weights, wv):
-                w.assign(v)
-            state = [np.asarray(v) for v in layer.non_trainable_variables]
-            y = np.asarray(layer(xv, training=True, mask=mask), np.float64)
-            for v, s in zip(layer.non_trainable_variables, state):
-                v.assign(s)
-            return float(np.sum(y * dy))
-
-        gx, gw = layer_gradients(layer, x, dy, "eager", mask=mask)
-        grads = [gx] + [gw[w.name] for w in weights]
-        h = 1e-6
-        for index in [(0, 0, 0), (3, 1, 1), (5, 2, 0)]:
-            xp, xm = x.copy(), x.copy()
-            xp[index] += h
-            xm[index] -= h
-            numeric = (loss(xp, values) - loss(xm, values)) / (2 * h)
-            assert abs(grads[0][index] - numeric) <= 1e-6 * max(1.0, abs(numeric))
-        for k, v in enumerate(values):
-            vp, vm = [u.copy() for u in values], [u.copy() for u in values]
-            vp[k][1] += h
-            vm[k][1] -= h
-            numeric = (loss(x, vp) - loss(x, vm)) / (2 * h)
-            assert abs(grads[1 + k][1] - numeric) <= 1e-6 * max(1.0, abs(numeric))
+    gx, gw = layer_gradients(layer, x, dy, "eager", mask=mask)
+    grads = [gx] + [gw[w.name] for w in weights]
+    h = 1e-6
+    for index in [(0, 0, 0), (3, 1, 1), (5, 2, 0)]:
+        xp, xm = x.copy(), x.copy()
+        xp[index] += h
+        xm[index] -= h
+        numeric = (loss(xp, values) - loss(xm, values)) / (2 * h)
+        assert abs(grads[0][index] - numeric) <= 1e-6 * max(1.0, abs(numeric))
+    for k in range(len(values)):
+        vp, vm = [u.copy() for u in values], [u.copy() for u in values]
+        vp[k][1] += h
+        vm[k][1] -= h
+        numeric = (loss(x, vp) - loss(x, vm)) / (2 * h)
+        assert abs(grads[1 + k][1] - numeric) <= 1e-6 * max(1.0, abs(numeric))
 
 
-    def test_tensorflow_picks_the_fused_kernel_outside_xla_only():
-        import tensorflow as tf
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's fused kernels")
+def test_tensorflow_picks_the_fused_kernel_outside_xla_only():
+    import tensorflow as tf
 
-        shape = (8, 4, 4, 3)
-        layer = kerasbn.BatchNormalization()
-        layer.build(shape)
+    shape = (8, 4, 4, 3)
+    layer = kerasbn.BatchNormalization()
+    layer.build(shape)
 
-        def step(t):
-            with tf.GradientTape() as tape:
-                tape.watch(t)
-                y = layer(t, training=True)
-            return tape.gradient(y, t), layer(t, training=False)
+    def step(t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            y = layer(t, training=True)
+        return tape.gradient(y, t), layer(t, training=False)
 
-        spec = tf.TensorSpec(shape, "float32")
-        graph = tf.function(step).get_concrete_function(spec).graph
-        types = [op.type for op in graph.get_operations()]
-        assert types.count("FusedBatchNormGradV3") == 1
-        assert types.count("FusedBatchNormV3") == 2  # training forward and inference, one kernel each
-        hlo = tf.function(step, jit_compile=True).experimental_get_compiler_ir(tf.zeros(shape))(stage="hlo")
-        assert "batch-norm" not in hlo  # XLA expands its own BN ops into slow generic code
+    spec = tf.TensorSpec(shape, "float32")
+    graph = tf.function(step).get_concrete_function(spec).graph
+    types = [op.type for op in graph.get_operations()]
+    assert types.count("FusedBatchNormGradV3") == 1
+    assert types.count("FusedBatchNormV3") == 2  # training forward and inference, one kernel each
+    hlo = tf.function(step, jit_compile=True).experimental_get_compiler_ir(tf.zeros(shape))(stage="hlo")
+    assert "batch-norm" not in hlo  # XLA expands its own BN ops into slow generic code

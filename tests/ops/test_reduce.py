@@ -1,4 +1,4 @@
-"""`kerasbn.ops.reduce.sums` against float64 NumPy in every execution mode.
+"""`kerasbn.ops.dispatch.sums` against float64 NumPy in every execution mode.
 
 The sums take a different route per backend, mode and layout (leading or
 inner blocks, one variadic reduction, float64 across blocks); each route must
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kerasbn.ops.reduce import sums
+from kerasbn.ops.dispatch import sums
 from tests.conftest import BACKEND, MODES
 
 CASES = {
@@ -55,7 +55,7 @@ def test_sums_match_float64(case, mode, exact, rng):
     d = rng.normal(1.0, 2.0, size=shape).astype("float32")
     values = [dy, dy * d]
     got = run_sums(values, axes, exact, mode)
-    for v, g in zip(values, got):
+    for v, g in zip(values, got, strict=True):
         want = v.astype(np.float64).sum(axis=axes, keepdims=True)
         scale = np.abs(v.astype(np.float64)).sum(axis=axes, keepdims=True)
         assert g.shape == want.shape

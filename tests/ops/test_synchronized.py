@@ -35,7 +35,9 @@ def report(got, ref):
                       "ref": [np.asarray(a, np.float64).tolist() for a in ref]}))
 """
 
-TENSORFLOW = COMMON + """
+TENSORFLOW = (
+    COMMON
+    + """
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -68,8 +70,11 @@ got = [np.concatenate(local[0]), np.concatenate(local[1]), sum(local[2]), sum(lo
        layer.moving_mean, layer.moving_variance]
 report(got, ref)
 """
+)
 
-JAX = COMMON + """
+JAX = (
+    COMMON
+    + """
 import jax, keras, kerasbn
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -100,6 +105,7 @@ xs, dys = jax.device_put(x, sharding), jax.device_put(dy, sharding)
 assert len(xs.addressable_shards) == 2
 report(run(layer, xs, dys), ref)
 """
+)
 
 
 def run_worker(backend: str, code: str, env: dict | None = None) -> tuple[list, list]:
@@ -114,7 +120,7 @@ def run_worker(backend: str, code: str, env: dict | None = None) -> tuple[list, 
 
 def check(got, ref):
     names = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
-    for name, g, r in zip(names, got, ref):
+    for name, g, r in zip(names, got, ref, strict=True):
         assert g.shape == r.shape, name
         scale = max(1.0, float(np.abs(r).max())) if name in ("dgamma", "dbeta", "moving_mean") else 1.0
         assert np.abs(g - r).max() <= 1e-5 * scale, name

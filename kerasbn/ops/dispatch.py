@@ -1,0 +1,59 @@
+"""The arrangements module of the active Keras backend, imported on first use.
+
+The paper's arithmetic (`kerasbn.ops.moments`, `kerasbn.ops.normalize`) is
+written once in Keras ops; what a compiler or a runtime needs besides
+(the order of the sums, fused kernels, cross-replica reductions) lives in
+`kerasbn.ops.tensorflow` or `kerasbn.ops.jax`, with `kerasbn.ops.generic`
+for any other backend. Only the active backend's module is imported, so the
+layer never imports TensorFlow on JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+
+from keras import backend
+
+_MODULES = {"tensorflow": "kerasbn.ops.tensorflow", "jax": "kerasbn.ops.jax"}
+
+
+def module() -> ModuleType:
+    """`kerasbn.ops.tensorflow`, `kerasbn.ops.jax` or `kerasbn.ops.generic`."""
+    return importlib.import_module(_MODULES.get(backend.backend(), "kerasbn.ops.generic"))
+
+
+def sums(values: Sequence, axes: Sequence[int], exact: bool = True) -> list:
+    """``[Σ v over axes (keepdims) for v in values]``: with ``exact``, good to float32 rounding of the result."""
+    return module().sums(values, axes, exact)
+
+
+def materialize(x):
+    """``x`` computed once, before its consumers."""
+    return module().materialize(x)
+
+
+def all_reduce_sums(*sums):
+    """Per-replica sums added over all replicas of a `tf.distribute` strategy."""
+    return module().all_reduce_sums(*sums)
+
+
+def all_reduce_moments(shift, s1, s2, count):
+    """Global ``(shift, Σd, Σd², m)`` from per-replica shifted sums."""
+    return module().all_reduce_moments(shift, s1, s2, count)
+
+
+def fused_available(x, feature_axes: Sequence[int], synchronized: bool) -> bool:
+    """Whether the backend's fused normalization kernels can run this normalization."""
+    return module().fused_available(x, feature_axes, synchronized)
+
+
+def fused_normalize(x, stats, gamma, beta, epsilon: float):
+    """`kerasbn.ops.normalize.normalize` as fused kernels, where `fused_available` says so."""
+    return module().fused_normalize(x, stats, gamma, beta, epsilon)
+
+
+def fused_inference(x, mean, variance, gamma, beta, epsilon: float):
+    """``(x − mean)·γ/√(var + ε) + β`` as one fused kernel, where `fused_available` says so."""
+    return module().fused_inference(x, mean, variance, gamma, beta, epsilon)
