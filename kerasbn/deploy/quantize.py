@@ -211,9 +211,7 @@ def quantize_onnx(source: str | os.PathLike, destination: str | os.PathLike, cal
 
         def __init__(self) -> None:
             n = calibration[0].shape[0]
-            self._batches = iter(
-                {name: a[i : i + 64] for name, a in zip(names, calibration)} for i in range(0, n, 64)
-            )
+            self._batches = iter({name: a[i : i + 64] for name, a in zip(names, calibration)} for i in range(0, n, 64))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)
@@ -303,7 +301,9 @@ def _latency(run: Callable, arrays: Sequence[np.ndarray]) -> float:
     return median_latency(run, arrays)
 
 
-def audit_quantization(model: Any, fold_result: Any = None, *, threshold: float = DEFAULT_RANGE_THRESHOLD) -> QuantizationAudit:
+def audit_quantization(
+    model: Any, fold_result: Any = None, *, threshold: float = DEFAULT_RANGE_THRESHOLD
+) -> QuantizationAudit:
     """For each fold, how far the per-output-channel weight ranges of the partner spread apart.
 
     Args:
@@ -322,7 +322,7 @@ def audit_quantization(model: Any, fold_result: Any = None, *, threshold: float 
     >>> x = keras.Input((4,))
     >>> bn = keras.layers.BatchNormalization()
     >>> model = keras.Model(x, bn(keras.layers.Dense(2, kernel_initializer="ones")(x)))
-    >>> bn.moving_variance.assign(np.array([1.0, 1e-4], "float32"))
+    >>> _ = bn.moving_variance.assign(np.array([1.0, 1e-4], "float32"))
     >>> audit_quantization(model).layers[0].flagged
     True
     """
