@@ -60,8 +60,15 @@ class RedundantBias:
     parameters: int
 
 
+class _Printable:
+    """``str(report)`` is its table as plain text (what ``print(report)`` shows)."""
+
+    def __str__(self) -> str:
+        return render(self)
+
+
 @dataclass
-class AuditReport:
+class AuditReport(_Printable):
     """The audit of one model.
 
     Attributes:
@@ -162,12 +169,8 @@ class AuditReport:
             ]
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return render(self)
-
-
 @dataclass
-class FoldReport:
+class FoldReport(_Printable):
     """What `kerasbn.fold` did.
 
     Attributes:
@@ -209,12 +212,8 @@ class FoldReport:
         columns = ("BN", "partner", "direction", "folded", "reason")
         return table(f"Fold of '{self.model}'", columns, bn_rows(self.folded + self.not_folded), caption)
 
-    def __str__(self) -> str:
-        return render(self)
-
-
 @dataclass
-class StripReport:
+class StripReport(_Printable):
     """What `kerasbn.strip_redundant_biases` did.
 
     Attributes:
@@ -253,10 +252,6 @@ class StripReport:
             numeric=(2,),
             title_justify="left",
         )
-
-    def __str__(self) -> str:
-        return render(self)
-
 
 def op_table(op_counts: dict[str, int], before: dict[str, int] | None) -> list[tuple[str, int | None, int]]:
     """Rows (op type, count before the fold or ``None``, count after), onnx-simplifier style."""

@@ -23,13 +23,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kerasbn.deploy.files import atomic_output
 from kerasbn.deploy.tolerances import ATOL, RTOL
-from kerasbn.deploy.verify import VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
 from kerasbn.report import export_table, op_table
+
+if TYPE_CHECKING:  # the module itself stays cheap to import
+    from kerasbn.deploy.verify import VerifyResult
 
 
 @dataclass(frozen=True)

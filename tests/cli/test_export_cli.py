@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import onnx
 import pytest
@@ -60,6 +61,15 @@ def test_export_checks_at_the_given_batch_and_tolerances(model_files, tmp_path, 
     assert result.exit_code == 0, result.stderr
     assert (list(seen["batch_sizes"]), seen["atol"], seen["rtol"]) == ([1, 3], 1e-3, 1e-2)
     assert "batch 3" in result.stdout and "batch 8" not in result.stdout
+
+
+def test_export_json_and_batch_one_checks_batch_one_only(model_files, tmp_path):
+    result = invoke("export", model_files["keras"], "-o", tmp_path / "m.onnx", "--batch", "1", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [c["batch_size"] for c in data["checks"]] == [1]
+    assert data["verified"] and data["fold"]["totals"]["folded"] == 2
+    assert sum(data["op_counts"].values()) < sum(data["op_counts_unfolded"].values())
 
 
 def test_export_refuses_existing_output(model_files, tmp_path):

@@ -200,3 +200,16 @@ def test_fold_report_forms():
     assert json.loads(json.dumps(data)) == data
     assert data["totals"]["folded"] == 0 and data["totals"]["not_folded"] == 1
     assert "Concatenate" in str(result.report)
+
+
+def test_readme_lists_every_reason_code():
+    import re
+    from pathlib import Path
+
+    from kerasbn.folding.plan import Reason
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("**When a BN stays**")
+    documented = re.findall(r"^\| `([a-z_]+)` \|", readme[start:], flags=re.M)
+    assert sorted(documented) == sorted(r.value for r in Reason)
+    assert len(documented) == len(set(documented))
