@@ -169,6 +169,7 @@ class AuditReport(_Printable):
             ]
         return "\n".join(lines)
 
+
 @dataclass
 class FoldReport(_Printable):
     """What `kerasbn.fold` did.
@@ -212,6 +213,7 @@ class FoldReport(_Printable):
         columns = ("BN", "partner", "direction", "folded", "reason")
         return table(f"Fold of '{self.model}'", columns, bn_rows(self.folded + self.not_folded), caption)
 
+
 @dataclass
 class StripReport(_Printable):
     """What `kerasbn.strip_redundant_biases` did.
@@ -252,6 +254,7 @@ class StripReport(_Printable):
             numeric=(2,),
             title_justify="left",
         )
+
 
 def op_table(op_counts: dict[str, int], before: dict[str, int] | None) -> list[tuple[str, int | None, int]]:
     """Rows (op type, count before the fold or ``None``, count after), onnx-simplifier style."""
@@ -389,7 +392,7 @@ class Agreement:
 
 
 @dataclass(frozen=True)
-class Int8Report:
+class Int8Report(_Printable):
     """What `kerasbn.export_int8` wrote, and how the int8 model compares with the float one.
 
     Attributes:
@@ -476,9 +479,6 @@ class Int8Report:
         )
         return Group(agreement, sizes)
 
-    def __str__(self) -> str:
-        return render(self)
-
 
 @dataclass(frozen=True)
 class WeightRange:
@@ -514,7 +514,7 @@ class WeightRange:
 
 
 @dataclass
-class QuantizationAudit:
+class QuantizationAudit(_Printable):
     """Per-tensor vs per-channel weight ranges of every layer a BN folds into.
 
     Attributes:
@@ -554,21 +554,14 @@ class QuantizationAudit:
             for w in self.layers
         ]
 
-    _COLUMNS = (
-        "layer",
-        "BN",
-        "weight",
-        "channels",
-        "range spread before",
-        "after fold",
-        "int8 levels left",
-        "quantize",
-    )
+    # "spread": widest / narrowest per-channel range; "levels": int8 levels the narrowest channel keeps per-tensor.
+    _COLUMNS = ("layer", "BN", "weight", "channels", "spread", "after fold", "levels", "int8 weights")
 
     def _caption(self) -> str:
         return (
-            f"{len(self.flagged)}/{len(self.layers)} folded layers lose precision with per-tensor int8 weights "
-            f"(widest/narrowest channel range > {self.threshold:g}×)"
+            f"spread: widest / narrowest output-channel range of the kernel; levels: of 127, what the narrowest "
+            f"channel keeps with per-tensor int8. {len(self.flagged)}/{len(self.layers)} folded layers spread over "
+            f"{self.threshold:g}×: quantize their weights per channel"
         )
 
     def __rich__(self) -> Any:
@@ -590,6 +583,3 @@ class QuantizationAudit:
                 f"{self._caption()}.",
             ]
         )
-
-    def __str__(self) -> str:
-        return render(self)

@@ -54,7 +54,9 @@ def test_layer_alone_loads_neither_tensorflow_nor_the_fold_engine_on_jax():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("module", ["kerasbn", "kerasbn.deploy.onnx", "kerasbn.deploy.files", "kerasbn.report"])
+@pytest.mark.parametrize(
+    "module", ["kerasbn", "kerasbn.deploy.onnx", "kerasbn.deploy.litert", "kerasbn.deploy.files", "kerasbn.report"]
+)
 def test_modules_documented_as_cheap_import_no_framework(module):
     code = f"import sys, {module}\nprint(sorted({{'keras', 'tensorflow', 'jax', 'numpy'}} & set(sys.modules)))\n"
     done = _python(code)

@@ -21,16 +21,18 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from kerasbn.deploy.files import atomic_output
 from kerasbn.deploy.onnx import ExportResult, ExportVerificationError
 from kerasbn.deploy.tolerances import ATOL, RTOL
-from kerasbn.deploy.verify import VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError
 from kerasbn.report import export_table
+
+if TYPE_CHECKING:  # the module itself stays cheap to import
+    import numpy as np
+
+    from kerasbn.deploy.verify import VerifyResult
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ def to_litert(model: Any, *, representative: Iterable[Sequence[np.ndarray]] | No
         UnsupportedModelError: the model cannot be traced or the converter rejects it.
     """
     import keras
+    import numpy as np
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
