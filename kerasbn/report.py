@@ -555,7 +555,7 @@ class QuantizationAudit(_Printable):
         ]
 
     # "spread": widest / narrowest per-channel range; "levels": int8 levels the narrowest channel keeps per-tensor.
-    _COLUMNS = ("layer", "BN", "weight", "channels", "spread", "after fold", "levels", "int8 weights")
+    _COLUMNS = ("layer", "BN", "weight", "channels", "spread before", "after", "levels", "int8 weights")
 
     def _caption(self) -> str:
         return (
