@@ -250,7 +250,7 @@ def export(
             "rtol": checking.rtol,
             "on_step": step,
         }
-        held_back = quiet.converter_noise() if target == "litert" or int8 else contextlib.nullcontext()
+        held_back = quiet.converter_noise(settings.verbose) if target == "litert" or int8 else contextlib.nullcontext()
         with held_back:
             if int8:
                 from kerasbn.deploy.files import load_inputs

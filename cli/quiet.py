@@ -39,12 +39,14 @@ _CONVERTER_WARNINGS = (
 
 
 @contextlib.contextmanager
-def quiet_stderr(*, keep_python: bool = False) -> Iterator[None]:
+def quiet_stderr(*, keep_python: bool = False, on_failure: str = "all") -> Iterator[None]:
     """Hold back known TensorFlow start-up noise written to fd 2.
 
     With `keep_python`, Python's own ``sys.stderr`` (the progress spinner,
     warnings) keeps writing to the real stderr meanwhile; only what native
-    code writes to fd 2 is held back and filtered.
+    code writes to fd 2 is held back and filtered. When the body raises,
+    `on_failure` says what is shown: ``"all"`` that was held back, noise
+    included, or ``"none"`` (the caller reports the failure itself).
     """
     sys.stderr.flush()
     saved = os.dup(2)
@@ -68,7 +70,10 @@ def quiet_stderr(*, keep_python: bool = False) -> Iterator[None]:
             os.close(saved)
             sink.seek(0)
             text = sink.read().decode("utf-8", "replace")
-            kept = [ln for ln in text.splitlines() if failed or not _NOISE.search(ln)]
+            if failed and on_failure == "none":
+                kept = []
+            else:
+                kept = [ln for ln in text.splitlines() if failed or not _NOISE.search(ln)]
             if kept:
                 sys.stderr.write("\n".join(kept) + "\n")
 
@@ -94,11 +99,15 @@ def import_frameworks(*extra: str) -> None:
 
 
 @contextlib.contextmanager
-def converter_noise() -> Iterator[None]:
-    """Hold back what the LiteRT converter and interpreter print on every run (fd 2 and Python warnings)."""
+def converter_noise(verbose: bool = False) -> Iterator[None]:
+    """Hold back what the LiteRT converter and interpreter print on every run (fd 2 and Python warnings).
+
+    When the conversion fails, the command's one-line error carries the
+    converter's diagnosis, so its multi-line dump to fd 2 is shown only when `verbose`.
+    """
     import warnings
 
-    with warnings.catch_warnings(), quiet_stderr(keep_python=True):
+    with warnings.catch_warnings(), quiet_stderr(keep_python=True, on_failure="all" if verbose else "none"):
         for message in _CONVERTER_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         yield
