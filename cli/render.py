@@ -83,6 +83,7 @@ def print_int8(settings: Any, report: Any, fmt: str) -> None:
         print_json(report.to_dict())
         return
     out = console()
+    out.print("The float32 model, checked before quantization:")
     _print_float_export(out, report.float_export)
     out.print(report)
     out.print(f"Wrote {report.path}")

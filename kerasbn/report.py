@@ -460,9 +460,9 @@ class Int8Report(_Printable):
         name = {"onnx": "ONNX", "litert": "LiteRT"}.get(self.format, self.format)
         agreement = table(
             f"int8 {name} vs the float Keras model",
-            ("inputs", "rows", "top-1 agreement", "max |Δ|/max |y|", "mean |Δ|/max |y|"),
+            ("inputs", "rows", "top-1 agreement", "max error", "mean error"),
             rows,
-            f"top-1 agreement required: {100 * self.min_agreement:.2f} %",
+            f"errors: |Δ| over the float model's max |y|; top-1 agreement required: {100 * self.min_agreement:.2f} %",
             numeric=range(1, 5),
             title_justify="left",
         )

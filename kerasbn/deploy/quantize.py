@@ -138,7 +138,7 @@ def export_int8(
         "on_step": on_step,
     }
     with tempfile.TemporaryDirectory(prefix="kerasbn-int8-") as folder:
-        float_path = Path(folder) / f"float{_suffix(fmt)}"
+        float_path = Path(folder) / f"float32{_suffix(fmt)}"
         int8_path = Path(folder) / f"int8{_suffix(fmt)}"
         if fmt == "onnx":
             from kerasbn.deploy.onnx import export_onnx
