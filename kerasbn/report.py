@@ -561,7 +561,7 @@ class QuantizationAudit(_Printable):
         return (
             f"spread: widest / narrowest output-channel range of the kernel; levels: of 127, what the narrowest "
             f"channel keeps with per-tensor int8. {len(self.flagged)}/{len(self.layers)} folded layers spread over "
-            f"{self.threshold:g}×: quantize their weights per channel"
+            f"{self.threshold:g}× (quantize those per channel)"
         )
 
     def __rich__(self) -> Any:
