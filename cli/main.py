@@ -77,7 +77,6 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization:
     from kerasbn_cli import render
 
     with render.progress(settings.quiet) as step:
-        quiet.import_frameworks()
         import kerasbn
 
         step(f"Loading {model.name}")
@@ -122,7 +121,6 @@ def fold(settings: Settings, checking: Checking, model: Path, output: Path | Non
 
     output = output or model.with_name(f"{model.stem}.folded.keras")
     with render.progress(settings.quiet) as step:
-        quiet.import_frameworks()
         import kerasbn
 
         original, inputs = _load(settings, checking, model, output, step)
@@ -153,7 +151,6 @@ def strip_biases(settings: Settings, checking: Checking, model: Path, output: Pa
 
     output = output or model.with_name(f"{model.stem}.nobias.keras")
     with render.progress(settings.quiet) as step:
-        quiet.import_frameworks()
         import kerasbn
 
         original, inputs = _load(settings, checking, model, output, step)
@@ -238,7 +235,8 @@ def export(
             from kerasbn.errors import KerasbnError
 
             raise KerasbnError("--opset applies to ONNX only")
-        quiet.import_frameworks("tf2onnx" if target == "onnx" else "tensorflow")
+        if target == "onnx":
+            quiet.import_frameworks("tf2onnx")  # its own start-up noise
         keras_model, inputs = _load(settings, checking, model, output, step)
         common = {
             "fold": fold,
@@ -246,8 +244,7 @@ def export(
             "overwrite": settings.force,
             "batch_sizes": sorted({1, checking.batch}),
             "inputs": inputs,
-            "atol": checking.atol,
-            "rtol": checking.rtol,
+            **checking.tolerances(),
             "on_step": step,
         }
         held_back = quiet.converter_noise(settings.verbose) if target == "litert" or int8 else contextlib.nullcontext()
@@ -304,9 +301,7 @@ def _save_verified(
     checks = {}
 
     def compare(candidate, stage: str) -> None:
-        result = kerasbn.verify(
-            original, candidate, inputs, batch_size=checking.batch, atol=checking.atol, rtol=checking.rtol
-        )
+        result = kerasbn.verify(original, candidate, inputs, batch_size=checking.batch, **checking.tolerances())
         checks[stage] = result
         if not result.passed:
             raise VerificationError(f"the {stage} model differs from the original: {result}; nothing written")

@@ -18,8 +18,6 @@ from typing import Any
 
 import click
 
-from kerasbn.deploy.tolerances import ATOL, RTOL
-
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_ERROR = 2
@@ -76,10 +74,14 @@ class Checking:
     """How the rewrite commands compare the new model with the original."""
 
     verify: bool
-    atol: float
-    rtol: float
+    atol: float | None
+    rtol: float | None
     batch: int
     inputs_file: Path | None
+
+    def tolerances(self) -> dict[str, float]:
+        """``atol``/``rtol`` keyword arguments for the library: only those given on the command line."""
+        return {k: v for k, v in (("atol", self.atol), ("rtol", self.rtol)) if v is not None}
 
 
 def verify_options(verify_help: str) -> Callable[[Callable], Callable]:
@@ -90,7 +92,9 @@ def verify_options(verify_help: str) -> Callable[[Callable], Callable]:
 def _add_verify_options(fn: Callable, verify_help: str) -> Callable:
 
     @functools.wraps(fn)
-    def command(*, verify: bool, atol: float, rtol: float, batch: int, inputs_file: Path | None, **kwargs: Any):
+    def command(
+        *, verify: bool, atol: float | None, rtol: float | None, batch: int, inputs_file: Path | None, **kwargs: Any
+    ):
         return fn(checking=Checking(verify, atol, rtol, batch, inputs_file), **kwargs)
 
     options = (
@@ -100,11 +104,19 @@ def _add_verify_options(fn: Callable, verify_help: str) -> Callable:
             show_default=True,
             help=verify_help,
         ),
+        # None means the library's default check (kerasbn.deploy.tolerances):
+        # reading it here would import the library for `--help`.
         click.option(
-            "--atol", type=click.FloatRange(min=0), default=ATOL, show_default=True, help="Absolute tolerance."
+            "--atol",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Absolute tolerance: |Δ| ≤ atol + rtol·|y| [default: the library's].",
         ),
         click.option(
-            "--rtol", type=click.FloatRange(min=0), default=RTOL, show_default=True, help="Relative tolerance."
+            "--rtol",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Relative tolerance [default: the library's].",
         ),
         click.option(
             "--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Batch size of the random inputs."
@@ -137,6 +149,10 @@ def common_options(fn: Callable) -> Callable:
 
 def run_guarded(settings: Settings, body: Callable[[], int | None]) -> None:
     """Run a command body and turn its outcome into an exit code and one line."""
+    from kerasbn_cli.quiet import import_frameworks
+
+    # First, before `kerasbn` (which imports Keras) is imported anywhere.
+    import_frameworks()
     from kerasbn.errors import KerasbnError, VerificationError
 
     try:

@@ -65,6 +65,8 @@ def print_export(settings: Any, result: Any, fmt: str) -> None:
 def _print_float_export(out: Any, result: Any) -> None:
     out.print(result)
     runtime = getattr(result, "runtime", "ONNX Runtime")
+    if result.passes:
+        out.print(f"Graph passes that changed it: {', '.join(result.passes)}")
     for check in result.checks:
         verdict = "ok" if check.passed else "FAILED"
         out.print(

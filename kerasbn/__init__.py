@@ -1,9 +1,9 @@
 """kerasbn: paper-exact Batch Normalization for Keras 3, and a BN fold engine.
 
-The package imports lazily (PEP 562): ``import kerasbn`` loads nothing
-heavy, ``kerasbn.BatchNormalization`` loads the layer and its ops only, and
-the fold engine, file handling and exporters load on first use. Nothing here
-touches the process's stderr or logging.
+``import kerasbn`` loads the layer and its ops only: the layer registers
+itself with Keras there, so that ``.keras`` files holding it load after a
+plain ``import kerasbn``. The fold engine, file handling and exporters load
+on first use (PEP 562). Nothing here touches the process's stderr or logging.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from kerasbn.layers import BatchNormalization
+
 try:
     __version__ = version("kerasbn")  # one source of truth: pyproject.toml
 except PackageNotFoundError:  # imported from a source tree that was never installed
@@ -19,7 +21,6 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 
 # Public name → the module that defines it.
 _PUBLIC = {
-    "BatchNormalization": "kerasbn.layers.batch_normalization",
     "audit": "kerasbn.folding.audit",
     "fold": "kerasbn.folding.fold",
     "FoldResult": "kerasbn.folding.fold",
@@ -42,7 +43,7 @@ _PUBLIC = {
     "QuantizationAudit": "kerasbn.report",
 }
 
-__all__ = sorted(_PUBLIC) + ["__version__"]
+__all__ = sorted([*_PUBLIC, "BatchNormalization"]) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -67,7 +68,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from kerasbn.folding.audit import audit
     from kerasbn.folding.biases import StripResult, strip_redundant_biases
     from kerasbn.folding.fold import FoldResult, fold
-    from kerasbn.layers.batch_normalization import BatchNormalization
     from kerasbn.report import (
         AuditReport,
         BNFinding,

@@ -2,5 +2,6 @@
 
 - `files`: `load_model` (safe mode), `save_model` and `atomic_output`, `load_inputs`.
 - `verify`: `compare` and `verify`, the one comparison with one set of defaults.
-- `onnx`: `export_onnx` (fold, tf2onnx, ONNX Runtime check).
+- `onnx`: `export_onnx` (fold, tf2onnx, graph passes, ONNX Runtime check).
+- `onnx_passes`: the passes that fuse what an ONNX Conv, ConvTranspose or Gemm can carry.
 """

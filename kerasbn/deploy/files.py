@@ -67,9 +67,6 @@ def load_model(
 
     import keras
 
-    # The package imports lazily: register kerasbn's own layer before Keras looks it up.
-    import kerasbn.layers.batch_normalization  # noqa: F401
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -3,13 +3,18 @@
 The conversion goes through `tf2onnx.convert.from_function` on a
 `tf.function` whose input signature has a dynamic batch dimension, the path
 Keras's own ``model.export(format="onnx")`` takes; ``from_keras`` is
-unreliable on Keras 3. The written file is then run by ONNX Runtime at two
-batch sizes and compared with the original Keras model by
-`kerasbn.deploy.verify.compare`, so a bad fold or a bad conversion never
+unreliable on Keras 3. While it traces, grouped convolutions are written as
+the plain TensorFlow op (`_graph_mode_grouped_conv`) and ``Erfc`` gets a
+conversion (`_erfc`), so keras-hub's depthwise-as-grouped convolutions and
+exact GELU convert. The passes of `kerasbn.deploy.onnx_passes` then fuse
+what a ``Conv``, ``ConvTranspose`` or ``Gemm`` can carry, each checked by
+ONNX Runtime against the graph before it. The written file is run by ONNX
+Runtime at two batch sizes and compared with the original Keras model by
+`kerasbn.deploy.verify.compare`, so a bad fold, conversion or pass never
 reaches the output path.
 
-TensorFlow, tf2onnx and ONNX Runtime are imported inside the functions: they
-cost seconds, and importing this module should not.
+tf2onnx and ONNX Runtime are imported inside the functions: they cost
+seconds, which `import kerasbn` should not pay.
 """
 
 from __future__ import annotations
@@ -23,15 +28,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kerasbn.deploy.files import atomic_output
 from kerasbn.deploy.tolerances import ATOL, RTOL
+from kerasbn.deploy.verify import VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
 from kerasbn.report import export_table, op_table
-
-if TYPE_CHECKING:  # the module itself stays cheap to import
-    from kerasbn.deploy.verify import VerifyResult
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class ExportResult:
         checks: one `VerifyResult` per batch size (empty with ``verify=False``).
         size: bytes of the written file.
         size_unfolded: bytes of the unfolded model's ONNX (None with ``fold=False``).
+        passes: the `kerasbn.deploy.onnx_passes` passes that changed the graph, in order.
     """
 
     path: Path
@@ -58,6 +62,7 @@ class ExportResult:
     checks: tuple[VerifyResult, ...] = field(default_factory=tuple)
     size: int = 0
     size_unfolded: int | None = None
+    passes: tuple[str, ...] = ()
 
     @property
     def verified(self) -> bool:
@@ -79,6 +84,7 @@ class ExportResult:
             "checks": [c.to_dict() for c in self.checks],
             "size": self.size,
             "size_unfolded": self.size_unfolded,
+            "passes": list(self.passes),
         }
 
     def __rich__(self) -> Any:
@@ -105,6 +111,7 @@ def export_onnx(
     *,
     opset: int | None = None,
     fold: bool = True,
+    optimize: bool = True,
     verify: bool = True,
     overwrite: bool = False,
     batch_sizes: Sequence[int] = (1, 8),
@@ -122,6 +129,8 @@ def export_onnx(
         opset: ONNX opset; tf2onnx's default when None.
         fold: run `kerasbn.fold` first so no BatchNormalization, and no
             per-channel Mul/Add left over from one, reaches the graph.
+        optimize: run the graph passes of `kerasbn.deploy.onnx_passes` (each
+            checked by ONNX Runtime against the graph before it when `verify`).
         verify: compare ONNX Runtime with the original Keras model at every
             batch size in `batch_sizes` before the file is put in place.
         overwrite: replace an existing `path`.
@@ -142,6 +151,8 @@ def export_onnx(
         UnsupportedModelError: the model cannot be traced or converted.
         KerasbnError: the output path is not writable or exists.
     """
+    import keras
+
     _require_tensorflow_backend()
     step = on_step or (lambda _message: None)
     path = Path(path)
@@ -161,6 +172,15 @@ def export_onnx(
         before, size_before = op_counts(unfolded), unfolded.ByteSize()
     step("Converting to ONNX")
     proto = to_onnx(target, opset=opset)
+    passes: tuple[str, ...] = ()
+    if optimize:
+        from kerasbn.deploy.onnx_passes import run_passes
+
+        step("Fusing what Conv, ConvTranspose and Gemm can carry")
+        feed = None
+        if verify:
+            feed = keras.tree.flatten(inputs) if inputs is not None else _random_arrays(model, max(batch_sizes), seed)
+        proto, passes = run_passes(proto, feed, atol=atol, rtol=rtol)
     after = op_counts(proto)
     opset_used = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     with atomic_output(path, overwrite=overwrite) as tmp:
@@ -169,7 +189,9 @@ def export_onnx(
         if verify:
             step("Checking with ONNX Runtime")
             checks = _check_with_onnxruntime(tmp, model, batch_sizes, inputs, atol, rtol, seed)
-        result = ExportResult(path, opset_used, after, before, fold_report, checks, proto.ByteSize(), size_before)
+        result = ExportResult(
+            path, opset_used, after, before, fold_report, checks, proto.ByteSize(), size_before, passes
+        )
         failed = [c for c in checks if not c.passed]
         if failed:
             worst = max(failed, key=lambda c: c.max_abs_error)
@@ -182,7 +204,7 @@ def export_onnx(
 
 
 def to_onnx(model: Any, *, opset: int | None = None) -> Any:
-    """Convert `model` to an `onnx.ModelProto` with a dynamic batch dimension.
+    """Convert `model` to an `onnx.ModelProto` with a dynamic batch dimension: tf2onnx's graph, no passes.
 
     Inputs keep the model's input names; outputs are the model's outputs in
     `keras.tree.flatten` order.
@@ -203,9 +225,11 @@ def to_onnx(model: Any, *, opset: int | None = None) -> Any:
         return tuple(keras.tree.flatten(outputs))
 
     function = tf.function(forward, input_signature=specs, autograph=False)
-    with _tf2onnx() as tf2onnx:
+    with _tf2onnx() as tf2onnx, _graph_mode_grouped_conv():
         try:
-            proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
+            proto, _ = tf2onnx.convert.from_function(
+                function, input_signature=specs, opset=opset, custom_op_handlers={"Erfc": (_erfc, [])}
+            )
         except Exception as exc:  # tf2onnx raises bare Exceptions for unsupported ops
             raise UnsupportedModelError(f"tf2onnx cannot convert the model: {_first_line(exc)}") from exc
     return proto
@@ -244,7 +268,7 @@ def _check_with_onnxruntime(
     import keras
     import onnxruntime as ort
 
-    from kerasbn.deploy.verify import compare, keras_outputs, random_inputs
+    from kerasbn.deploy.verify import compare, keras_outputs
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -254,13 +278,73 @@ def _check_with_onnxruntime(
         arrays = keras.tree.flatten(inputs)
         cases = [arrays, [a[:1] for a in arrays]]
     else:
-        cases = [keras.tree.flatten(random_inputs(model, b, seed + k)) for k, b in enumerate(batch_sizes)]
+        cases = [_random_arrays(model, b, seed + k) for k, b in enumerate(batch_sizes)]
     checks = []
     for arrays in cases:
         expected = keras_outputs(model, keras.tree.pack_sequence_as(model.input, arrays))
         got = session.run(None, {n: a for n, a in zip(names, arrays)})
         checks.append(compare(expected, got, batch_size=int(arrays[0].shape[0]), atol=atol, rtol=rtol))
     return tuple(checks)
+
+
+def _random_arrays(model: Any, batch_size: int, seed: int) -> list[Any]:
+    import keras
+
+    from kerasbn.deploy.verify import random_inputs
+
+    return keras.tree.flatten(random_inputs(model, batch_size, seed))
+
+
+@contextlib.contextmanager
+def _graph_mode_grouped_conv() -> Iterator[None]:
+    """While tracing, Keras's TensorFlow ``conv`` always emits the plain convolution op, grouped kernels too.
+
+    Keras runs a grouped convolution (input channels ≠ the kernel's) and a
+    channels_first Conv3D inside a ``tf.function(jit_compile=True)`` because
+    TensorFlow's CPU *kernels* lack them; tf2onnx cannot convert that call
+    ("No Op registered for StatefulPartitionedCall"). The graph op itself
+    accepts a grouped kernel, and tf2onnx sets the ONNX ``Conv``'s ``group``
+    from the kernel's shape, so the traced graph only needs the plain op (the
+    one Keras emits for every other convolution). It is never run by
+    TensorFlow here: ONNX Runtime checks the result. The module attribute is
+    restored afterwards (Keras looks it up at call time); tracing another
+    model in another thread meanwhile would see the patch too.
+    """
+    import tensorflow as tf
+    from keras.src import backend
+    from keras.src.backend.tensorflow import nn
+
+    original = nn.conv
+
+    def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+        data_format = backend.standardize_data_format(data_format)
+        tf_format = nn._convert_data_format(data_format, len(inputs.shape))
+        return tf.nn.convolution(
+            inputs, kernel, strides, padding.upper(), data_format=tf_format, dilations=dilation_rate
+        )
+
+    nn.conv = conv
+    try:
+        yield
+    finally:
+        nn.conv = original
+
+
+def _erfc(ctx: Any, node: Any, name: str, args: list) -> None:
+    """tf2onnx handler for ``Erfc`` (exact GELU: ``0.5·x·erfc(−x/√2)``), which ONNX lacks: ``1 − Erf(x)``.
+
+    Near erfc's small values (GELU of x < −3) the subtraction loses relative
+    precision, but not absolute: the error stays below float32's spacing at 1.
+    """
+    import numpy as np
+    from tf2onnx import utils
+
+    dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+    one = ctx.make_const(utils.make_name(f"{name}_one"), np.array(1, dtype=dtype))
+    erf = ctx.make_node("Erf", [node.input[0]], op_name_scope=name)
+    shapes, dtypes, output = node.output_shapes, node.output_dtypes, node.output[0]
+    ctx.remove_node(node.name)
+    ctx.make_node("Sub", [one.output[0], erf.output[0]], outputs=[output], name=name, shapes=shapes, dtypes=dtypes)
 
 
 @contextlib.contextmanager

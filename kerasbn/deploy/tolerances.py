@@ -1,7 +1,8 @@
 """The default verification tolerances, in one place.
 
-Its own module, free of heavy imports, so that the command line can show
-the defaults in ``--help`` without loading Keras.
+`kerasbn.deploy.verify.compare` and every exporter's check take their
+defaults from here; the command line passes a tolerance only when the user
+gives one.
 """
 
 # Element-wise |Δ| ≤ ATOL + RTOL·|y|: the tolerances tf2onnx and onnx-simplifier test with.

@@ -102,6 +102,36 @@ def test_export_on_another_backend_is_one_clear_line(model_files, tmp_path):
     assert listing(tmp_path) == set()
 
 
+def test_export_grouped_convolution_and_exact_gelu(tmp_path):
+    """The two things tf2onnx could not convert before: keras-hub's grouped convs and exact GELU."""
+    import json
+
+    import keras
+
+    from tests.helpers import randomize_bn
+
+    inputs = keras.Input((6, 6, 4), name="image")
+    x = keras.layers.Conv2D(4, 3, groups=4, use_bias=False)(inputs)  # keras-hub's depthwise convolution
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation(keras.activations.gelu)(x)
+    source = tmp_path / "hub_like.keras"
+    randomize_bn(keras.Model(inputs, x)).save(source)
+
+    result = invoke("export", source, "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.stderr
+    assert "batch 8" in result.stdout and "FAILED" not in result.stdout
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"Conv", "Erf"} <= ops and not ops & {"StatefulPartitionedCall", "BatchNormalization", "Erfc"}
+    [conv] = [node for node in graph.node if node.op_type == "Conv"]
+    assert onnx.helper.get_attribute_value(next(a for a in conv.attribute if a.name == "group")) == 4
+
+    result = invoke("export", source, "-o", tmp_path / "j.onnx", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["verified"] and isinstance(report["passes"], list)
+
+
 # LiteRT and int8 (--to, the suffix, --int8 --calibration --min-agreement)
 
 SUFFIXES = {"onnx": ".onnx", "litert": ".tflite"}

@@ -1,4 +1,4 @@
-"""`kerasbn --help` and `--version` answer at once: no TensorFlow, nothing of the library but its tolerances."""
+"""`kerasbn --help` and `--version` answer at once: no TensorFlow, no kerasbn library import."""
 
 from __future__ import annotations
 
@@ -17,10 +17,7 @@ HEAVY = (
     "tf2onnx",
     "onnxruntime",
     "rich",
-    "kerasbn.layers",
-    "kerasbn.folding",
-    "kerasbn.deploy.verify",
-    "kerasbn.report",
+    "kerasbn",
 )
 
 
