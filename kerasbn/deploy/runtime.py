@@ -66,8 +66,11 @@ def litert_runner(path: str | os.PathLike, input_names: Sequence[str]) -> Runner
         raise ValueError(f"{path}: the signature's inputs are {spec['inputs']}, not {inputs}")
     outputs = sorted(spec["outputs"], key=lambda name: int(name.rsplit("_", 1)[-1]))
 
+    # The interpreter refuses, rather than casts, an array of another dtype (float64 from an .npz).
+    dtypes = {name: detail["dtype"] for name, detail in runner.get_input_details().items()}
+
     def run(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        result = runner(**{n: np.asarray(a) for n, a in zip(inputs, arrays)})
+        result = runner(**{n: np.asarray(a, dtypes[n]) for n, a in zip(inputs, arrays)})
         return [np.array(result[n]) for n in outputs]
 
     return run

@@ -153,3 +153,10 @@ def test_multi_input_multi_output_keep_their_order(tmp_path):
     got = litert_runner(path, litert.input_names(model))(arrays)
     for y, z in zip(keras_outputs(model, arrays), got):
         np.testing.assert_allclose(z, y, rtol=1e-4, atol=1e-4 * np.max(np.abs(y)))
+
+
+def test_float64_inputs_are_cast_like_keras_casts_them(tmp_path):
+    model = _model(*PAIRS["dense_bn"])
+    x = np.random.default_rng(4).standard_normal((3, 5))  # float64, as np.savez keeps it
+    result = kerasbn.export_litert(model, tmp_path / "m.tflite", inputs=x)
+    assert result.verified and [c.batch_size for c in result.checks] == [3, 1]
