@@ -7,6 +7,7 @@ prints and returns an exit code; the library does the work.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from importlib.metadata import version
@@ -55,8 +56,13 @@ def main() -> None:
     help="Output format.",
 )
 @click.option("--strict", is_flag=True, help="Exit with status 1 if a BN folds or a bias is redundant (CI gates).")
+@click.option(
+    "--quantization",
+    is_flag=True,
+    help="Also show how each fold spreads the per-channel weight ranges (per-tensor vs per-channel int8).",
+)
 @common_options
-def audit(settings: Settings, model: Path, fmt: str, strict: bool) -> int:
+def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization: bool) -> int:
     """List each BatchNormalization layer of MODEL, its partner, whether it folds and why not.
 
     Also lists the Dense/Conv biases that a following BN makes redundant, and
@@ -66,6 +72,7 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool) -> int:
     Example:
       kerasbn audit model.keras --format markdown >> $GITHUB_STEP_SUMMARY
       kerasbn audit model.keras --strict -q || echo "model has foldable BN"
+      kerasbn audit model.keras --quantization
     """
     from kerasbn_cli import render
 
@@ -76,8 +83,14 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool) -> int:
         keras_model = kerasbn.load_model(model, safe_mode=settings.safe_mode, custom_modules=settings.imports)
         step("Auditing")
         report = kerasbn.audit(keras_model)
+        ranges = None
+        if quantization:
+            from kerasbn.deploy.quantize import audit_quantization
+
+            step("Folding to measure the weight ranges")
+            ranges = audit_quantization(keras_model)
     if not settings.quiet:
-        render.print_audit(report, fmt)
+        render.print_audit(report, fmt, ranges)
     if strict and (report.foldable or report.redundant_biases):
         return EXIT_FINDINGS
     return EXIT_OK
@@ -150,48 +163,113 @@ def strip_biases(settings: Settings, checking: Checking, model: Path, output: Pa
 
 @main.command()
 @MODEL_ARGUMENT
-@output_option("MODEL with .onnx")
+@output_option("MODEL with .onnx, or .tflite with --to litert")
+@click.option(
+    "--to",
+    type=click.Choice(["onnx", "litert"]),
+    help="File format: ONNX or LiteRT (TFLite) [default: from OUT's suffix, .onnx or .tflite].",
+)
 @click.option("--fold/--no-fold", default=True, show_default=True, help="Fold BatchNormalization before converting.")
 @click.option("--opset", type=click.IntRange(min=7), metavar="N", help="ONNX opset [default: tf2onnx's].")
-@verify_options("Run the file in ONNX Runtime at batch 1 and --batch and compare with Keras.")
+@click.option("--int8", is_flag=True, help="Quantize to int8 after the fold (static, calibrated on --calibration).")
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    metavar="DATA.npz",
+    help="Representative inputs for --int8 (arrays named after the model inputs), a few hundred rows.",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=0.99,
+    show_default=True,
+    help="With --int8: the top-1 agreement with the float model required on the calibration rows and --inputs.",
+)
+@verify_options("Run the file in ONNX Runtime or LiteRT at batch 1 and --batch and compare with Keras.")
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
 )
 @common_options
 def export(
-    settings: Settings, checking: Checking, model: Path, output: Path | None, fold: bool, opset: int | None, fmt: str
+    settings: Settings,
+    checking: Checking,
+    model: Path,
+    output: Path | None,
+    to: str | None,
+    fold: bool,
+    opset: int | None,
+    int8: bool,
+    calibration: Path | None,
+    min_agreement: float,
+    fmt: str,
 ) -> int:
-    """Export MODEL to ONNX with a dynamic batch dimension, BN folded away.
+    """Export MODEL to ONNX or LiteRT with a dynamic batch dimension, BN folded away.
 
     Prints the op counts before and after the fold. Nothing is written if
-    ONNX Runtime disagrees with Keras.
+    ONNX Runtime (or the LiteRT interpreter) disagrees with Keras.
+
+    With --int8 the verified float model is quantized with the --calibration
+    rows (ONNX: ONNX Runtime's QDQ, per-channel weights; LiteRT: full-integer)
+    and compared with the float model: top-1 agreement, errors, size and
+    latency. Nothing is written if the agreement is below --min-agreement.
 
     \b
     Example:
       kerasbn export resnet.keras -o resnet.onnx --opset 17
       kerasbn export deep.keras --atol 1e-4 --rtol 1e-3
+      kerasbn export net.keras -o net.tflite
+      kerasbn export net.keras -o net.int8.tflite --int8 --calibration calib.npz --inputs test.npz
     """
     from kerasbn_cli import render
 
-    output = output or model.with_suffix(".onnx")
+    output = output or model.with_suffix(".tflite" if to == "litert" else ".onnx")
     with render.progress(settings.quiet) as step:
-        quiet.import_frameworks("tf2onnx")  # its own start-up noise
-        from kerasbn.deploy.onnx import export_onnx
+        from kerasbn.deploy.quantize import format_of
 
+        target = format_of(output, to)
+        if int8 != (calibration is not None):
+            from kerasbn.errors import KerasbnError
+
+            raise KerasbnError("--int8 needs --calibration DATA.npz" if int8 else "--calibration goes with --int8")
+        if opset is not None and target != "onnx":
+            from kerasbn.errors import KerasbnError
+
+            raise KerasbnError("--opset applies to ONNX only")
+        if target == "onnx":
+            quiet.import_frameworks("tf2onnx")  # its own start-up noise
         keras_model, inputs = _load(settings, checking, model, output, step)
-        result = export_onnx(
-            keras_model,
-            output,
-            opset=opset,
-            fold=fold,
-            verify=checking.verify,
-            overwrite=settings.force,
-            batch_sizes=sorted({1, checking.batch}),
-            inputs=inputs,
+        common = {
+            "fold": fold,
+            "verify": checking.verify,
+            "overwrite": settings.force,
+            "batch_sizes": sorted({1, checking.batch}),
+            "inputs": inputs,
             **checking.tolerances(),
-            on_step=step,
-        )
-    render.print_export(settings, result, fmt)
+            "on_step": step,
+        }
+        held_back = quiet.converter_noise(settings.verbose) if target == "litert" or int8 else contextlib.nullcontext()
+        with held_back:
+            if int8:
+                from kerasbn.deploy.files import load_inputs
+                from kerasbn.deploy.quantize import export_int8
+
+                rows = load_inputs(calibration, keras_model)
+                label = checking.inputs_file.name if checking.inputs_file is not None else "inputs"
+                report = export_int8(
+                    keras_model, output, rows, to=target, min_agreement=min_agreement, inputs_label=label, **common
+                )
+            elif target == "litert":
+                from kerasbn.deploy.litert import export_litert
+
+                result = export_litert(keras_model, output, **common)
+            else:
+                from kerasbn.deploy.onnx import export_onnx
+
+                result = export_onnx(keras_model, output, opset=opset, **common)
+    if int8:
+        render.print_int8(settings, report, fmt)
+    else:
+        render.print_export(settings, result, fmt)
     return EXIT_OK
 
 

@@ -51,35 +51,60 @@ def error(value: float) -> str:
 
 
 def print_export(settings: Any, result: Any, fmt: str) -> None:
-    """What export_onnx wrote: the op table and the ONNX Runtime checks (or the result as JSON)."""
+    """What export_onnx or export_litert wrote: the op table and the runtime's checks (or the result as JSON)."""
     if settings.quiet:
         return
     if fmt == "json":
         print_json(result.to_dict())
         return
     out = console()
+    _print_float_export(out, result)
+    out.print(f"Wrote {result.path}")
+
+
+def _print_float_export(out: Any, result: Any) -> None:
     out.print(result)
+    runtime = getattr(result, "runtime", "ONNX Runtime")
     if result.passes:
         out.print(f"Graph passes that changed it: {', '.join(result.passes)}")
     for check in result.checks:
         verdict = "ok" if check.passed else "FAILED"
         out.print(
-            f"ONNX Runtime vs Keras, batch {check.batch_size}: max |Δ| {error(check.max_abs_error)}, "
+            f"{runtime} vs Keras, batch {check.batch_size}: max |Δ| {error(check.max_abs_error)}, "
             f"max |Δ|/max |y| {error(check.max_rel_error)}: {verdict}"
         )
     if not result.checks:
         out.print("Not verified (--no-verify).")
-    out.print(f"Wrote {result.path}")
 
 
-def print_audit(report: Any, fmt: str) -> None:
-    """The audit as rich tables, JSON (`AuditReport.to_dict`) or Markdown."""
+def print_int8(settings: Any, report: Any, fmt: str) -> None:
+    """What export_int8 wrote: the float export and its checks, then the int8 comparison, sizes and latencies."""
+    if settings.quiet:
+        return
     if fmt == "json":
         print_json(report.to_dict())
+        return
+    out = console()
+    out.print("The float32 model, checked before quantization:")
+    _print_float_export(out, report.float_export)
+    out.print(report)
+    out.print(f"Wrote {report.path}")
+
+
+def print_audit(report: Any, fmt: str, quantization: Any = None) -> None:
+    """The audit as rich tables, JSON (`AuditReport.to_dict`) or Markdown; with the weight-range audit when given."""
+    if fmt == "json":
+        data = report.to_dict()
+        if quantization is not None:
+            data["quantization"] = quantization.to_dict()
+        print_json(data)
     elif fmt == "table":
         console().print(report)
+        if quantization is not None:
+            console().print(quantization)
     else:
-        sys.stdout.write(report.to_markdown() + "\n")
+        text = report.to_markdown() + ("" if quantization is None else "\n\n" + quantization.to_markdown())
+        sys.stdout.write(text + "\n")
 
 
 def _check_lines(checks: dict[str, Any]) -> list[str]:

@@ -5,12 +5,19 @@ MNIST, which cannot be downloaded here. The model trains with XLA
 (`jit_compile=True`) and is saved to build/demo/digits_cnn.keras. The demo
 then runs the real command line on the saved file, as a user would:
 
-    kerasbn audit  build/demo/digits_cnn.keras
+    kerasbn audit  build/demo/digits_cnn.keras --quantization
     kerasbn fold   build/demo/digits_cnn.keras -o build/demo/digits_cnn.folded.keras
     kerasbn export build/demo/digits_cnn.keras -o build/demo/digits_cnn.onnx
+    kerasbn export build/demo/digits_cnn.keras -o build/demo/digits_cnn.int8.onnx \
+        --int8 --calibration build/demo/digits_calibration.npz --inputs build/demo/digits_heldout.npz
+    kerasbn export build/demo/digits_cnn.keras -o build/demo/digits_cnn.tflite
+    kerasbn export build/demo/digits_cnn.keras -o build/demo/digits_cnn.int8.tflite \
+        --int8 --calibration build/demo/digits_calibration.npz --inputs build/demo/digits_heldout.npz
 
-and finally scores the original, folded and ONNX models (the ONNX one in ONNX
-Runtime) on the held-out digits: the same accuracy, and the latencies.
+and finally scores the six models (the exported ones in ONNX Runtime and the
+LiteRT interpreter) on the held-out digits: accuracy, agreement with the
+original's classes, file size and latency. The float ones predict the same
+classes; the int8 ones agree on at least 99 % of the digits.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from timing import median_ms  # noqa: E402
 
-from kerasbn_cli.quiet import import_frameworks  # noqa: E402
+from kerasbn_cli.quiet import import_frameworks, quiet_stderr  # noqa: E402
 
 import_frameworks()  # TensorFlow's start-up noise held back, real errors kept
 import kerasbn  # noqa: E402
@@ -69,33 +76,52 @@ def cli(*args: str) -> None:
     subprocess.run([str(KERASBN), *args], check=True)
 
 
-def score(x_test, y_test, original_path: Path, folded_path: Path, onnx_path: Path) -> None:
-    """Accuracy and latency of the three models on the same held-out digits."""
-    import onnxruntime as ort
+def score(x_test, y_test, files: dict[str, Path]) -> None:
+    """Accuracy, agreement with the original, size and latency of every model on the same held-out digits."""
+    from kerasbn.deploy.litert import input_names
+    from kerasbn.deploy.runtime import litert_runner, onnx_runner
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
     runners = {}
-    for label, path in (("original (Keras)", original_path), ("folded (Keras)", folded_path)):
-        model = kerasbn.load_model(path)
-        runners[label] = (model.predict_on_batch, kerasbn.audit(model).bn_layers)
-    runners["folded (ONNX Runtime)"] = (lambda x: session.run(None, {input_name: x})[0], 0)
+    for label in ("original (Keras)", "folded (Keras)"):
+        model = kerasbn.load_model(files[label])
+        runners[label] = model.predict_on_batch
+    names = input_names(model)
+    for label, path in files.items():
+        if path.suffix == ".onnx":
+            run = onnx_runner(path)
+        elif path.suffix == ".tflite":
+            run = litert_runner(path, names)
+        else:
+            continue
+        runners[label] = lambda x, run=run: run([x])[0]
 
     print(f"\nscoring on {len(x_test)} held-out digits (latency: median of 30 calls)")
-    header = f"{'model':<22} {'BN layers':>9} {'test accuracy':>14} {'1 image':>10} {f'{len(x_test)} images':>12}"
+    header = (
+        f"{'model':<18} {'test accuracy':>13} {'same class':>10} {'file size':>10} {'1 image':>9} "
+        f"{f'{len(x_test)} images':>11}"
+    )
     print(header)
     print("-" * len(header))
-    predictions = {}
-    for label, (run, bn_layers) in runners.items():
-        predictions[label] = np.argmax(np.asarray(run(x_test)), axis=1)
-        accuracy = float(np.mean(predictions[label] == y_test))
+    reference = None
+    agreements = {}
+    for label, run in runners.items():
+        with quiet_stderr(keep_python=True):  # the LiteRT interpreter's "XNNPACK delegate" notice
+            run(x_test[:1])
+        predicted = np.argmax(np.asarray(run(x_test)), axis=1)
+        reference = predicted if reference is None else reference
+        agreements[label] = float(np.mean(predicted == reference))
+        accuracy = float(np.mean(predicted == y_test))
         one, batch = median_ms(lambda run=run: run(x_test[:1])), median_ms(lambda run=run: run(x_test))
-        print(f"{label:<22} {bn_layers:>9} {accuracy:>14.4f} {one:>8.2f}ms {batch:>10.2f}ms")
-    reference = predictions["original (Keras)"]
-    same = all(np.array_equal(reference, p) for p in predictions.values())
-    print(f"predicted classes identical across the three models: {'yes' if same else 'NO'}")
-    if not same:
-        raise SystemExit("the folded or exported model disagrees with the original")
+        size = files[label].stat().st_size / 1024
+        print(
+            f"{label:<18} {accuracy:>13.4f} {100 * agreements[label]:>9.1f}% {size:>7.1f} KiB "
+            f"{one:>7.3f}ms {batch:>9.3f}ms"
+        )
+    floats = [label for label in runners if "int8" not in label]
+    same = all(agreements[label] == 1.0 for label in floats)
+    print(f"predicted classes identical across the float models: {'yes' if same else 'NO'}")
+    if not same or min(agreements.values()) < 0.99:
+        raise SystemExit("a folded or exported model disagrees with the original")
 
 
 def main() -> None:
@@ -117,15 +143,28 @@ def main() -> None:
     path = OUT / "digits_cnn.keras"
     model.save(path)
     np.savez(OUT / "digits_test.npz", image=x_test[:64])
+    np.savez(OUT / "digits_heldout.npz", image=x_test)
+    np.savez(OUT / "digits_calibration.npz", image=x_train[:256])  # calibration rows come from training data
     print(f"trained {model.name} with kerasbn.BatchNormalization (XLA) in {seconds:.1f} s")
     print(f"test accuracy: {accuracy:.4f} on {len(x_test)} held-out digits")
     print(f"saved {path}")
 
-    folded, onnx_file = OUT / "digits_cnn.folded.keras", OUT / "digits_cnn.onnx"
-    cli("audit", str(path))
-    cli("fold", str(path), "-o", str(folded), "--inputs", str(OUT / "digits_test.npz"), "--force")
-    cli("export", str(path), "-o", str(onnx_file), "--force")
-    score(x_test, y_test, path, folded, onnx_file)
+    files = {
+        "original (Keras)": path,
+        "folded (Keras)": OUT / "digits_cnn.folded.keras",
+        "ONNX fp32": OUT / "digits_cnn.onnx",
+        "ONNX int8": OUT / "digits_cnn.int8.onnx",
+        "LiteRT fp32": OUT / "digits_cnn.tflite",
+        "LiteRT int8": OUT / "digits_cnn.int8.tflite",
+    }
+    calibration = ("--calibration", str(OUT / "digits_calibration.npz"), "--inputs", str(OUT / "digits_heldout.npz"))
+    cli("audit", str(path), "--quantization")
+    cli("fold", str(path), "-o", str(files["folded (Keras)"]), "--inputs", str(OUT / "digits_test.npz"), "--force")
+    for label, output in files.items():
+        if output.suffix in (".onnx", ".tflite"):
+            int8 = ("--int8", *calibration) if "int8" in label else ()
+            cli("export", str(path), "-o", str(output), "--force", *int8)
+    score(x_test, y_test, files)
     print(f"\ndemo finished in {time.perf_counter() - begin:.0f} s")
 
 

@@ -36,6 +36,11 @@ _PUBLIC = {
     "verify": "kerasbn.deploy.verify",
     "VerifyResult": "kerasbn.deploy.verify",
     "export_onnx": "kerasbn.deploy.onnx",
+    "export_litert": "kerasbn.deploy.litert",
+    "export_int8": "kerasbn.deploy.quantize",
+    "audit_quantization": "kerasbn.deploy.quantize",
+    "Int8Report": "kerasbn.report",
+    "QuantizationAudit": "kerasbn.report",
 }
 
 __all__ = sorted([*_PUBLIC, "BatchNormalization"]) + ["__version__"]
@@ -56,9 +61,19 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from kerasbn.deploy.files import load_model, save_model
+    from kerasbn.deploy.litert import export_litert
     from kerasbn.deploy.onnx import export_onnx
+    from kerasbn.deploy.quantize import audit_quantization, export_int8
     from kerasbn.deploy.verify import VerifyResult, verify
     from kerasbn.folding.audit import audit
     from kerasbn.folding.biases import StripResult, strip_redundant_biases
     from kerasbn.folding.fold import FoldResult, fold
-    from kerasbn.report import AuditReport, BNFinding, FoldReport, RedundantBias, StripReport
+    from kerasbn.report import (
+        AuditReport,
+        BNFinding,
+        FoldReport,
+        Int8Report,
+        QuantizationAudit,
+        RedundantBias,
+        StripReport,
+    )

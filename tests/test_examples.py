@@ -65,20 +65,29 @@ def test_steps_to_target_takes_the_first_evaluation_at_or_above_it():
 
 
 @pytest.mark.slow
-def test_demo_runs_the_installed_cli_and_all_three_models_agree(tmp_path):
+def test_demo_runs_the_installed_cli_and_all_six_models_agree(tmp_path):
     """`make demo` end to end, in a scratch directory (it writes build/demo/ under the cwd)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "demo.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(EXAMPLES / "demo.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for command in ("$ kerasbn audit", "$ kerasbn fold", "$ kerasbn export"):
+    for command in ("$ kerasbn audit", "$ kerasbn fold", "$ kerasbn export", "--int8 --calibration"):
         assert command in done.stdout
-    assert "predicted classes identical across the three models: yes" in done.stdout
-    scores = [line.split() for line in done.stdout.splitlines() if line.startswith(("original", "folded"))]
-    accuracies = {line[-3] for line in scores}
-    assert len(scores) == 3 and len(accuracies) == 1 and float(accuracies.pop()) > 0.9
-    for name in ("digits_cnn.keras", "digits_cnn.folded.keras", "digits_cnn.onnx"):
+    assert "predicted classes identical across the float models: yes" in done.stdout
+    table = done.stdout.split("scoring on", 1)[1].splitlines()
+    rows = {" ".join(line.split()[:2]): line.split()[2:] for line in table[3:] if line[:1].strip() and "ms" in line}
+    assert sorted(rows) == sorted(
+        ["original (Keras)", "folded (Keras)", "ONNX fp32", "ONNX int8", "LiteRT fp32", "LiteRT int8"]
+    )
+    floats = {label: row for label, row in rows.items() if "int8" not in label}
+    assert len({row[0] for row in floats.values()}) == 1 and float(rows["original (Keras)"][0]) > 0.9
+    for label in ("ONNX int8", "LiteRT int8"):
+        assert float(rows[label][1].rstrip("%")) >= 99.0, rows[label]
+        float_label = label.replace("int8", "fp32")
+        assert float(rows[label][2]) <= 0.30 * float(rows[float_label][2]), (rows[label], rows[float_label])
+    names = ("digits_cnn.keras", "digits_cnn.folded.keras", "digits_cnn.onnx", "digits_cnn.int8.onnx")
+    for name in names + ("digits_cnn.tflite", "digits_cnn.int8.tflite"):
         assert (tmp_path / "build" / "demo" / name).is_file()
 
 

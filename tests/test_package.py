@@ -18,6 +18,7 @@ DOCTESTED = [
     "kerasbn.folding.fold",
     "kerasbn.folding.biases",
     "kerasbn.deploy.verify",
+    "kerasbn.deploy.quantize",
     "kerasbn.layers.batch_normalization",
 ]
 

@@ -4,4 +4,8 @@
 - `verify`: `compare` and `verify`, the one comparison with one set of defaults.
 - `onnx`: `export_onnx` (fold, tf2onnx, graph passes, ONNX Runtime check).
 - `onnx_passes`: the passes that fuse what an ONNX Conv, ConvTranspose or Gemm can carry.
+- `litert`: `export_litert` (fold, TensorFlow's LiteRT converter, LiteRT interpreter check).
+- `quantize`: `export_int8` (static int8 after the fold, judged against the float model) and
+  `audit_quantization` (per-tensor vs per-channel weight ranges after each fold).
+- `runtime`: an exported file run by ONNX Runtime or the LiteRT interpreter, and its latency.
 """

@@ -309,3 +309,22 @@ def test_installed_script_folds_and_audits(model_files, copy_of):
     done = run_script("audit", source.with_name("tiny.folded.keras"), "--strict", "--format", "json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["totals"]["bn_layers"] == 0
+
+
+# audit --quantization
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "markdown"])
+def test_audit_quantization_lists_each_folded_kernel(fmt, model_files):
+    result = invoke("audit", model_files["keras"], "--quantization", "--format", fmt)
+    assert result.exit_code == 0, result.stderr
+    expected = kerasbn.audit_quantization(kerasbn.load_model(model_files["keras"]))
+    assert [w.layer for w in expected.layers] == ["conv", "dense"]
+    if fmt == "json":
+        assert json.loads(result.stdout)["quantization"] == json.loads(json.dumps(expected.to_dict()))
+    else:
+        assert "Weight ranges after the fold" in result.stdout
+        for w in expected.layers:
+            assert f"{w.ratio_after:.1f}×" in result.stdout
+    plain = invoke("audit", model_files["keras"], "--format", fmt)
+    assert "Weight ranges" not in plain.stdout and "quantization" not in plain.stdout

@@ -1,10 +1,14 @@
-"""`kerasbn export`: the op table, the ONNX Runtime checks, exit codes and files."""
+"""`kerasbn export`: the op table, the ONNX Runtime and LiteRT checks, int8, exit codes and files."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import textwrap
 
+import keras
+import numpy as np
 import onnx
 import pytest
 
@@ -126,3 +130,155 @@ def test_export_grouped_convolution_and_exact_gelu(tmp_path):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["verified"] and isinstance(report["passes"], list)
+
+
+# LiteRT and int8 (--to, the suffix, --int8 --calibration --min-agreement)
+
+SUFFIXES = {"onnx": ".onnx", "litert": ".tflite"}
+RUNTIMES = {"onnx": "ONNX Runtime vs Keras", "litert": "LiteRT vs Keras"}
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    """Calibration and test rows for `tiny_model` (named after its input), and a file of the wrong shape."""
+    folder = tmp_path_factory.mktemp("rows")
+    rng = np.random.default_rng(0)
+    np.savez(folder / "calibration.npz", image=rng.standard_normal((64, 6, 6, 2)).astype("float32"))
+    np.savez(folder / "test.npz", image=rng.standard_normal((16, 6, 6, 2)).astype("float32"))
+    np.savez(folder / "wrong.npz", image=rng.standard_normal((64, 5, 5, 2)).astype("float32"))
+    return folder
+
+
+@pytest.mark.parametrize("fmt", sorted(SUFFIXES))
+def test_export_picks_the_format_from_the_suffix(fmt, model_files, tmp_path):
+    output = tmp_path / f"m{SUFFIXES[fmt]}"
+    result = invoke("export", model_files["keras"], "-o", output)
+    assert result.exit_code == 0, result.stderr
+    for text in ("Before fold", "After fold", f"{RUNTIMES[fmt]}, batch 1", f"{RUNTIMES[fmt]}, batch 8"):
+        assert text in result.stdout
+    assert listing(tmp_path) == {output.name}
+
+
+def test_export_to_litert_writes_beside_the_input(model_files, copy_of):
+    source = copy_of(model_files["keras"])
+    result = invoke("export", source, "--to", "litert", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["format"] == "litert" and data["verified"] and "MUL" not in data["op_counts"]
+    assert listing(source.parent) == {"tiny.keras", "tiny.tflite"}
+
+
+@pytest.mark.parametrize("fmt", sorted(SUFFIXES))
+def test_int8_export_reports_and_writes(fmt, model_files, rows, tmp_path):
+    output = tmp_path / f"m.int8{SUFFIXES[fmt]}"
+    calibration, test = rows / "calibration.npz", rows / "test.npz"
+    # The tiny model is no classifier: the agreement of its arg-max is not the point here.
+    args = ("--int8", "--calibration", calibration, "--inputs", test, "--min-agreement", "0")
+    result = invoke("export", model_files["keras"], "-o", output, *args)
+    assert result.exit_code == 0, result.stderr
+    for text in (
+        "After fold",
+        RUNTIMES[fmt],
+        "top-1 agreement",
+        "calibration",
+        "test.npz",
+        "Latency",
+        f"Wrote {output}",
+    ):
+        assert text in result.stdout
+    assert listing(tmp_path) == {output.name}
+    result = invoke("export", model_files["keras"], "-o", output, *args, "--force", "--format", "json")
+    data = json.loads(result.stdout)
+    assert [(a["dataset"], a["samples"]) for a in data["agreements"]] == [("calibration", 64), ("test.npz", 16)]
+    assert data["size_int8"] == output.stat().st_size and data["format"] == fmt
+
+
+@pytest.mark.parametrize("fmt", sorted(SUFFIXES))
+def test_int8_below_min_agreement_exits_1_and_writes_nothing(fmt, model_files, rows, tmp_path, monkeypatch):
+    import kerasbn.deploy.quantize as quantize
+
+    real = quantize._agreement
+    monkeypatch.setattr(quantize, "_agreement", lambda *a: dataclasses.replace(real(*a), top1=0.5))
+    calibration = rows / "calibration.npz"
+    result = invoke(
+        "export", model_files["keras"], "-o", tmp_path / f"m{SUFFIXES[fmt]}", "--int8", "--calibration", calibration
+    )
+    assert_clean_error(result.exit_code, result.stdout, result.stderr, exit_code=1)
+    assert "below the required 99.00 %" in result.stderr
+    assert listing(tmp_path) == set()
+
+
+BAD_EXPORTS = {
+    "int8_without_calibration": (("--int8",), "--int8 needs --calibration"),
+    "calibration_without_int8": (("--calibration", "{rows}/calibration.npz"), "--calibration goes with --int8"),
+    "missing_calibration": (("--int8", "--calibration", "{rows}/nope.npz"), "no such inputs file"),
+    "mismatched_calibration": (("--int8", "--calibration", "{rows}/wrong.npz"), "the model expects"),
+    "unknown_suffix": (("-o", "{out}/m.pb"), "cannot tell the format"),
+    "suffix_against_to": (("-o", "{out}/m.onnx", "--to", "litert"), "not litert"),
+    "opset_for_litert": (("-o", "{out}/m.tflite", "--opset", "13"), "--opset applies to ONNX only"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EXPORTS))
+@pytest.mark.parametrize("fmt", sorted(SUFFIXES))
+def test_bad_export_input_is_one_line_exit_2_nothing_written(case, fmt, model_files, rows, tmp_path):
+    args, message = BAD_EXPORTS[case]
+    args = [a.format(rows=rows, out=tmp_path) for a in args]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / f"m{SUFFIXES[fmt]}")]
+    result = invoke("export", model_files["keras"], *args)
+    assert_clean_error(result.exit_code, result.stdout, result.stderr)
+    assert message in result.stderr
+    assert listing(tmp_path) == set()
+
+
+@pytest.fixture
+def layer_module(tmp_path, monkeypatch):
+    """A module `kbn_litert_layers` registering a layer LiteRT runs and one it has no builtin op for."""
+    (tmp_path / "kbn_litert_layers.py").write_text(
+        textwrap.dedent(
+            """
+            import keras
+
+            @keras.saving.register_keras_serializable(package="kbn_litert")
+            class Twice(keras.layers.Layer):
+                def call(self, x):
+                    return 2.0 * x
+
+            @keras.saving.register_keras_serializable(package="kbn_litert")
+            class Inverse(keras.layers.Layer):
+                def call(self, x):
+                    return keras.ops.reshape(keras.ops.inv(keras.ops.reshape(x, (-1, 2, 2))), (-1, 4))
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import kbn_litert_layers
+
+    for name in ("Twice", "Inverse"):
+        inputs = keras.Input((4,))
+        x = keras.layers.BatchNormalization()(keras.layers.Dense(4)(inputs))
+        keras.Model(inputs, getattr(kbn_litert_layers, name)()(x)).save(tmp_path / f"{name}.keras")
+    yield tmp_path
+    sys.modules.pop("kbn_litert_layers", None)
+
+
+@pytest.mark.parametrize(("layer", "code"), [("Twice", 0), ("Inverse", 2)])
+def test_custom_layers_through_import(layer, code, layer_module):
+    output = layer_module / "m.tflite"
+    result = invoke("export", layer_module / f"{layer}.keras", "-o", output, "--import", "kbn_litert_layers")
+    if code:
+        assert_clean_error(result.exit_code, result.stdout, result.stderr)
+        assert "LiteRT converter rejects the model: 'tf.MatrixInverse'" in result.stderr
+    else:
+        assert result.exit_code == 0, result.stderr
+    assert output.exists() == (code == 0)
+
+
+@pytest.mark.slow
+def test_installed_script_exports_litert_int8_quietly(model_files, rows, tmp_path):
+    args = ("--int8", "--calibration", rows / "calibration.npz", "--min-agreement", "0")
+    done = run_script("export", model_files["keras"], "-o", tmp_path / "m.tflite", *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "top-1 agreement" in done.stdout
