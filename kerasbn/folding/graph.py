@@ -115,7 +115,16 @@ def nodes_in_order(functional: Functional) -> list:
 
 
 def build_graph(model: keras.Model) -> Graph:
-    """Flatten ``model`` into a `Graph`; raises `UnsupportedModelError` if it has no graph."""
+    """Flatten ``model`` into a `Graph`.
+
+    A subclassed model has no functional graph: its graph is empty (its layer
+    calls are only known from a trace, `kerasbn.folding.dataflow`).
+
+    Raises:
+        kerasbn.errors.UnsupportedModelError: ``model`` is no Keras model, or an unbuilt Sequential.
+    """
+    if isinstance(model, keras.Model) and not isinstance(model, keras.Sequential) and functional_of(model) is None:
+        return Graph()
     functional = check_model(model)
     graph = Graph()
     ids: dict[tuple, int] = {}
