@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from kerasbn.deploy.tolerances import ATOL, RTOL
+from kerasbn.deploy.tolerances import ATOL, NOISE_FACTOR, RELATIVE_FLOOR, RTOL
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -76,8 +76,8 @@ class Checking:
     """How the rewrite commands compare the new model with the original."""
 
     verify: bool
-    atol: float
-    rtol: float
+    atol: float | None
+    rtol: float | None
     batch: int
     inputs_file: Path | None
 
@@ -90,7 +90,9 @@ def verify_options(verify_help: str) -> Callable[[Callable], Callable]:
 def _add_verify_options(fn: Callable, verify_help: str) -> Callable:
 
     @functools.wraps(fn)
-    def command(*, verify: bool, atol: float, rtol: float, batch: int, inputs_file: Path | None, **kwargs: Any):
+    def command(
+        *, verify: bool, atol: float | None, rtol: float | None, batch: int, inputs_file: Path | None, **kwargs: Any
+    ):
         return fn(checking=Checking(verify, atol, rtol, batch, inputs_file), **kwargs)
 
     options = (
@@ -101,10 +103,18 @@ def _add_verify_options(fn: Callable, verify_help: str) -> Callable:
             help=verify_help,
         ),
         click.option(
-            "--atol", type=click.FloatRange(min=0), default=ATOL, show_default=True, help="Absolute tolerance."
+            "--atol",
+            type=click.FloatRange(min=0),
+            default=None,
+            help=f"Check element-wise |Δ| ≤ atol + rtol·|y| with this absolute tolerance [rtol then defaults to {RTOL:g}]. "
+            "Without --atol/--rtol the check is scale-aware: max|Δ|/max|y| per output within "
+            f"{NOISE_FACTOR:g}× the original model's own float32 noise, at least {RELATIVE_FLOOR:g}.",
         ),
         click.option(
-            "--rtol", type=click.FloatRange(min=0), default=RTOL, show_default=True, help="Relative tolerance."
+            "--rtol",
+            type=click.FloatRange(min=0),
+            default=None,
+            help=f"Check element-wise with this relative tolerance [atol then defaults to {ATOL:g}].",
         ),
         click.option(
             "--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Batch size of the random inputs."
