@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import kerasbn
-from kerasbn.folding import dataflow, fold as fold_module, plan
+from kerasbn.folding import dataflow, plan
+from kerasbn.folding import fold as fold_module
 from kerasbn.folding.fold import identity_variance
 from tests.helpers import assert_same_outputs, count_bn, randomize_biases, randomize_bn
 
