@@ -15,7 +15,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerasbn.deploy.tolerances import ATOL, NOISE_FACTOR, RELATIVE_FLOOR, RTOL
+from kerasbn.deploy.tolerances import ATOL, NOISE_FACTOR, RELATIVE_FLOOR, RTOL, UNCALIBRATED_FLOOR
 from kerasbn.folding.dataflow import input_specs
 
 
@@ -26,7 +26,8 @@ class VerifyResult:
     Two criteria. The default is scale-aware: for every output,
     ``max|Δ| / max|y_ref|`` must not exceed ``allowed``, the larger of
     `~kerasbn.deploy.tolerances.NOISE_FACTOR` times the reference model's own
-    float32 noise and `~kerasbn.deploy.tolerances.RELATIVE_FLOOR`. With an
+    float32 noise and `~kerasbn.deploy.tolerances.RELATIVE_FLOOR` (without a
+    noise measurement: `~kerasbn.deploy.tolerances.UNCALIBRATED_FLOOR`). With an
     explicit ``atol``/``rtol`` every element must satisfy
     ``|Δ| ≤ atol + rtol·|y_ref|`` instead.
 
@@ -93,7 +94,7 @@ def compare(
             for the scale-aware one.
         noise: The reference's float32 noise relative to each output's
             ``max|y|`` (one number for all outputs, or one per output), as
-            `noise` measures it; ``None``: only the floor applies.
+            `noise` measures it; ``None``: unmeasured, the looser uncalibrated floor applies.
 
     A NaN in either output is an infinite error, never a pass; a shape or
     count mismatch fails with an infinite error.
@@ -124,7 +125,7 @@ def compare(
             out_margin = float(np.max(diff / (atol + rtol * np.abs(y)))) if atol + rtol > 0 else _ratio(err, 0.0)
             allowed = None
         else:
-            allowed = max(NOISE_FACTOR * (eta or 0.0), RELATIVE_FLOOR)
+            allowed = UNCALIBRATED_FLOOR if eta is None else max(NOISE_FACTOR * eta, RELATIVE_FLOOR)
             out_margin = _ratio(_ratio(err, scale), allowed)
         if out_margin >= margin:
             margin, allowed_at_worst = out_margin, allowed
@@ -137,10 +138,13 @@ def compare(
     if elementwise:
         tolerance = f"|Δ| ≤ {atol:g} + {rtol:g}·|y| element-wise"
     else:
-        noise_words = "unmeasured" if worst_noise is None else f"{worst_noise:.2g}"
-        tolerance = (
-            f"max|Δ|/max|y| per output ≤ max({NOISE_FACTOR:g} × float32 noise {noise_words}, {RELATIVE_FLOOR:g})"
-        )
+        if worst_noise is None:
+            tolerance = f"max|Δ|/max|y| per output ≤ {UNCALIBRATED_FLOOR:g} (float32 noise not measured)"
+        else:
+            tolerance = (
+                f"max|Δ|/max|y| per output ≤ max({NOISE_FACTOR:g} × float32 noise {worst_noise:.2g}, "
+                f"{RELATIVE_FLOOR:g})"
+            )
     return VerifyResult(
         passed,
         max_abs,
