@@ -22,7 +22,7 @@ import numpy as np
 from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import families, plan
 from kerasbn.folding.audit import decisions
-from kerasbn.folding.graph import Graph
+from kerasbn.folding.graph import Graph, functional_of
 from kerasbn.folding.rewrite import Patch, read_weights, rebuild
 from kerasbn.report import FoldReport
 
@@ -171,23 +171,28 @@ def fold(model: keras.Model) -> FoldResult:
     removals, in_place = list(decided.removals), list(decided.in_place)
     notes: list[str] = []
     new = None
-    if removals and not in_place:
+    if functional_of(model) is not None and (removals or not in_place):
+        # Rebuilt without the removed BN layers; the in-place folds then go
+        # into the rebuilt model's own copies of their layers.
+        copies: dict[int, keras.layers.Layer] = {}
         try:
-            new = rebuild(model, *_removal_changes(removals, graph, {}))
+            new = rebuild(model, *_removal_changes(removals, graph, {}), copies=copies)
         except UnsupportedModelError as exc:
             notes.append(f"{exc} Folded in place instead.")
+        else:
+            needed = [id(s.partner.layer) for s in in_place] + [id(s.bn.layer) for s in in_place]
+            if all(key in copies for key in needed):
+                for step in in_place:
+                    fold_in_place(step, copies[id(step.partner.layer)], copies[id(step.bn.layer)], graph)
+            else:
+                new = None
+                notes.append("The rebuilt model's custom layers do not match the original's. Folded in place instead.")
     if new is None:
-        work, copies = copy_model(model)
+        # A copy that keeps the model's own class (and everything its layers hold).
+        new, copies = copy_model(model)
+        in_place, removals = in_place + _feasible(removals), []
         for step in in_place:
             fold_in_place(step, copies[id(step.partner.layer)], copies[id(step.bn.layer)], graph)
-        new = work
-        if removals and not notes:
-            try:
-                new = rebuild(work, *_removal_changes(removals, graph, copies))
-            except UnsupportedModelError as exc:
-                notes.append(f"{exc} Folded in place instead.")
-        if notes:
-            removals, in_place = _removals_in_place(removals, in_place, graph, copies)
     findings = _how(decided, removals, in_place)
     folded = [f for f in findings if f.foldable]
     hows = {f.how for f in folded}
@@ -227,16 +232,9 @@ def _removal_changes(
     return patches, removed
 
 
-def _removals_in_place(
-    removals: list[plan.Plan], in_place: list[plan.Plan], graph: Graph, copies: dict[int, keras.layers.Layer]
-) -> tuple[list[plan.Plan], list[plan.Plan]]:
-    """Carry out the removals in place on the copy (the model could not be rebuilt); the folds done now."""
-    done = list(in_place)
-    for step in removals:
-        if plan.in_place_refusal(step) is None:
-            fold_in_place(step, copies[id(step.partner.layer)], copies[id(step.bn.layer)], graph)
-            done.append(step)
-    return [], done
+def _feasible(steps: list[plan.Plan]) -> list[plan.Plan]:
+    """The folds of ``steps`` that can be done in place (the others stay, reported by `_how`)."""
+    return [step for step in steps if plan.in_place_refusal(step) is None]
 
 
 def _how(decided: plan.Decisions, removals: list[plan.Plan], in_place: list[plan.Plan]) -> list:
