@@ -75,6 +75,25 @@ def efficientnet_fused() -> keras.Model:
     )
 
 
+def efficientnet_test_config() -> keras.Model:
+    """keras-hub's own EfficientNet test config (39 blocks, fused and unfused): a benchmark size."""
+    return _hub().EfficientNetBackbone(
+        stackwise_kernel_sizes=[3, 3, 3, 3, 3, 3],
+        stackwise_num_repeats=[2, 4, 4, 6, 9, 15],
+        stackwise_input_filters=[24, 24, 48, 64, 128, 160],
+        stackwise_output_filters=[24, 48, 64, 128, 160, 256],
+        stackwise_expansion_ratios=[1, 4, 4, 4, 6, 6],
+        stackwise_squeeze_and_excite_ratios=[0.0, 0.0, 0, 0.25, 0.25, 0.25],
+        stackwise_strides=[1, 2, 2, 2, 1, 2],
+        stackwise_block_types=["fused"] * 3 + ["unfused"] * 3,
+        stackwise_force_input_filters=[0] * 6,
+        stackwise_nores_option=[False] * 6,
+        width_coefficient=1.0,
+        depth_coefficient=1.0,
+        input_shape=(224, 224, 3),
+    )
+
+
 def resnet_vd() -> keras.Model:
     return _hub().ResNetBackbone(
         input_conv_filters=[16, 16, 32],

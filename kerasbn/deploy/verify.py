@@ -15,7 +15,14 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerasbn.deploy.tolerances import ATOL, NOISE_FACTOR, RELATIVE_FLOOR, RTOL, UNCALIBRATED_FLOOR
+from kerasbn.deploy.tolerances import (
+    ATOL,
+    NOISE_FACTOR,
+    RELATIVE_CEILING,
+    RELATIVE_FLOOR,
+    RTOL,
+    UNCALIBRATED_FLOOR,
+)
 from kerasbn.folding.dataflow import input_specs
 
 
@@ -27,7 +34,8 @@ class VerifyResult:
     ``max|Δ| / max|y_ref|`` must not exceed ``allowed``, the larger of
     `~kerasbn.deploy.tolerances.NOISE_FACTOR` times the reference model's own
     float32 noise and `~kerasbn.deploy.tolerances.RELATIVE_FLOOR` (without a
-    noise measurement: `~kerasbn.deploy.tolerances.UNCALIBRATED_FLOOR`). With an
+    noise measurement: `~kerasbn.deploy.tolerances.UNCALIBRATED_FLOOR`), and
+    never more than `~kerasbn.deploy.tolerances.RELATIVE_CEILING`. With an
     explicit ``atol``/``rtol`` every element must satisfy
     ``|Δ| ≤ atol + rtol·|y_ref|`` instead.
 
@@ -125,7 +133,9 @@ def compare(
             out_margin = float(np.max(diff / (atol + rtol * np.abs(y)))) if atol + rtol > 0 else _ratio(err, 0.0)
             allowed = None
         else:
-            allowed = UNCALIBRATED_FLOOR if eta is None else max(NOISE_FACTOR * eta, RELATIVE_FLOOR)
+            allowed = (
+                UNCALIBRATED_FLOOR if eta is None else min(max(NOISE_FACTOR * eta, RELATIVE_FLOOR), RELATIVE_CEILING)
+            )
             out_margin = _ratio(_ratio(err, scale), allowed)
         if out_margin >= margin:
             margin, allowed_at_worst = out_margin, allowed
@@ -142,8 +152,8 @@ def compare(
             tolerance = f"max|Δ|/max|y| per output ≤ {UNCALIBRATED_FLOOR:g} (float32 noise not measured)"
         else:
             tolerance = (
-                f"max|Δ|/max|y| per output ≤ max({NOISE_FACTOR:g} × float32 noise {worst_noise:.2g}, "
-                f"{RELATIVE_FLOOR:g})"
+                f"max|Δ|/max|y| per output ≤ {NOISE_FACTOR:g} × float32 noise {worst_noise:.2g}, "
+                f"within [{RELATIVE_FLOOR:g}, {RELATIVE_CEILING:g}]"
             )
     return VerifyResult(
         passed,

@@ -10,7 +10,7 @@ import pytest
 
 import kerasbn
 from kerasbn.deploy import verify as verify_module
-from kerasbn.deploy.tolerances import RELATIVE_FLOOR
+from kerasbn.deploy.tolerances import RELATIVE_CEILING, RELATIVE_FLOOR
 from kerasbn.deploy.verify import compare, random_inputs
 from tests.helpers import randomize_bn
 
@@ -140,3 +140,9 @@ def test_noise_widens_the_allowance():
     result = compare([y], [z], batch_size=2, noise=[5e-5])
     assert result.passed and result.allowed == pytest.approx(2e-4) and result.noise == 5e-5
     assert result.margin == pytest.approx(1e-4 / 2e-4)
+
+
+def test_a_model_too_noisy_to_check_fails():
+    y, z = np.array([1.0, 2.0]), np.array([1.0, 2.2])
+    result = compare([y], [z], batch_size=2, noise=[0.5])
+    assert not result.passed and result.allowed == RELATIVE_CEILING
