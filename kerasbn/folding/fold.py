@@ -86,9 +86,10 @@ def fold_in_place(step: plan.Plan, partner: keras.layers.Layer, bn: keras.layers
     else:
         identity["beta"] = bias
     _assign(partner, new)
-    variance = {w.name: identity_variance(bn.epsilon, w.dtype) for w in bn.weights if w.name == "moving_variance"}
-    _assign(bn, {k: np.broadcast_to(np.asarray(v, np.float64), (len(bias),)) for k, v in identity.items()})
-    _assign(bn, {k: np.full((len(bias),), v) for k, v in variance.items()})
+    for w in bn.weights:
+        value = identity_variance(bn.epsilon, w.dtype) if w.name == "moving_variance" else identity.get(w.name)
+        if value is not None:
+            w.assign(np.broadcast_to(np.asarray(value).astype(w.dtype), tuple(w.shape)))
 
 
 def copy_model(model: keras.Model) -> tuple[keras.Model, dict[int, keras.layers.Layer]]:

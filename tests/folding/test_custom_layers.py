@@ -175,3 +175,41 @@ def test_shared_conv_inside_a_custom_layer_is_refused():
     model = randomize_bn(keras.Model(x, Twice(name="twice")(x)))
     (finding,) = kerasbn.audit(model).batch_norms
     assert finding.code == plan.Reason.SHARED_LAYER
+
+
+@keras.saving.register_keras_serializable(package="kbn_test")
+class PreNorm(L.Layer):
+    """BN → conv (valid padding) → ReLU inside ``call``: a forward fold, in place."""
+
+    def __init__(self, use_bias=True, kerasbn_bn=False, **kwargs):
+        super().__init__(**kwargs)
+        self.use_bias, self.kerasbn_bn = use_bias, kerasbn_bn
+        self.bn = (kerasbn.BatchNormalization if kerasbn_bn else L.BatchNormalization)(name="bn")
+        self.conv = L.Conv2D(4, 3, use_bias=use_bias, name="conv")
+
+    def build(self, input_shape):
+        self.bn.build(input_shape)
+        self.conv.build(input_shape)
+
+    def call(self, x):
+        return keras.activations.relu(self.conv(self.bn(x)))
+
+    def get_config(self):
+        return {**super().get_config(), "use_bias": self.use_bias, "kerasbn_bn": self.kerasbn_bn}
+
+
+@pytest.mark.parametrize("kerasbn_bn", [False, True], ids=["keras_bn", "kerasbn_bn"])
+def test_forward_fold_inside_a_custom_layer(kerasbn_bn):
+    x = keras.Input((6, 6, 3))
+    model = randomize_biases(randomize_bn(keras.Model(x, PreNorm(kerasbn_bn=kerasbn_bn, name="pre")(L.ReLU()(x)))))
+    result = kerasbn.fold(model)
+    (finding,) = result.report.folded
+    assert (finding.direction, finding.how, finding.partner) == (plan.FORWARD, plan.IN_PLACE, "conv")
+    assert_same_outputs(model, result.model)
+
+
+def test_forward_fold_in_place_needs_a_bias():
+    x = keras.Input((6, 6, 3))
+    model = randomize_bn(keras.Model(x, PreNorm(use_bias=False, name="pre")(L.ReLU()(x))))
+    (finding,) = kerasbn.audit(model).batch_norms
+    assert finding.code == plan.Reason.NO_BIAS_SLOT and not finding.foldable
