@@ -133,7 +133,7 @@ def build_traced_graph(model: keras.Model) -> Graph:
     tf_graph = trace(model)
     readers: dict[int, list] = {}
     for external, internal in tf_graph.captures:
-        readers[id(external)] = [c for c in internal.consumers()]
+        readers[id(external)] = list(internal.consumers())
 
     # Name scope → layer, for every call of a known layer.
     owner_of_scope: dict[str, keras.layers.Layer] = {}
@@ -167,9 +167,8 @@ def build_traced_graph(model: keras.Model) -> Graph:
 
     # Group the ops: one group per known layer call, one per other op.
     groups: dict[str, list] = {}
-    owner: dict[str, str] = {}
     for op in tf_graph.get_operations():
-        if op.name in skipped or op.type in ("NoOp", "Const") or op.type == "Placeholder":
+        if op.name in skipped or op.type in ("NoOp", "Const", "Placeholder"):
             continue
         parts = op.name.split("/")
         key = op.name
@@ -179,7 +178,6 @@ def build_traced_graph(model: keras.Model) -> Graph:
                 key = prefix
                 break
         groups.setdefault(key, []).append(op)
-        owner[op.name] = key
 
     graph = Graph()
     ids: dict[str, int] = {}
@@ -197,11 +195,11 @@ def build_traced_graph(model: keras.Model) -> Graph:
 
     for key, ops in groups.items():
         members = {op.name for op in ops}
-        inputs, outs = [], []
+        inputs, outs = {}, []
         for op in ops:
             for t in op.inputs:
-                if t.op.name not in members and carries_data(t) and t.name not in {x.name for x in inputs}:
-                    inputs.append(t)
+                if t.op.name not in members and carries_data(t):
+                    inputs.setdefault(t.name, t)
             for t in op.outputs:
                 if t.name in outputs or any(c.name not in members for c in t.consumers()):
                     outs.append(t)
@@ -210,7 +208,11 @@ def build_traced_graph(model: keras.Model) -> Graph:
         layer = owner_of_scope.get(key) or Op(key, ops[0].type)
         scope = _path(layer)
         call = Call(
-            len(graph.calls), layer, scope, tuple(tensor_id(t) for t in inputs), tuple(tensor_id(t) for t in outs)
+            len(graph.calls),
+            layer,
+            scope,
+            tuple(tensor_id(t) for t in inputs.values()),
+            tuple(tensor_id(t) for t in outs),
         )
         graph.calls.append(call)
         graph._calls_by_layer.setdefault(id(layer), []).append(call)
