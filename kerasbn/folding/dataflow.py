@@ -138,6 +138,7 @@ def build_traced_graph(model: keras.Model) -> Graph:
     # Name scope → layer, for every call of a known layer.
     owner_of_scope: dict[str, keras.layers.Layer] = {}
     scopes_of: dict[int, set[str]] = {}
+    unscoped: set[int] = set()
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if not _known(layer) or id(layer) in scopes_of:
             continue
@@ -155,6 +156,8 @@ def build_traced_graph(model: keras.Model) -> Graph:
             scopes_of[id(layer)] = scopes
             for scope in scopes:
                 owner_of_scope[scope] = layer
+        elif not traced:
+            unscoped.add(id(layer))
 
     outputs = set()
     skipped = set()
@@ -222,6 +225,7 @@ def build_traced_graph(model: keras.Model) -> Graph:
             graph.consumers.setdefault(tid, []).append(call)
     graph.outputs = {ids[name] for name in outputs if name in ids}
     graph.scope_outputs = set(graph.outputs)
+    graph.unscoped = unscoped
     return graph
 
 

@@ -55,6 +55,8 @@ class Graph:
         consumers: Tensor id → the calls that read it (each call once).
         outputs: Tensor ids that are outputs of the outer model.
         scope_outputs: Tensor ids that are outputs of any model, nested ones included.
+        unscoped: ``id(layer)`` of layers whose variables a trace saw read outside
+            the layer's own call (`kerasbn.folding.dataflow`), so it has no calls here.
     """
 
     calls: list[Call] = field(default_factory=list)
@@ -63,6 +65,7 @@ class Graph:
     consumers: dict[int, list[Call]] = field(default_factory=dict)
     outputs: set[int] = field(default_factory=set)
     scope_outputs: set[int] = field(default_factory=set)
+    unscoped: set[int] = field(default_factory=set)
     _calls_by_layer: dict[int, list[Call]] = field(default_factory=dict)
 
     def calls_of(self, layer: keras.layers.Layer) -> list[Call]:

@@ -51,6 +51,7 @@ class Reason(str, enum.Enum):
     UNKNOWN_SHAPE = "unknown_shape"
     UNSUPPORTED = "unsupported"
     UNTRACED = "untraced"
+    UNUSED = "unused"
     NO_BIAS_SLOT = "no_bias_slot"
 
     def __str__(self) -> str:
@@ -392,6 +393,21 @@ def _finding(bn: keras.layers.Layer, where: str, decision: Plan | Refusal, how: 
     return BNFinding(bn.name, where, decision.neighbour, None, False, decision.reason, decision.code, params)
 
 
+def _unseen(bn: keras.layers.Layer, traced: Graph | None) -> Refusal:
+    """Why a BN that no graph shows called stays."""
+    if traced is None:
+        return Refusal(
+            Reason.UNTRACED,
+            f"'{bn.name}' is inside a layer the model's graph does not show, and the model could not be traced",
+        )
+    if id(bn) in traced.unscoped:
+        return Refusal(
+            Reason.UNTRACED,
+            f"the variables of '{bn.name}' are read outside its own call, so its computation cannot be traced",
+        )
+    return Refusal(Reason.UNUSED, f"'{bn.name}' is never called when the model runs (built but unused)")
+
+
 def decide(bns: list[keras.layers.Layer], functional: Graph | None, traced: Graph | None) -> Decisions:
     """Decide each BN in ``bns``: removed through the functional graph if it allows, else in place through the trace.
 
@@ -422,11 +438,7 @@ def decide(bns: list[keras.layers.Layer], functional: Graph | None, traced: Grap
             # A functional refusal names Keras layers, which users know best.
             decision = decision or traced_decision
         if decision is None:
-            decision = Refusal(
-                Reason.UNTRACED,
-                f"'{bn.name}' is not called by the model's inference computation, or its variables are read "
-                "outside its own call",
-            )
+            decision = _unseen(bn, traced)
         where = path(f_calls[0]) if f_calls else (path(t_calls[0]) if t_calls else bn.name)
         out.findings.append(_finding(bn, where, decision))
     return out

@@ -213,3 +213,32 @@ def test_forward_fold_in_place_needs_a_bias():
     model = randomize_bn(keras.Model(x, PreNorm(use_bias=False, name="pre")(L.ReLU()(x))))
     (finding,) = kerasbn.audit(model).batch_norms
     assert finding.code == plan.Reason.NO_BIAS_SLOT and not finding.foldable
+
+
+@keras.saving.register_keras_serializable(package="kbn_test")
+class Odd(L.Layer):
+    """One BN built but never called, one whose variables the block reads itself."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(3, 1, name="conv")
+        self.spare = L.BatchNormalization(name="spare")
+        self.borrowed = L.BatchNormalization(name="borrowed")
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        self.spare.build(input_shape)
+        self.borrowed.build(input_shape)
+
+    def call(self, x):
+        bn = self.borrowed
+        y = self.conv(x)
+        return keras.ops.batch_normalization(y, bn.moving_mean, bn.moving_variance, -1, bn.beta, bn.gamma, bn.epsilon)
+
+
+def test_unused_and_untraceable_bn_are_reported():
+    x = keras.Input((4, 4, 3))
+    model = keras.Model(x, Odd(name="odd")(x))
+    found = _by_layer(kerasbn.audit(model).batch_norms)
+    assert found["spare"].code == plan.Reason.UNUSED
+    assert found["borrowed"].code == plan.Reason.UNTRACED
