@@ -132,6 +132,43 @@ def densenet() -> keras.Model:
     )
 
 
+def _resnet_encoder(levels: int) -> keras.Model:
+    return _hub().ResNetBackbone(
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[64] * levels,
+        stackwise_num_blocks=[1] * levels,
+        stackwise_num_strides=[1] + [2] * (levels - 1),
+        image_shape=(None, None, 3),
+        block_type="bottleneck_block",
+        use_pre_activation=False,
+    )
+
+
+def deeplab_v3() -> keras.Model:
+    return _hub().DeepLabV3Backbone(
+        image_encoder=_resnet_encoder(3),
+        projection_filters=16,
+        low_level_feature_key="P2",
+        spatial_pyramid_pooling_key="P4",
+        upsampling_size=4,
+        dilation_rates=[6, 12],
+        image_shape=(64, 64, 3),
+    )
+
+
+def retinanet() -> keras.Model:
+    """ResNet encoder and a feature pyramid with BN (three outputs)."""
+    return _hub().RetinaNetBackbone(
+        image_encoder=_resnet_encoder(4),
+        min_level=3,
+        max_level=5,
+        use_p5=False,
+        use_fpn_batch_norm=True,
+        image_shape=(64, 64, 3),
+    )
+
+
 BACKBONES: dict[str, Callable[[], keras.Model]] = {
     "HGNetV2": hgnetv2,
     "MobileNet (v3)": mobilenet_v3,
@@ -139,6 +176,8 @@ BACKBONES: dict[str, Callable[[], keras.Model]] = {
     "ResNet (vd)": resnet_vd,
     "CSPNet": cspnet,
     "DenseNet": densenet,
+    "DeepLabV3 (ResNet encoder)": deeplab_v3,
+    "RetinaNet (ResNet encoder, FPN with BN)": retinanet,
 }
 
 

@@ -178,7 +178,9 @@ def fold(model: keras.Model) -> FoldResult:
         copies: dict[int, keras.layers.Layer] = {}
         try:
             new = rebuild(model, *_removal_changes(removals, graph, {}), copies=copies)
+            _check_reloads(new)
         except UnsupportedModelError as exc:
+            new = None
             notes.append(f"{exc} Folded in place instead.")
         else:
             needed = [id(s.partner.layer) for s in in_place] + [id(s.bn.layer) for s in in_place]
@@ -208,6 +210,28 @@ def fold(model: keras.Model) -> FoldResult:
         notes,
     )
     return FoldResult(new, report)
+
+
+def _check_reloads(model: keras.Model) -> None:
+    """Raise `UnsupportedModelError` unless ``model``'s config (as JSON) re-creates it.
+
+    The rebuilt model is a plain Functional model; custom layers inside it
+    (keras-hub blocks) are then re-created from their own configs and built
+    from a JSON ``build_config``, which some of them do not survive. Built-in
+    Keras layers always do, so only a model with custom layers is checked.
+    """
+    custom = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if not type(layer).__module__.startswith("keras.")
+    ]
+    if not custom:
+        return
+    try:
+        keras.models.model_from_json(model.to_json())
+    except Exception as exc:  # noqa: BLE001 (any failure means: the file would not load)
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise UnsupportedModelError(f"The rebuilt model would not reload from its config: {first}") from exc
 
 
 def _removal_changes(
