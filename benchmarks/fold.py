@@ -119,6 +119,21 @@ def chain(kind: str, layers: int) -> keras.Model:
     return keras.Model(x, h)
 
 
+def hub_fold_times() -> list[tuple[str, int, int, int, float]]:
+    """(name, layers, BN folded, of which in place, best-of-2 fold seconds) for each keras-hub backbone."""
+    rows = []
+    for name, make in {**BACKBONES, "EfficientNet (keras-hub test config)": efficientnet_test_config}.items():
+        model = trained_like(make())
+        seconds, count = fold_time(model, 2)
+        in_place = sum(f.how == "in_place" for f in kerasbn.fold(model).report.folded)
+        n = len(model._flatten_layers(include_self=False))
+        rows.append((name, n, count, in_place, seconds))
+        print(f"{name} (keras-hub): {n} layers, fold {seconds:.2f} s ({count} BN, {in_place} in place)")
+        del model
+        keras.backend.clear_session()
+    return rows
+
+
 def write_docs(text: str) -> None:
     section = "## Fold engine\n\n" + text.strip() + "\n"
     if DOCS.exists():
@@ -188,16 +203,7 @@ def main() -> None:
     resnet = randomize_bn(keras.applications.ResNet50(weights=None))
     resnet_fold, resnet_count = fold_time(resnet, 3)
     print(f"ResNet50 fold: {resnet_fold:.2f} s ({resnet_count} BN)")
-    hub = []
-    for name, make in {**BACKBONES, "EfficientNet (keras-hub test config)": efficientnet_test_config}.items():
-        model = trained_like(make())
-        seconds, count = fold_time(model, 2)
-        in_place = sum(f.how == "in_place" for f in kerasbn.fold(model).report.folded)
-        n = len(model._flatten_layers(include_self=False))
-        hub.append((name, n, count, in_place, seconds))
-        print(f"{name} (keras-hub): {n} layers, fold {seconds:.2f} s ({count} BN, {in_place} in place)")
-        del model
-        keras.backend.clear_session()
+    hub = hub_fold_times()
     chains = []
     for kind in ("dense", "conv"):
         for n in (100, 1000, 5000):
