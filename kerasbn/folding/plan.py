@@ -1,8 +1,11 @@
 """Which BatchNormalization folds into which neighbour, and if not, why.
 
-Pure decisions over a `kerasbn.folding.graph.Graph`: nothing here changes a
+Pure decisions over a `kerasbn.folding.graph.Graph` (the functional graph,
+or the traced one of `kerasbn.folding.dataflow`): nothing here changes a
 model. Each BN gets a `Plan` (the partner layer and the direction) or a
-`Refusal` (a `Reason` code for programs and a one-line reason for people).
+`Refusal` (a `Reason` code for programs and a one-line reason for people);
+`decide` chooses, per BN, between removing it through the functional graph
+and folding it in place through the trace.
 
 A backward fold (BN after a linear layer) is exact whenever the layer's
 output reaches nothing but the BN, the layer applies no activation and the
@@ -286,31 +289,6 @@ def out_channels(graph: Graph, call: Call) -> int:
     """Output channels of the linear layer of ``call``."""
     shape = graph.shapes[call.outputs[0]]
     return int(shape[family_of(call.layer).channel_axis(call.layer, len(shape))])
-
-
-def analyse(graph: Graph) -> tuple[list[BNFinding], list[Plan]]:
-    """Decide every BN of ``graph``: the findings and the folds to perform."""
-    findings, plans = [], []
-    seen: set[int] = set()
-    for call in graph.calls:
-        if not is_bn(call.layer) or id(call.layer) in seen:
-            continue
-        seen.add(id(call.layer))
-        decision = plan(graph, call)
-        params = n_params(call.layer)
-        if isinstance(decision, Plan):
-            plans.append(decision)
-            partner = decision.partner.layer.name
-            findings.append(
-                BNFinding(call.layer.name, path(call), partner, decision.direction, True, None, None, params)
-            )
-        else:
-            findings.append(
-                BNFinding(
-                    call.layer.name, path(call), decision.neighbour, None, False, decision.reason, decision.code, params
-                )
-            )
-    return findings, plans
 
 
 def redundant_bias(graph: Graph, call: Call) -> Call | None:
