@@ -41,6 +41,7 @@ import kerasbn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.helpers import randomize_bn  # noqa: E402
+from tests.keras_hub_models import BACKBONES, efficientnet_test_config, trained_like  # noqa: E402
 
 # Keras builds a functional model with a recursive graph walk: a 5,000-layer
 # chain needs more than Python's default 1,000 frames.
@@ -118,6 +119,21 @@ def chain(kind: str, layers: int) -> keras.Model:
     return keras.Model(x, h)
 
 
+def hub_fold_times() -> list[tuple[str, int, int, int, float]]:
+    """(name, layers, BN folded, of which in place, best-of-2 fold seconds) for each keras-hub backbone."""
+    rows = []
+    for name, make in {**BACKBONES, "EfficientNet (keras-hub test config)": efficientnet_test_config}.items():
+        model = trained_like(make())
+        seconds, count = fold_time(model, 2)
+        in_place = sum(f.how == "in_place" for f in kerasbn.fold(model).report.folded)
+        n = len(model._flatten_layers(include_self=False))
+        rows.append((name, n, count, in_place, seconds))
+        print(f"{name} (keras-hub): {n} layers, fold {seconds:.2f} s ({count} BN, {in_place} in place)")
+        del model
+        keras.backend.clear_session()
+    return rows
+
+
 def write_docs(text: str) -> None:
     section = "## Fold engine\n\n" + text.strip() + "\n"
     if DOCS.exists():
@@ -187,6 +203,7 @@ def main() -> None:
     resnet = randomize_bn(keras.applications.ResNet50(weights=None))
     resnet_fold, resnet_count = fold_time(resnet, 3)
     print(f"ResNet50 fold: {resnet_fold:.2f} s ({resnet_count} BN)")
+    hub = hub_fold_times()
     chains = []
     for kind in ("dense", "conv"):
         for n in (100, 1000, 5000):
@@ -240,6 +257,17 @@ def main() -> None:
     for kind, n, count, seconds in chains:
         label = "Dense → BN chain" if kind == "dense" else "Conv2D → BN chain"
         lines.append(f"| {label} | {n:,} | {count:,} | {seconds:.2f} | {seconds / n * 1e3:.2f} |")
+    for name, n, count, in_place, seconds in hub:
+        lines.append(
+            f"| {name}, keras-hub ({in_place} in place) | {n:,} | {count:,} | {seconds:.2f} | {seconds / n * 1e3:.2f} |"
+        )
+    lines += [
+        "",
+        "The keras-hub backbones (from `tests/keras_hub_models.py`, trained-like BN statistics) build their "
+        "blocks as custom layers: a fold there traces the model to a TensorFlow graph and rewrites the "
+        "weights in place (`kerasbn.folding.dataflow`), and the fold time includes that trace and a copy "
+        "of the model.",
+    ]
     text = "\n".join(lines)
     print()
     print(text)

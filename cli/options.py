@@ -110,13 +110,15 @@ def _add_verify_options(fn: Callable, verify_help: str) -> Callable:
             "--atol",
             type=click.FloatRange(min=0),
             default=None,
-            help="Absolute tolerance: |Δ| ≤ atol + rtol·|y| [default: the library's].",
+            help="Check element-wise |Δ| ≤ atol + rtol·|y| with this absolute tolerance (rtol then takes "
+            "the library's default). Without --atol/--rtol the check is scale-aware: max|Δ|/max|y| per output "
+            "within a few times the original model's own float32 noise (kerasbn.deploy.tolerances).",
         ),
         click.option(
             "--rtol",
             type=click.FloatRange(min=0),
             default=None,
-            help="Relative tolerance [default: the library's].",
+            help="Check element-wise with this relative tolerance (atol then takes the library's default).",
         ),
         click.option(
             "--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Batch size of the random inputs."

@@ -112,9 +112,18 @@ def _check_lines(checks: dict[str, Any]) -> list[str]:
         return ["Not verified (--no-verify)."]
     return [
         f"Largest error, {stage} vs original: max |Δ| {error(r.max_abs_error)} "
-        f"(max |Δ|/max |y| {error(r.max_rel_error)}), batch {r.batch_size}: {'ok' if r.passed else 'FAILED'}"
+        f"(max |Δ|/max |y| {error(r.max_rel_error)}), batch {r.batch_size}, margin {error(r.margin)} "
+        f"of {_allowed(r)}: {'ok' if r.passed else 'FAILED'}"
         for stage, r in checks.items()
     ]
+
+
+def _allowed(r: Any) -> str:
+    """What the check allowed, in words: a relative error (scale-aware) or the element-wise tolerances."""
+    if r.allowed is None:
+        return "mismatched outputs" if r.atol is None else f"|Δ| ≤ {r.atol:g} + {r.rtol:g}·|y|"
+    noise = "not measured" if r.noise is None else f"noise {error(r.noise)}"
+    return f"allowed {error(r.allowed)} ({noise})"
 
 
 def print_fold(settings: Any, report: Any, checks: dict[str, Any], output: Any, fmt: str) -> None:

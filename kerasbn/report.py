@@ -31,6 +31,10 @@ class BNFinding:
         reason: Why not, one line; ``None`` when it folds.
         code: A `kerasbn.folding.plan.Reason` (a str) for the reason; ``None`` when it folds.
         parameters: The BN's weight count (all of it goes when it folds).
+        how: For a BN that folds, ``"removed"`` (the layer leaves the model) or
+            ``"in_place"`` (inside a custom layer or a model that cannot be
+            rebuilt: the partner's weights absorb the BN, which stays as an
+            exact identity); ``None`` when it stays.
     """
 
     layer: str
@@ -41,6 +45,7 @@ class BNFinding:
     reason: str | None
     code: str | None
     parameters: int
+    how: str | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,9 @@ class FoldReport(_Printable):
         not_folded: `BNFinding` of each BN that stays, with ``reason`` and ``code``.
         parameters_before: Weight count of the original model.
         parameters_after: Weight count of the folded model.
+        method: ``"removed"`` (folded BN layers left the model), ``"in_place"``
+            (every fold rewrote weights in place) or ``"mixed"``; ``"none"`` when nothing folded.
+        notes: Why folds that would remove a layer were done in place instead, if they were.
     """
 
     model: str
@@ -187,6 +195,8 @@ class FoldReport(_Printable):
     not_folded: list[BNFinding] = field(default_factory=list)
     parameters_before: int = 0
     parameters_after: int = 0
+    method: str = "none"
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: ``model``, ``totals``, ``folded``, ``not_folded``."""
@@ -199,7 +209,10 @@ class FoldReport(_Printable):
                 "parameters_before": self.parameters_before,
                 "parameters_after": self.parameters_after,
                 "parameters_saved": self.parameters_before - self.parameters_after,
+                "in_place": sum(f.how == "in_place" for f in self.folded),
             },
+            "method": self.method,
+            "notes": list(self.notes),
             "folded": [_jsonable_finding(f) for f in self.folded],
             "not_folded": [_jsonable_finding(f) for f in self.not_folded],
         }
@@ -210,6 +223,10 @@ class FoldReport(_Printable):
             f"{len(self.folded)}/{n} BN layers folded; parameters {self.parameters_before:,} → "
             f"{self.parameters_after:,}"
         )
+        in_place = sum(f.how == "in_place" for f in self.folded)
+        if in_place:
+            caption += f"; {in_place} folded in place (the BN stays as an exact identity)"
+        caption = "\n".join([caption, *self.notes])
         columns = ("BN", "partner", "direction", "folded", "reason")
         return table(f"Fold of '{self.model}'", columns, bn_rows(self.folded + self.not_folded), caption)
 
@@ -329,9 +346,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def bn_rows(findings: Sequence[BNFinding]) -> list[list[str]]:
     """Table rows for `BNFinding` records."""
-    return [
-        [f.path, f.partner or "", f.direction or "", "yes" if f.foldable else "no", f.reason or ""] for f in findings
-    ]
+    return [[f.path, f.partner or "", _direction(f), "yes" if f.foldable else "no", f.reason or ""] for f in findings]
+
+
+def _direction(finding: BNFinding) -> str:
+    direction = finding.direction or ""
+    return f"{direction}, in place" if finding.how == "in_place" else direction
 
 
 def bias_rows(biases: Sequence[RedundantBias]) -> list[list[str]]:

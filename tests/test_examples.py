@@ -122,3 +122,12 @@ def test_plot_benchmarks_charts_every_configuration(tmp_path):
     out = tmp_path / "chart.png"
     assert module.main(["--json", str(source), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_keras_hub_table_row_counts_every_bn():
+    pytest.importorskip("keras_hub")
+    module = load("keras_hub_table")
+    name, layers, in_model, reported, folded, exported, _, error, stays = module.row("ResNet (vd)")
+    assert (name, exported) == ("ResNet (vd)", "")
+    assert int(in_model) == int(reported) > 0 and folded.startswith(f"{in_model} ")
+    assert float(error) <= 1e-4 and stays == "—"

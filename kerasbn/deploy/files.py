@@ -319,11 +319,17 @@ def _classify_keras_error(path: Path, kind: str, exc: BaseException) -> KerasbnE
 
 
 def _check_has_graph(path: Path, model: Any) -> None:
-    """A model kerasbn can read: functional or a built Sequential (the fold engine's test)."""
-    from kerasbn.folding.graph import check_model
+    """A model kerasbn can read: functional, a built Sequential, or a subclassed model with a known input shape."""
+    import keras
+
+    from kerasbn.folding.dataflow import input_specs
+    from kerasbn.folding.graph import check_model, functional_of
 
     try:
-        check_model(model)
+        if isinstance(model, keras.Model) and not isinstance(model, keras.Sequential) and functional_of(model) is None:
+            input_specs(model)  # subclassed: traced through its input shape
+        else:
+            check_model(model)
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(f"{path}: {exc}") from exc
 

@@ -7,6 +7,7 @@ defaults (`kerasbn.deploy.tolerances`), and reported as a `VerifyResult`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -14,45 +15,70 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerasbn.deploy.tolerances import ATOL, RTOL
-from kerasbn.folding.graph import check_model
+from kerasbn.deploy.tolerances import (
+    ATOL,
+    NOISE_FACTOR,
+    RELATIVE_CEILING,
+    RELATIVE_FLOOR,
+    RTOL,
+    UNCALIBRATED_FLOOR,
+)
+from kerasbn.folding.dataflow import input_specs
 
 
 @dataclass(frozen=True)
 class VerifyResult:
     """The comparison of a candidate's outputs with a reference's.
 
+    Two criteria. The default is scale-aware: for every output,
+    ``max|Δ| / max|y_ref|`` must not exceed ``allowed``, the larger of
+    `~kerasbn.deploy.tolerances.NOISE_FACTOR` times the reference model's own
+    float32 noise and `~kerasbn.deploy.tolerances.RELATIVE_FLOOR` (without a
+    noise measurement: `~kerasbn.deploy.tolerances.UNCALIBRATED_FLOOR`), and
+    never more than `~kerasbn.deploy.tolerances.RELATIVE_CEILING`. With an
+    explicit ``atol``/``rtol`` every element must satisfy
+    ``|Δ| ≤ atol + rtol·|y_ref|`` instead.
+
     Attributes:
-        passed: Every output element satisfies ``|Δ| ≤ atol + rtol·|y_ref|``.
+        passed: The criterion holds.
         max_abs_error: ``max |Δ|`` over all outputs.
         max_rel_error: ``max |Δ| / max |y_ref|`` (scale-relative, 0 when both are 0).
         max_abs_reference: ``max |y_ref|``.
-        atol: Absolute tolerance used.
-        rtol: Relative tolerance used.
+        atol: Absolute tolerance of the element-wise criterion (``None`` when scale-aware).
+        rtol: Relative tolerance of the element-wise criterion (``None`` when scale-aware).
         tolerance: The criterion in words.
         outputs: Number of output tensors compared.
         batch_size: Batch size of the inputs.
+        allowed: The largest ``max|Δ|/max|y|`` accepted for the output that came
+            closest to failing (``None`` when element-wise).
+        margin: error ÷ allowed for the output (or element) closest to failing:
+            at most 1 passes; ``inf`` for NaN or mismatched outputs.
+        noise: The reference's own float32 noise, relative to each output's
+            ``max|y|`` (the largest over outputs; ``None`` when not measured).
     """
 
     passed: bool
     max_abs_error: float
     max_rel_error: float
     max_abs_reference: float
-    atol: float
-    rtol: float
+    atol: float | None
+    rtol: float | None
     tolerance: str
     outputs: int
     batch_size: int
+    allowed: float | None = None
+    margin: float = 0.0
+    noise: float | None = None
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict of the fields."""
-        return asdict(self)
+        """A JSON-ready dict of the fields (an infinite margin or error as the string ``"inf"``)."""
+        return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
 
     def __str__(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
         return (
-            f"verify {verdict}: max|Δ| = {self.max_abs_error:.3g}, max|Δ|/max|y| = {self.max_rel_error:.3g} "
-            f"over {self.outputs} output(s), batch {self.batch_size} ({self.tolerance})"
+            f"verify {verdict}: max|Δ| = {self.max_abs_error:.3g}, max|Δ|/max|y| = {self.max_rel_error:.3g}, "
+            f"margin {self.margin:.3g} over {self.outputs} output(s), batch {self.batch_size} ({self.tolerance})"
         )
 
 
@@ -61,33 +87,126 @@ def compare(
     candidate: Sequence[np.ndarray],
     *,
     batch_size: int,
-    atol: float = ATOL,
-    rtol: float = RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
+    noise: float | Sequence[float] | None = None,
 ) -> VerifyResult:
     """Judge ``candidate``'s output arrays against ``reference``'s (same order).
+
+    Args:
+        reference, candidate: Output arrays, in the same order.
+        batch_size: Batch size of the inputs (reported).
+        atol, rtol: Give either for the element-wise criterion
+            ``|Δ| ≤ atol + rtol·|y_ref|`` (the other defaults to
+            `~kerasbn.deploy.tolerances.ATOL` / ``RTOL``); leave both ``None``
+            for the scale-aware one.
+        noise: The reference's float32 noise relative to each output's
+            ``max|y|`` (one number for all outputs, or one per output), as
+            `noise` measures it; ``None``: unmeasured, the looser uncalibrated floor applies.
 
     A NaN in either output is an infinite error, never a pass; a shape or
     count mismatch fails with an infinite error.
     """
+    elementwise = atol is not None or rtol is not None
+    if elementwise:
+        atol = ATOL if atol is None else atol
+        rtol = RTOL if rtol is None else rtol
+    noises = list(noise) if isinstance(noise, Sequence) else [noise] * len(reference)
     max_abs = max_ref = 0.0
-    passed = len(reference) == len(candidate)
+    margin = 0.0
+    allowed_at_worst = None
+    passed = len(reference) == len(candidate) and len(noises) == len(reference)
     if not passed:
-        max_abs = float("inf")
-    for y, z in zip(reference, candidate):
+        max_abs = margin = float("inf")
+    for y, z, eta in zip(reference, candidate, noises):
         y = np.asarray(y, np.float64)
         z = np.asarray(z, np.float64)
         if y.shape != z.shape:
-            passed, max_abs = False, float("inf")
+            passed, max_abs, margin = False, float("inf"), float("inf")
             continue
         if not y.size:
             continue
         diff = np.nan_to_num(np.abs(z - y), nan=np.inf)
-        passed = passed and bool(np.all(diff <= atol + rtol * np.abs(y)))
-        max_abs = max(max_abs, float(np.max(diff)))
-        max_ref = max(max_ref, float(np.max(np.abs(y))))
-    rel = max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
-    tolerance = f"|Δ| ≤ {atol:g} + {rtol:g}·|y| element-wise"
-    return VerifyResult(passed, max_abs, rel, max_ref, atol, rtol, tolerance, len(reference), batch_size)
+        scale = float(np.max(np.abs(y)))
+        err = float(np.max(diff))
+        if elementwise:
+            out_margin = float(np.max(diff / (atol + rtol * np.abs(y)))) if atol + rtol > 0 else _ratio(err, 0.0)
+            allowed = None
+        else:
+            allowed = (
+                UNCALIBRATED_FLOOR if eta is None else min(max(NOISE_FACTOR * eta, RELATIVE_FLOOR), RELATIVE_CEILING)
+            )
+            out_margin = _ratio(_ratio(err, scale), allowed)
+        if out_margin >= margin:
+            margin, allowed_at_worst = out_margin, allowed
+        max_abs = max(max_abs, err)
+        max_ref = max(max_ref, scale)
+    passed = passed and margin <= 1.0
+    rel = _ratio(max_abs, max_ref)
+    measured = [eta for eta in noises if eta is not None]
+    worst_noise = max(measured) if measured else None
+    if elementwise:
+        tolerance = f"|Δ| ≤ {atol:g} + {rtol:g}·|y| element-wise"
+    else:
+        if worst_noise is None:
+            tolerance = f"max|Δ|/max|y| per output ≤ {UNCALIBRATED_FLOOR:g} (float32 noise not measured)"
+        else:
+            tolerance = (
+                f"max|Δ|/max|y| per output ≤ {NOISE_FACTOR:g} × float32 noise {worst_noise:.2g}, "
+                f"within [{RELATIVE_FLOOR:g}, {RELATIVE_CEILING:g}]"
+            )
+    return VerifyResult(
+        passed,
+        max_abs,
+        rel,
+        max_ref,
+        atol,
+        rtol,
+        tolerance,
+        len(reference),
+        batch_size,
+        allowed_at_worst,
+        margin,
+        worst_noise,
+    )
+
+
+def _ratio(a: float, b: float) -> float:
+    """``a / b`` with ``0/0 = 0`` and ``x/0 = inf``."""
+    if b > 0:
+        return a / b
+    return 0.0 if a == 0 else float("inf")
+
+
+def noise(model: keras.Model, inputs: Any, outputs: Sequence[np.ndarray] | None = None) -> list[float] | None:
+    """How far ``model``'s own outputs move between two valid float32 evaluations, per output.
+
+    The reference evaluation is `keras_outputs` (``predict_on_batch``); the
+    other is one XLA-compiled call of the same model, which fuses and orders
+    the arithmetic differently. Their difference, relative to each output's
+    ``max|y|``, is what float32 rounding alone does to this model on these
+    inputs: a deep network amplifies it block by block. Returns ``None`` where
+    the model cannot be compiled by XLA (only the floor applies then).
+    """
+    if outputs is None:
+        outputs = keras_outputs(model, inputs)
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    try:
+        call = tf.function(lambda x: model(x, training=False), jit_compile=True)
+        other = [np.asarray(y, np.float64) for y in keras.tree.flatten(call(inputs))]
+    except Exception:  # noqa: BLE001 (any failure means: not measurable this way)
+        return None
+    if len(other) != len(outputs):
+        return None
+    out = []
+    for y, z in zip(outputs, other):
+        if y.shape != z.shape or not y.size:
+            return None
+        out.append(_ratio(float(np.max(np.abs(z - y))), float(np.max(np.abs(y)))))
+    return out
 
 
 def random_inputs(model: keras.Model, batch_size: int = 8, seed: int = 0) -> Any:
@@ -96,17 +215,17 @@ def random_inputs(model: keras.Model, batch_size: int = 8, seed: int = 0) -> Any
     Floating inputs are standard normal; integer inputs are 0 or 1 (valid
     indices for any embedding).
     """
-    fn = check_model(model)
+    specs = input_specs(model)
     rng = np.random.default_rng(seed)
     arrays = []
-    for kt in fn.inputs:
-        shape = [batch_size if d is None and i == 0 else (8 if d is None else d) for i, d in enumerate(kt.shape)]
-        dtype = np.dtype(keras.backend.standardize_dtype(kt.dtype))
+    for spec in keras.tree.flatten(specs):
+        shape = [batch_size if d is None and i == 0 else (8 if d is None else d) for i, d in enumerate(spec.shape)]
+        dtype = np.dtype(spec.dtype)
         if np.issubdtype(dtype, np.floating):
             arrays.append(rng.standard_normal(shape).astype(dtype))
         else:
             arrays.append(rng.integers(0, 2, size=shape).astype(dtype))
-    return keras.tree.pack_sequence_as(fn._inputs_struct, arrays)
+    return keras.tree.pack_sequence_as(specs, arrays)
 
 
 def keras_outputs(model: keras.Model, inputs: Any) -> list[np.ndarray]:
@@ -129,8 +248,8 @@ def verify(
     inputs: Any = None,
     *,
     batch_size: int = 8,
-    atol: float = ATOL,
-    rtol: float = RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     seed: int = 0,
 ) -> VerifyResult:
     """Compare ``candidate``'s inference outputs with ``reference``'s.
@@ -141,15 +260,17 @@ def verify(
         inputs: Inputs in the structure the models take; random ones from
             `random_inputs` when ``None``.
         batch_size: Batch size of random inputs.
-        atol, rtol: Element-wise tolerance ``|Δ| ≤ atol + rtol·|y_ref|``.
+        atol, rtol: Give either for the element-wise criterion
+            ``|Δ| ≤ atol + rtol·|y_ref|``; by default the check is scale-aware
+            and calibrated to ``reference``'s float32 noise (`compare`, `noise`).
         seed: Seed of random inputs.
 
     Returns:
         A `VerifyResult` (it does not raise when the outputs differ).
 
     Raises:
-        kerasbn.errors.UnsupportedModelError: ``reference`` has no functional
-            graph and no ``inputs`` were given.
+        kerasbn.errors.UnsupportedModelError: ``reference``'s input shape is
+            unknown (a subclassed model never called) and no ``inputs`` were given.
         ValueError: The two models return different numbers or shapes of outputs.
 
     Example:
@@ -169,4 +290,5 @@ def verify(
     for y, z in zip(ref, got):
         if y.shape != z.shape:
             raise ValueError(f"Output shapes differ: {y.shape} vs {z.shape}.")
-    return compare(ref, got, batch_size=batch_size_of(inputs), atol=atol, rtol=rtol)
+    measured = noise(reference, inputs, ref) if atol is None and rtol is None else None
+    return compare(ref, got, batch_size=batch_size_of(inputs), atol=atol, rtol=rtol, noise=measured)

@@ -10,22 +10,50 @@ from __future__ import annotations
 
 import keras
 
-from kerasbn.folding import plan
-from kerasbn.folding.graph import build_graph
+from kerasbn.errors import UnsupportedModelError
+from kerasbn.folding import dataflow, plan
+from kerasbn.folding.graph import Graph, build_graph
 from kerasbn.report import AuditReport, RedundantBias
+
+
+def bn_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every BN layer of ``model`` at any depth (nested models, custom layers), each once."""
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True) if plan.is_bn(layer)]
+
+
+def decisions(model: keras.Model) -> tuple[Graph, plan.Decisions]:
+    """The functional graph of ``model`` and every BN decided (`plan.decide`).
+
+    The model is traced only when the functional graph leaves a BN unseen
+    or unfolded: a plain Keras model needs no trace.
+    """
+    graph = build_graph(model)
+    bns = bn_layers(model)
+    traced = None
+    for bn in bns:
+        calls = graph.calls_of(bn)
+        if not calls or not isinstance(plan.plan(graph, calls[0]), plan.Plan):
+            try:
+                traced = dataflow.build_traced_graph(model)
+            except UnsupportedModelError:
+                # Without a trace those BNs stay, reported as untraced.
+                traced = None
+            break
+    return graph, plan.decide(bns, graph, traced)
 
 
 def audit(model: keras.Model) -> AuditReport:
     """Report which BN layers of ``model`` fold and which biases are redundant.
 
     Args:
-        model: A Functional or Sequential Keras model; nested models are searched too.
+        model: A Keras model: Functional, Sequential or subclassed; BN layers in
+            nested models and inside custom layers are found too.
 
     Returns:
         An `AuditReport`; ``print(report)`` shows tables, ``report.to_dict()`` is JSON-ready.
 
     Raises:
-        kerasbn.errors.UnsupportedModelError: ``model`` has no functional graph.
+        kerasbn.errors.UnsupportedModelError: ``model`` is no Keras model or an unbuilt one.
 
     Example:
 
@@ -35,14 +63,15 @@ def audit(model: keras.Model) -> AuditReport:
     >>> kerasbn.audit(keras.Model(x, y)).foldable
     1
     """
-    graph = build_graph(model)
-    findings, plans = plan.analyse(graph)
+    graph, decided = decisions(model)
+    findings = decided.findings
     gained = {
         id(p.partner.layer): plan.out_channels(graph, p.partner)
-        for p in plans
+        for p in decided.removals
         if not getattr(p.partner.layer, "use_bias", False)
     }
-    saved = sum(f.parameters for f in findings if f.foldable) - sum(gained.values())
+    # A BN folded in place stays as an identity, so it saves nothing.
+    saved = sum(f.parameters for f in findings if f.foldable and f.how != plan.IN_PLACE) - sum(gained.values())
     biases = [
         RedundantBias(call.layer.name, plan.path(call), bn.layer.name, plan.out_channels(graph, call))
         for call, bn in plan.redundant_biases(graph)

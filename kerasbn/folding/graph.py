@@ -55,6 +55,8 @@ class Graph:
         consumers: Tensor id → the calls that read it (each call once).
         outputs: Tensor ids that are outputs of the outer model.
         scope_outputs: Tensor ids that are outputs of any model, nested ones included.
+        unscoped: ``id(layer)`` of layers whose variables a trace saw read outside
+            the layer's own call (`kerasbn.folding.dataflow`), so it has no calls here.
     """
 
     calls: list[Call] = field(default_factory=list)
@@ -63,6 +65,7 @@ class Graph:
     consumers: dict[int, list[Call]] = field(default_factory=dict)
     outputs: set[int] = field(default_factory=set)
     scope_outputs: set[int] = field(default_factory=set)
+    unscoped: set[int] = field(default_factory=set)
     _calls_by_layer: dict[int, list[Call]] = field(default_factory=dict)
 
     def calls_of(self, layer: keras.layers.Layer) -> list[Call]:
@@ -115,7 +118,16 @@ def nodes_in_order(functional: Functional) -> list:
 
 
 def build_graph(model: keras.Model) -> Graph:
-    """Flatten ``model`` into a `Graph`; raises `UnsupportedModelError` if it has no graph."""
+    """Flatten ``model`` into a `Graph`.
+
+    A subclassed model has no functional graph: its graph is empty (its layer
+    calls are only known from a trace, `kerasbn.folding.dataflow`).
+
+    Raises:
+        kerasbn.errors.UnsupportedModelError: ``model`` is no Keras model, or an unbuilt Sequential.
+    """
+    if isinstance(model, keras.Model) and not isinstance(model, keras.Sequential) and functional_of(model) is None:
+        return Graph()
     functional = check_model(model)
     graph = Graph()
     ids: dict[tuple, int] = {}

@@ -1,8 +1,11 @@
 """Which BatchNormalization folds into which neighbour, and if not, why.
 
-Pure decisions over a `kerasbn.folding.graph.Graph`: nothing here changes a
+Pure decisions over a `kerasbn.folding.graph.Graph` (the functional graph,
+or the traced one of `kerasbn.folding.dataflow`): nothing here changes a
 model. Each BN gets a `Plan` (the partner layer and the direction) or a
-`Refusal` (a `Reason` code for programs and a one-line reason for people).
+`Refusal` (a `Reason` code for programs and a one-line reason for people);
+`decide` chooses, per BN, between removing it through the functional graph
+and folding it in place through the trace.
 
 A backward fold (BN after a linear layer) is exact whenever the layer's
 output reaches nothing but the BN, the layer applies no activation and the
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import keras
 
+from kerasbn.folding.dataflow import Op
 from kerasbn.folding.families import Dense, family_of
 from kerasbn.folding.graph import Call, Graph
 from kerasbn.layers import BatchNormalization as KerasbnBatchNormalization
@@ -26,6 +30,10 @@ from kerasbn.report import BNFinding
 
 BACKWARD = "backward"
 FORWARD = "forward"
+# How a fold is carried out: the BN layer leaves the model, or it stays as an
+# exact identity (γ = 1, β = 0 or the partner's new bias, μ = 0, σ² + ε = 1).
+REMOVED = "removed"
+IN_PLACE = "in_place"
 
 
 class Reason(str, enum.Enum):
@@ -45,6 +53,9 @@ class Reason(str, enum.Enum):
     VIRTUAL_BATCH = "virtual_batch"
     UNKNOWN_SHAPE = "unknown_shape"
     UNSUPPORTED = "unsupported"
+    UNTRACED = "untraced"
+    UNUSED = "unused"
+    NO_BIAS_SLOT = "no_bias_slot"
 
     def __str__(self) -> str:
         return self.value
@@ -71,7 +82,9 @@ def activation_name(layer: keras.layers.Layer) -> str | None:
 
 
 def describe(call: Call) -> str:
-    """``'name' (Class)`` for messages."""
+    """``'name' (Class)`` for messages (``operation 'name' (Type)`` for a traced op)."""
+    if isinstance(call.layer, Op):
+        return f"operation '{call.layer.name}' ({call.layer.type})"
     return f"'{call.layer.name}' ({type(call.layer).__name__})"
 
 
@@ -120,6 +133,8 @@ def bn_refusal(graph: Graph, bn: Call) -> Refusal | None:
     if len(bn.inputs) != 1:
         return Refusal(Reason.UNSUPPORTED, f"'{layer.name}' is called with {len(bn.inputs)} tensors")
     rank = len(graph.shapes[bn.inputs[0]])
+    if not rank:
+        return Refusal(Reason.UNKNOWN_SHAPE, f"the rank of the input of '{layer.name}' is not known")
     axes = bn_axes(layer, rank)
     if len(axes) != 1:
         return Refusal(
@@ -276,31 +291,6 @@ def out_channels(graph: Graph, call: Call) -> int:
     return int(shape[family_of(call.layer).channel_axis(call.layer, len(shape))])
 
 
-def analyse(graph: Graph) -> tuple[list[BNFinding], list[Plan]]:
-    """Decide every BN of ``graph``: the findings and the folds to perform."""
-    findings, plans = [], []
-    seen: set[int] = set()
-    for call in graph.calls:
-        if not is_bn(call.layer) or id(call.layer) in seen:
-            continue
-        seen.add(id(call.layer))
-        decision = plan(graph, call)
-        params = n_params(call.layer)
-        if isinstance(decision, Plan):
-            plans.append(decision)
-            partner = decision.partner.layer.name
-            findings.append(
-                BNFinding(call.layer.name, path(call), partner, decision.direction, True, None, None, params)
-            )
-        else:
-            findings.append(
-                BNFinding(
-                    call.layer.name, path(call), decision.neighbour, None, False, decision.reason, decision.code, params
-                )
-            )
-    return findings, plans
-
-
 def redundant_bias(graph: Graph, call: Call) -> Call | None:
     """The BN call that makes the bias of ``call`` redundant, or ``None``.
 
@@ -336,3 +326,97 @@ def redundant_biases(graph: Graph) -> list[tuple[Call, Call]]:
         if bn is not None:
             pairs.append((call, bn))
     return pairs
+
+
+def in_place_refusal(step: Plan) -> Refusal | None:
+    """Why ``step`` cannot be done by rewriting weights in place (the layers keep their configs), or ``None``.
+
+    In place, the BN stays as an exact identity and the partner keeps its
+    config: a backward fold's new bias goes into the partner's bias or else
+    into the BN's β; a forward fold's shift has to go into the partner's bias.
+    """
+    partner = step.partner.layer
+    if getattr(partner, "use_bias", False):
+        return None
+    if step.direction == BACKWARD and getattr(step.bn.layer, "center", True):
+        return None
+    return Refusal(
+        Reason.NO_BIAS_SLOT,
+        f"{describe(step.partner)} has no bias to take the folded shift and cannot gain one in place",
+        partner.name,
+    )
+
+
+@dataclass
+class Decisions:
+    """Every BN of a model decided, over its functional graph and its traced graph.
+
+    Attributes:
+        findings: One `BNFinding` per BN layer, in the model's layer order.
+        removals: Folds that remove the BN from the functional graph.
+        in_place: Folds (found in the traced graph) done by rewriting weights in place.
+        bns: The BN layer of each finding.
+    """
+
+    findings: list[BNFinding]
+    removals: list[Plan]
+    in_place: list[Plan]
+    bns: list[keras.layers.Layer]
+
+
+def _finding(bn: keras.layers.Layer, where: str, decision: Plan | Refusal, how: str | None = None) -> BNFinding:
+    params = n_params(bn)
+    if isinstance(decision, Plan):
+        return BNFinding(bn.name, where, decision.partner.layer.name, decision.direction, True, None, None, params, how)
+    return BNFinding(bn.name, where, decision.neighbour, None, False, decision.reason, decision.code, params)
+
+
+def _unseen(bn: keras.layers.Layer, traced: Graph | None) -> Refusal:
+    """Why a BN that no graph shows called stays."""
+    if traced is None:
+        return Refusal(
+            Reason.UNTRACED,
+            f"'{bn.name}' is inside a layer the model's graph does not show, and the model could not be traced",
+        )
+    if id(bn) in traced.unscoped:
+        return Refusal(
+            Reason.UNTRACED,
+            f"the variables of '{bn.name}' are read outside its own call, so its computation cannot be traced",
+        )
+    return Refusal(Reason.UNUSED, f"'{bn.name}' is never called when the model runs (built but unused)")
+
+
+def decide(bns: list[keras.layers.Layer], functional: Graph | None, traced: Graph | None) -> Decisions:
+    """Decide each BN in ``bns``: removed through the functional graph if it allows, else in place through the trace.
+
+    The traced graph sees inside custom layers and subclassed models, where
+    the functional graph sees one opaque call; a BN whose functional plan is
+    refused (a custom layer next to it) gets a second chance there. A BN the
+    functional graph does not show is decided by the trace alone.
+    """
+    out = Decisions([], [], [], list(bns))
+    for bn in bns:
+        f_calls = functional.calls_of(bn) if functional is not None else []
+        t_calls = traced.calls_of(bn) if traced is not None else []
+        decision: Plan | Refusal | None = None
+        if f_calls:
+            decision = plan(functional, f_calls[0])
+            if isinstance(decision, Plan):
+                out.removals.append(decision)
+                out.findings.append(_finding(bn, path(f_calls[0]), decision, REMOVED))
+                continue
+        if t_calls:
+            traced_decision = plan(traced, t_calls[0])
+            if isinstance(traced_decision, Plan):
+                traced_decision = in_place_refusal(traced_decision) or traced_decision
+            if isinstance(traced_decision, Plan):
+                out.in_place.append(traced_decision)
+                out.findings.append(_finding(bn, path(t_calls[0]), traced_decision, IN_PLACE))
+                continue
+            # A functional refusal names Keras layers, which users know best.
+            decision = decision or traced_decision
+        if decision is None:
+            decision = _unseen(bn, traced)
+        where = path(f_calls[0]) if f_calls else (path(t_calls[0]) if t_calls else bn.name)
+        out.findings.append(_finding(bn, where, decision))
+    return out

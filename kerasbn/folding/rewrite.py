@@ -152,6 +152,7 @@ def rebuild(
     model: keras.Model,
     patches: dict[int, Patch] | None = None,
     removed: set[int] | None = None,
+    copies: dict[int, keras.layers.Layer] | None = None,
 ) -> keras.Model:
     """A new model equal to ``model`` except for the given changes.
 
@@ -159,6 +160,8 @@ def rebuild(
         model: A Functional or Sequential model (nested models allowed).
         patches: ``id(layer)`` → `Patch` for layers to re-create with new config/weights.
         removed: ``id(layer)`` of single-input layers to drop (their output becomes their input).
+        copies: If given, filled with ``id(old layer)`` → its new layer, for every
+            re-created layer and the sublayers of custom layers (matched in order).
 
     Returns:
         The new model; ``model`` is not modified and shares no variable with it.
@@ -166,4 +169,11 @@ def rebuild(
     builder = _Rebuilder(patches or {}, removed or set())
     new = builder.model(model)
     builder.copy_weights()
+    if copies is not None:
+        for old, clone in builder.pending:
+            copies[id(old)] = clone
+            inner_old = old._flatten_layers(include_self=False, recursive=True)
+            inner_new = clone._flatten_layers(include_self=False, recursive=True)
+            if len(inner_old) == len(inner_new):
+                copies.update({id(a): b for a, b in zip(inner_old, inner_new) if type(a) is type(b)})
     return new

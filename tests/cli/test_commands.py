@@ -224,9 +224,10 @@ def user_module(tmp_path, monkeypatch):
                 def __init__(self, **kwargs):
                     super().__init__(**kwargs)
                     self.dense = keras.layers.Dense(2)
+                    self.bn = keras.layers.BatchNormalization()
 
                 def call(self, x):
-                    return self.dense(x)
+                    return self.bn(self.dense(x))
             """
         )
     )
@@ -259,11 +260,13 @@ def test_unknown_custom_layer_suggests_import(user_module):
     assert result.exit_code == 0, result.stderr
 
 
-def test_subclassed_model_is_unsupported(user_module):
-    result = invoke("fold", user_module / "subclassed.keras", "--import", "kbn_user_layers")
-    assert_clean_error(result.exit_code, result.stdout, result.stderr)
-    assert "subclassed" in result.stderr
-    assert not (user_module / "subclassed.folded.keras").exists()
+def test_subclassed_model_folds_in_place(user_module):
+    result = invoke("fold", user_module / "subclassed.keras", "--import", "kbn_user_layers", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["fold"]["totals"]["folded"] == 1 and data["fold"]["method"] == "in_place"
+    assert data["verification"]["reloaded"]["passed"]
+    assert (user_module / "subclassed.folded.keras").exists()
 
 
 def test_import_of_a_missing_module(model_files):

@@ -189,6 +189,7 @@ def test_redundant_biases_and_totals():
         "reason": None,
         "code": None,
         "parameters": 16,
+        "how": "removed",
     }
     text = str(report)
     assert "bn2" in text and "c2" in text and "3/3 BN layers fold" in text

@@ -53,7 +53,7 @@ def test_sequential_is_read_through_its_graph():
     assert [type(c.layer).__name__ for c in build_graph(model).calls] == ["Dense", "ReLU"]
 
 
-def test_unbuilt_sequential_and_subclassed_are_refused():
+def test_unbuilt_sequential_is_refused_and_subclassed_has_an_empty_graph():
     with pytest.raises(UnsupportedModelError, match="no input shape"):
         build_graph(keras.Sequential([L.Dense(2)]))
 
@@ -63,7 +63,7 @@ def test_unbuilt_sequential_and_subclassed_are_refused():
 
     net = Net()
     net(np.ones((1, 2), "float32"))
-    with pytest.raises(UnsupportedModelError, match="Functional or Sequential"):
-        build_graph(net)
+    # Its layer calls are only known from a trace (kerasbn.folding.dataflow).
+    assert build_graph(net).calls == []
     with pytest.raises(UnsupportedModelError, match="Expected a Keras model"):
         build_graph(L.Dense(2))
