@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from kerasbn.deploy.files import atomic_output
 from kerasbn.deploy.onnx import ExportResult, ExportVerificationError
-from kerasbn.deploy.tolerances import ATOL, RTOL
 from kerasbn.errors import KerasbnError, UnsupportedModelError
 from kerasbn.report import export_table
 
@@ -67,8 +66,8 @@ def export_litert(
     overwrite: bool = False,
     batch_sizes: Sequence[int] = (1, 8),
     inputs: Any = None,
-    atol: float = ATOL,
-    rtol: float = RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     seed: int = 0,
     on_step: Callable[[str], None] | None = None,
 ) -> LiteRTExportResult:
@@ -87,7 +86,8 @@ def export_litert(
         inputs: verification inputs in the structure the model takes (as
             `kerasbn.deploy.files.load_inputs` returns them) instead of random
             ones; checked whole and as their first row.
-        atol, rtol: elementwise tolerance ``|litert − keras| ≤ atol + rtol·|keras|``.
+        atol, rtol: give either for the element-wise check ``|litert − keras| ≤ atol + rtol·|keras|``;
+            by default the check is scale-aware and calibrated to the model's own float32 noise.
         seed: seed of the random inputs.
         on_step: called with a short description before each long step.
 
@@ -205,30 +205,16 @@ def check_file(
     model: Any,
     batch_sizes: Sequence[int],
     inputs: Any,
-    atol: float = ATOL,
-    rtol: float = RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     seed: int = 0,
 ) -> tuple[VerifyResult, ...]:
-    """Run the LiteRT `file` and Keras `model` on the same inputs and `compare` them.
-
-    Random inputs at each batch size, or `inputs` whole and as their first row.
-    """
-    import keras
-
+    """Run the LiteRT `file` and Keras `model` on the same inputs and judge them (`verify.check_runtime`)."""
     from kerasbn.deploy.runtime import litert_runner
-    from kerasbn.deploy.verify import compare, keras_outputs, random_inputs
+    from kerasbn.deploy.verify import check_runtime
 
     run = litert_runner(file, input_names(model))
-    if inputs is not None:
-        arrays = keras.tree.flatten(inputs)
-        cases = [arrays, [a[:1] for a in arrays]]
-    else:
-        cases = [keras.tree.flatten(random_inputs(model, b, seed + k)) for k, b in enumerate(batch_sizes)]
-    checks = []
-    for arrays in cases:
-        expected = keras_outputs(model, keras.tree.pack_sequence_as(model.input, arrays))
-        checks.append(compare(expected, run(arrays), batch_size=int(arrays[0].shape[0]), atol=atol, rtol=rtol))
-    return tuple(checks)
+    return check_runtime(model, run, batch_sizes, inputs, atol=atol, rtol=rtol, seed=seed)
 
 
 def op_counts(content: bytes) -> dict[str, int]:

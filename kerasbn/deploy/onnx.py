@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from kerasbn.deploy.files import atomic_output
-from kerasbn.deploy.tolerances import ATOL, RTOL
 from kerasbn.deploy.verify import VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
 from kerasbn.report import export_table, op_table
@@ -116,8 +115,8 @@ def export_onnx(
     overwrite: bool = False,
     batch_sizes: Sequence[int] = (1, 8),
     inputs: Any = None,
-    atol: float = ATOL,
-    rtol: float = RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     seed: int = 0,
     on_step: Callable[[str], None] | None = None,
 ) -> ExportResult:
@@ -139,7 +138,9 @@ def export_onnx(
         inputs: verification inputs in the structure the model takes (as
             `kerasbn.deploy.files.load_inputs` returns them) instead of random ones;
             checked whole and as their first row.
-        atol, rtol: elementwise tolerance ``|onnx − keras| ≤ atol + rtol·|keras|``.
+        atol, rtol: give either for the element-wise check ``|onnx − keras| ≤ atol + rtol·|keras|``;
+            by default the check is scale-aware and calibrated to the model's own float32
+            noise (`kerasbn.deploy.verify.compare`).
         seed: seed of the random inputs.
         on_step: called with a short description before each long step.
 
@@ -263,28 +264,12 @@ def op_counts(proto: Any) -> dict[str, int]:
 
 
 def _check_with_onnxruntime(
-    file: Path, model: Any, batch_sizes: Sequence[int], inputs: Any, atol: float, rtol: float, seed: int
+    file: Path, model: Any, batch_sizes: Sequence[int], inputs: Any, atol: float | None, rtol: float | None, seed: int
 ) -> tuple[VerifyResult, ...]:
-    import keras
-    import onnxruntime as ort
+    from kerasbn.deploy.runtime import onnx_runner
+    from kerasbn.deploy.verify import check_runtime
 
-    from kerasbn.deploy.verify import compare, keras_outputs
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    if inputs is not None:
-        arrays = keras.tree.flatten(inputs)
-        cases = [arrays, [a[:1] for a in arrays]]
-    else:
-        cases = [_random_arrays(model, b, seed + k) for k, b in enumerate(batch_sizes)]
-    checks = []
-    for arrays in cases:
-        expected = keras_outputs(model, keras.tree.pack_sequence_as(model.input, arrays))
-        got = session.run(None, {n: a for n, a in zip(names, arrays)})
-        checks.append(compare(expected, got, batch_size=int(arrays[0].shape[0]), atol=atol, rtol=rtol))
-    return tuple(checks)
+    return check_runtime(model, onnx_runner(file), batch_sizes, inputs, atol=atol, rtol=rtol, seed=seed)
 
 
 def _random_arrays(model: Any, batch_size: int, seed: int) -> list[Any]:

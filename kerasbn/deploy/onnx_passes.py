@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from kerasbn.deploy.tolerances import ATOL, RTOL
 from kerasbn.errors import UnsupportedModelError, VerificationError
 
 Pass = Callable[[Any], Any]
@@ -164,13 +163,14 @@ PASSES: tuple[tuple[str, Pass], ...] = (
 
 
 def run_passes(
-    model: Any, feed: Sequence[np.ndarray] | None, *, atol: float = ATOL, rtol: float = RTOL
+    model: Any, feed: Sequence[np.ndarray] | None, *, atol: float | None = None, rtol: float | None = None
 ) -> tuple[Any, tuple[str, ...]]:
     """Run `PASSES` on `model`; returns the new model and the names of the passes that changed its op counts.
 
     With `feed` (the graph's inputs in order), ONNX Runtime runs the graph
     before and after each pass on it, and a pass that changes the outputs
-    beyond ``atol + rtol·|y|`` raises `VerificationError` naming it.
+    beyond `kerasbn.deploy.verify.compare`'s check (element-wise with ``atol``/``rtol``) raises
+    `VerificationError` naming it.
 
     Raises:
         VerificationError: a pass changed the outputs.

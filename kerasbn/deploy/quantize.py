@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from kerasbn.deploy.files import atomic_output, check_output_path
-from kerasbn.deploy.tolerances import ATOL, RTOL
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
 from kerasbn.report import Agreement, Int8Report, QuantizationAudit, WeightRange
 
@@ -81,8 +80,8 @@ def export_int8(
     verify: bool = True,
     overwrite: bool = False,
     batch_sizes: Sequence[int] = (1, 8),
-    atol: float = ATOL,
-    rtol: float = RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     seed: int = 0,
     on_step: Callable[[str], None] | None = None,
 ) -> Int8Report:

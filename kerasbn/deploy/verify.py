@@ -8,7 +8,7 @@ defaults (`kerasbn.deploy.tolerances`), and reported as a `VerifyResult`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -235,6 +235,38 @@ def keras_outputs(model: keras.Model, inputs: Any) -> list[np.ndarray]:
     # wrong axis when the channel count equals the width.
     outputs = model.predict_on_batch(inputs)
     return [np.asarray(y, np.float64) for y in keras.tree.flatten(outputs)]
+
+
+def check_runtime(
+    model: keras.Model,
+    run: Callable[[list[np.ndarray]], Sequence[np.ndarray]],
+    batch_sizes: Sequence[int],
+    inputs: Any = None,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+) -> tuple[VerifyResult, ...]:
+    """An exported file, run by ``run`` (flat input arrays in Keras order → outputs), against ``model``.
+
+    Random inputs at each of ``batch_sizes``, or ``inputs`` whole and as
+    their first row (two batch sizes show the batch axis is really dynamic).
+    Judged by `compare`: scale-aware and calibrated to ``model``'s own float32
+    noise by default, element-wise when ``atol`` or ``rtol`` is given.
+    """
+    if inputs is not None:
+        arrays = keras.tree.flatten(inputs)
+        cases = [arrays, [a[:1] for a in arrays]]
+    else:
+        cases = [keras.tree.flatten(random_inputs(model, b, seed + k)) for k, b in enumerate(batch_sizes)]
+    checks = []
+    for arrays in cases:
+        structured = keras.tree.pack_sequence_as(model.input, arrays)
+        expected = keras_outputs(model, structured)
+        measured = noise(model, structured, expected) if atol is None and rtol is None else None
+        got = [np.asarray(y) for y in run(list(arrays))]
+        checks.append(compare(expected, got, batch_size=batch_size_of(arrays), atol=atol, rtol=rtol, noise=measured))
+    return tuple(checks)
 
 
 def batch_size_of(inputs: Any) -> int:
