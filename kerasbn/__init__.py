@@ -35,6 +35,15 @@ _PUBLIC = {
     "verify": "kerasbn.deploy.verify",
     "VerifyResult": "kerasbn.deploy.verify",
     "export_onnx": "kerasbn.deploy.onnx",
+    "calibrate": "kerasbn.statistics.calibrate",
+    "CalibrationResult": "kerasbn.statistics.calibrate",
+    "audit_statistics": "kerasbn.statistics.staleness",
+    "swap": "kerasbn.statistics.swap",
+    "SwapResult": "kerasbn.statistics.swap",
+    "BNStaleness": "kerasbn.report",
+    "CalibrationReport": "kerasbn.report",
+    "StalenessReport": "kerasbn.report",
+    "SwapReport": "kerasbn.report",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
@@ -61,4 +70,17 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from kerasbn.folding.biases import StripResult, strip_redundant_biases
     from kerasbn.folding.fold import FoldResult, fold
     from kerasbn.layers.batch_normalization import BatchNormalization
-    from kerasbn.report import AuditReport, BNFinding, FoldReport, RedundantBias, StripReport
+    from kerasbn.report import (
+        AuditReport,
+        BNFinding,
+        BNStaleness,
+        CalibrationReport,
+        FoldReport,
+        RedundantBias,
+        StalenessReport,
+        StripReport,
+        SwapReport,
+    )
+    from kerasbn.statistics.calibrate import CalibrationResult, calibrate
+    from kerasbn.statistics.staleness import audit_statistics
+    from kerasbn.statistics.swap import SwapResult, swap

@@ -258,6 +258,57 @@ class StripReport:
         return render(self)
 
 
+@dataclass
+class SwapReport:
+    """What `kerasbn.swap` did.
+
+    Attributes:
+        model: The model's name.
+        to: ``"kerasbn"`` or ``"keras"``.
+        swapped: Paths of the BN layers now of the target class.
+        stayed: ``(path, reason)`` of each BN that kept its class.
+        inside_custom: Paths of swapped BNs held by custom layers: swapped in
+            memory, but a saved file re-creates whatever BN the custom layer's code makes.
+        notes: Settings the target class cannot hold, one line each.
+        parameters: Weight count (unchanged by a swap).
+    """
+
+    model: str
+    to: str
+    swapped: list[str] = field(default_factory=list)
+    stayed: list[tuple[str, str]] = field(default_factory=list)
+    inside_custom: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    parameters: int = 0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of the fields."""
+        return {
+            "model": self.model,
+            "to": self.to,
+            "totals": {"swapped": len(self.swapped), "stayed": len(self.stayed)},
+            "swapped": list(self.swapped),
+            "stayed": [{"path": p, "reason": r} for p, r in self.stayed],
+            "inside_custom": list(self.inside_custom),
+            "notes": list(self.notes),
+            "parameters": self.parameters,
+        }
+
+    def __rich__(self) -> Any:
+        target = "kerasbn.BatchNormalization" if self.to == "kerasbn" else "keras.layers.BatchNormalization"
+        custom = set(self.inside_custom)
+        rows = [[p, "yes", "inside a custom layer: in memory only" if p in custom else ""] for p in self.swapped]
+        rows += [[p, "no", reason] for p, reason in self.stayed]
+        caption = f"{len(self.swapped)} BN layers swapped to {target}, {len(self.stayed)} stayed"
+        parts = [table(f"Swap of '{self.model}'", ("BN", "swapped", "note"), rows, caption)]
+        from rich.console import Group
+
+        return Group(*parts, *self.notes)
+
+    def __str__(self) -> str:
+        return render(self)
+
+
 STALE_COLUMNS = ("BN", "values", "mean shift (σ)", "max shift (σ)", "variance ratio", "ratio range", "stale")
 
 
