@@ -131,22 +131,37 @@ def batch_moments(layer: keras.layers.Layer, x: Any) -> tuple[Any, Any, Any]:
 
 
 def _batch_normalized(layer: keras.layers.Layer, x: Any, mean: Any, variance: Any) -> Any:
-    """Algorithm 1's output with the batch statistics, in the layer's compute dtype."""
-    ops = keras.ops
+    """Algorithm 1's output with the batch statistics, computed in float64 and rounded once.
+
+    In float32, ``x − μ_B`` would round μ_B to the precision of the offset of
+    x, a shift shared by the whole feature that later layers' statistics
+    inherit; float64 leaves only the final rounding.
+    """
     rank = len(x.shape)
     axes = feature_axes(layer, rank)
     shape = [x.shape[a] if a in axes else 1 for a in range(rank)]
-    dtype = keras.backend.result_type(x.dtype, "float32")
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
-    def bcast(v: Any) -> Any:
-        return ops.reshape(ops.cast(ops.convert_to_tensor(v), dtype), shape)
+        def bcast(v: Any) -> Any:
+            return tf.reshape(tf.cast(v, tf.float64), shape)
 
-    y = (ops.cast(x, dtype) - bcast(mean)) * ops.rsqrt(bcast(variance) + layer.epsilon)
+        y = (tf.cast(x, tf.float64) - bcast(mean)) * tf.math.rsqrt(bcast(variance) + layer.epsilon)
+        if layer.scale:
+            y = y * bcast(layer.gamma)
+        if layer.center:
+            y = y + bcast(layer.beta)
+        return tf.cast(y, layer.compute_dtype)
+
+    def host(v: Any) -> np.ndarray:
+        return np.reshape(np.asarray(keras.ops.convert_to_numpy(v), np.float64), shape)
+
+    y = (host(x) - host(mean)) / np.sqrt(host(variance) + layer.epsilon)
     if layer.scale:
-        y = y * bcast(layer.gamma)
+        y = y * host(layer.gamma)
     if layer.center:
-        y = y + bcast(layer.beta)
-    return ops.cast(y, layer.compute_dtype)
+        y = y + host(layer.beta)
+    return keras.ops.convert_to_tensor(y.astype(layer.compute_dtype))
 
 
 class _Stop(Exception):
@@ -232,7 +247,9 @@ def observe(
                 model(batch, training=False)
             return {str(i): captured.get(i, []) for i in wanted}
 
-        compiled = tf.function(step, reduce_retracing=True)
+        # One trace per pass: the batch axis is left open, so a last smaller batch reuses it.
+        spec = keras.tree.map_structure(lambda a: tf.TensorSpec((None, *a.shape[1:]), a.dtype), batches.first(1))
+        compiled = tf.function(step, input_signature=[spec])
         for batch in batches:
             out = compiled(batch)
             for key, calls in out.items():
