@@ -156,7 +156,8 @@ def _batch_normalized(layer: keras.layers.Layer, x: Any, mean: Any, variance: An
     def host(v: Any) -> np.ndarray:
         return np.reshape(np.asarray(keras.ops.convert_to_numpy(v), np.float64), shape)
 
-    y = (host(x) - host(mean)) / np.sqrt(host(variance) + layer.epsilon)
+    x64 = np.asarray(keras.ops.convert_to_numpy(x), np.float64)
+    y = (x64 - host(mean)) / np.sqrt(host(variance) + layer.epsilon)
     if layer.scale:
         y = y * host(layer.gamma)
     if layer.center:
