@@ -287,12 +287,8 @@ def call_order(model: keras.Model, sites: Sequence[BNSite], batch: Any) -> list[
 
         # Traced, not eager: TensorFlow's CPU kernels have no eager channels_first convolution.
         run = tf.function(run)
-    run(_head(batch))
+    run(batch)
     return order
-
-
-def _head(batch: Any, n: int = 2) -> Any:
-    return keras.tree.map_structure(lambda a: a[:n], batch)
 
 
 def population(moments: Moments, site: BNSite) -> tuple[np.ndarray, np.ndarray]:
