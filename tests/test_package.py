@@ -19,6 +19,8 @@ DOCTESTED = [
     "kerasbn.folding.biases",
     "kerasbn.deploy.verify",
     "kerasbn.layers.batch_normalization",
+    "kerasbn.statistics.calibrate",
+    "kerasbn.statistics.swap",
 ]
 
 
