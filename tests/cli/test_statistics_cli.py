@@ -149,3 +149,24 @@ def test_swap_json(work):
     assert data["swap"]["totals"] == {"swapped": 2, "stayed": 0}
     assert data["verification"]["reloaded"]["passed"]
     assert (folder / "tiny.kerasbn.keras").exists()
+
+
+def test_calibrate_from_a_folder_of_images(tmp_path):
+    from PIL import Image
+
+    inputs = keras.Input((None, None, 3), name="image")
+    x = keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(2, 3, name="conv")(inputs))
+    path = tmp_path / "m.keras"
+    keras.Model(inputs, x).save(path)
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = np.random.default_rng(3).integers(0, 256, (5, 10, 12, 3), dtype=np.uint8)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(images / f"{i}.png")
+    no_size = invoke("calibrate", path, "--data", images, "-o", tmp_path / "out.keras")
+    assert_clean_error(no_size.exit_code, no_size.stdout, no_size.stderr)
+    assert "--image-size" in no_size.stderr
+    done = invoke("calibrate", path, "--data", images, "--image-size", "10x12", "-o", tmp_path / "out.keras")
+    assert done.exit_code == 0, done.output
+    expected = kerasbn.calibrate(kerasbn.load_model(path), pixels.astype("float32")).model
+    np.testing.assert_array_equal(stats(kerasbn.load_model(tmp_path / "out.keras")), stats(expected))
