@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--xla", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="Print only; leave docs/benchmarks.md alone.")
+    parser.add_argument("--only", choices=["TF graph", "TF-XLA", "JAX"], help="Run one backend setup (print only).")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.xla, args.steps)))
@@ -105,6 +106,9 @@ def main() -> None:
     except ImportError:
         print("keras-hub is not installed: its ResNet is skipped")
     setups = [("TF graph", "tensorflow", False), ("TF-XLA", "tensorflow", True), ("JAX", "jax", False)]
+    if args.only:
+        setups = [s for s in setups if s[0] == args.only]
+        args.no_write = True
     rows = []
     for model_name in models:
         for label, backend, xla in setups:

@@ -145,7 +145,7 @@ class _Rebuilder:
                         f"Layer '{old.name}' was re-created with {len(new.weights)} weights instead of {len(old.weights)}."
                     )
                 for src, dst in zip(old.weights, new.weights):
-                    dst.assign(src.value)
+                    dst.assign(_own_copy(src))
                 continue
             # Patched and replacing layers get their weights by name.
             by_name = {w.name: w for w in old.weights}
@@ -154,7 +154,14 @@ class _Rebuilder:
                 if dst.name in values:
                     dst.assign(np.asarray(values[dst.name]).astype(dst.dtype))
                 else:
-                    dst.assign(by_name[dst.name].value)
+                    dst.assign(_own_copy(by_name[dst.name]))
+
+
+def _own_copy(variable: keras.Variable) -> np.ndarray:
+    """The variable's value as a new host array: on JAX, assigning ``.value`` itself would
+    share one device buffer between the two models, and a training step that donates it
+    for one model deletes it under the other."""
+    return np.array(keras.ops.convert_to_numpy(variable.value))
 
 
 def rebuild(

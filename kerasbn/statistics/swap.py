@@ -171,7 +171,7 @@ def _swap_attributes(model: keras.Model, to: str, convert, stayed: list, notes: 
                 new.build(tuple(sizes.get(a) for a in range(rank)))
                 by_name = {w.name: w for w in value.weights}
                 for w in new.weights:
-                    w.assign(by_name[w.name].value)
+                    w.assign(np.array(keras.ops.convert_to_numpy(by_name[w.name].value)))  # no shared buffer
             index = next(i for i, layer in enumerate(owner._layers) if layer is value)
             # Bypass Keras's tracking (it would append the new layer after the old one)
             # and put the new layer in the old one's place, so the weight order is kept.
