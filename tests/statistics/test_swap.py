@@ -128,3 +128,25 @@ def test_keras_hub_backbone_round_trip():
         image_shape=(32, 32, 3),
     )
     assert_round_trip(randomize_bn(backbone))
+
+
+def test_original_and_swapped_models_train_side_by_side_on_jax():
+    """On JAX a variable's value is an immutable device buffer: the swapped model must own
+    its buffers, or a training step of one model (which donates them) deletes the other's."""
+    code = (
+        "import numpy as np, keras, kerasbn\n"
+        "x = keras.Input((4,))\n"
+        "m = keras.Model(x, keras.layers.Dense(2)(keras.layers.BatchNormalization()(keras.layers.Dense(3)(x))))\n"
+        "s = kerasbn.swap(m).model\n"
+        "for model in (m, s, m, s):\n"
+        "    model.compile('sgd', 'mse')\n"
+        "    model.train_on_batch(np.ones((4, 4), 'float32'), np.ones((4, 2), 'float32'))\n"
+        "print('ok')\n"
+    )
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
