@@ -8,9 +8,9 @@ are compiled with SGD and timed on ``train_on_batch``, on TensorFlow as a
 graph, TensorFlow with XLA (``jit_compile=True``) and JAX (a subprocess
 with ``KERAS_BACKEND=jax``). In each process the two variants run
 alternately after a warm-up, so a noisy neighbour hits both alike, and the
-medians are reported with their ratio. On JAX each variant runs in its own
-process: there the model trained second in a process was up to 2× slower,
-whichever it was.
+medians are reported with their ratio. On JAX the variant compiled second in
+a process ran up to 2× slower, whichever it was: there two processes run,
+one each way round, and the geometric means are reported.
 
 Run: ``.venv/bin/python benchmarks/swap.py [--steps 7]`` (writes the
 ``## Swap: training step`` section of ``docs/benchmarks.md``).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -64,8 +65,8 @@ def worker(model_name: str, xla: bool, steps: int, only: str | None = None) -> d
     keras.utils.set_random_seed(0)
     original = build(model_name)
     variants = {"keras": original, "kerasbn": kerasbn.swap(original).model}
-    if only is not None:
-        variants = {only: variants[only]}
+    if only is not None:  # the variant compiled and warmed up first
+        variants = {only: variants[only], **{k: v for k, v in variants.items() if k != only}}
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype("float32")
     y = rng.integers(0, 10, size=(BATCH,))
@@ -85,16 +86,16 @@ def worker(model_name: str, xla: bool, steps: int, only: str | None = None) -> d
 def run_worker(backend: str, model_name: str, xla: bool, steps: int) -> dict:
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     args = [sys.executable, __file__, "--worker", model_name, "--steps", str(steps)] + (["--xla"] if xla else [])
-    # On JAX the model trained second in a process ran up to 2x slower whichever it was (two
-    # large jitted steps competing for the allocator's memory): one process per variant there.
+    # On JAX the variant compiled second in a process ran up to 2x slower, whichever it was;
+    # one process per way round there, and the geometric mean of the two.
     runs = [["--variant", "keras"], ["--variant", "kerasbn"]] if backend == "jax" else [[]]
-    result = {}
+    results = []
     for extra in runs:
         done = subprocess.run(args + extra, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{backend} {model_name}: {done.stderr.strip().splitlines()[-1:]}")
-        result.update(json.loads(done.stdout.strip().splitlines()[-1]))
-    return result
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {k: math.prod(r[k] for r in results) ** (1 / len(results)) for k in results[0]}
 
 
 def main() -> None:
