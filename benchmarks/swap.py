@@ -95,6 +95,8 @@ def run_worker(backend: str, model_name: str, xla: bool, steps: int) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"{backend} {model_name}: {done.stderr.strip().splitlines()[-1:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if extra:
+            print(f"  {model_name}, {extra[1]} compiled first: {results[-1]}")
     return {k: math.prod(r[k] for r in results) ** (1 / len(results)) for k in results[0]}
 
 
