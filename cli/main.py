@@ -22,8 +22,10 @@ from kerasbn_cli.options import (
     EXIT_OK,
     MODEL_ARGUMENT,
     Checking,
+    DataOptions,
     Settings,
     common_options,
+    data_options,
     output_option,
     verify_options,
 )
@@ -55,43 +57,53 @@ def main() -> None:
     show_default=True,
     help="Output format.",
 )
-@click.option("--strict", is_flag=True, help="Exit with status 1 if a BN folds or a bias is redundant (CI gates).")
+@click.option(
+    "--strict", is_flag=True, help="Exit with status 1 if a BN folds, a bias is redundant or (with --data) is stale."
+)
 @click.option(
     "--quantization",
     is_flag=True,
     help="Also show how each fold spreads the per-channel weight ranges (per-tensor vs per-channel int8).",
 )
+@data_options(required=False)
 @common_options
-def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization: bool) -> int:
+def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization: bool, data: DataOptions) -> int:
     """List each BatchNormalization layer of MODEL, its partner, whether it folds and why not.
 
     Also lists the Dense/Conv biases that a following BN makes redundant, and
-    totals. Changes nothing.
+    totals. With --data, also compares each BN's stored statistics with the
+    population statistics of that data (mean shift in σ, variance ratio) and
+    flags stale ones. Changes nothing.
 
     \b
     Example:
       kerasbn audit model.keras --format markdown >> $GITHUB_STEP_SUMMARY
       kerasbn audit model.keras --strict -q || echo "model has foldable BN"
       kerasbn audit model.keras --quantization
+      kerasbn audit model.keras --data new_images/ --format json
     """
     from kerasbn_cli import render
 
-    with render.progress(settings.quiet) as step:
+    stale = ranges = None
+    with render.progress(settings.quiet, bar=data.path is not None) as progress:
         import kerasbn
 
-        step(f"Loading {model.name}")
+        progress.step(f"Loading {model.name}")
         keras_model = kerasbn.load_model(model, safe_mode=settings.safe_mode, custom_modules=settings.imports)
-        step("Auditing")
+        batches = _open_data(data, keras_model)
+        progress.step("Auditing")
         report = kerasbn.audit(keras_model)
-        ranges = None
         if quantization:
             from kerasbn.deploy.quantize import audit_quantization
 
-            step("Folding to measure the weight ranges")
+            progress.step("Folding to measure the weight ranges")
             ranges = audit_quantization(keras_model)
+        if batches is not None:
+            progress.step("Measuring BN statistics on the data")
+            stale = kerasbn.audit_statistics(keras_model, batches, on_batch=progress.advance)
     if not settings.quiet:
-        render.print_audit(report, fmt, ranges)
-    if strict and (report.foldable or report.redundant_biases):
+        render.print_audit(report, fmt, {"quantization": ranges, "statistics": stale})
+    if strict and (report.foldable or report.redundant_biases or (stale is not None and stale.stale)):
         return EXIT_FINDINGS
     return EXIT_OK
 
@@ -271,6 +283,155 @@ def export(
     else:
         render.print_export(settings, result, fmt)
     return EXIT_OK
+
+
+@main.command()
+@MODEL_ARGUMENT
+@data_options(required=True)
+@click.option(
+    "--mode",
+    type=click.Choice(["sequential", "paper"]),
+    default="sequential",
+    show_default=True,
+    help="sequential: each BN with the earlier ones already calibrated (one pass per BN); "
+    "paper: Algorithm 2 as written, every BN on its batch statistics (one pass).",
+)
+@output_option("MODEL.calibrated.keras beside MODEL")
+@verify_options("Report how much the outputs moved, and check the reloaded file against the calibrated model.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
+)
+@common_options
+def calibrate(
+    settings: Settings,
+    checking: Checking,
+    model: Path,
+    data: DataOptions,
+    mode: str,
+    output: Path | None,
+    fmt: str,
+) -> int:
+    """Recompute the population statistics of every BN of MODEL from DATA (the paper's Algorithm 2).
+
+    Each BN gets E[x] = E_B[μ_B] and Var[x] = m/(m−1)·E_B[σ²_B] over the
+    mini-batches of DATA, computed in float64, instead of its moving
+    averages. DATA is a .npy or .npz file (arrays named after the inputs) or
+    a folder of images; it needs no labels, so calibrating on data of a new
+    domain adapts the model to it (AdaBN). MODEL is never modified.
+
+    \b
+    Example:
+      kerasbn calibrate model.keras --data train_sample.npz -o model.cal.keras
+      kerasbn calibrate resnet.keras --data images/ --image-size 224 --mode paper
+    """
+    from kerasbn_cli import render
+
+    output = output or model.with_name(f"{model.stem}.calibrated.keras")
+    with render.progress(settings.quiet, bar=True) as progress:
+        import kerasbn
+        from kerasbn.deploy.files import load_inputs
+
+        _check_distinct(settings, model, output)
+        progress.step(f"Loading {model.name}")
+        original = kerasbn.load_model(model, safe_mode=settings.safe_mode, custom_modules=settings.imports)
+        batches = _open_data(data, original)
+        inputs = load_inputs(checking.inputs_file, original) if checking.inputs_file is not None else None
+        progress.step(f"Calibrating ({mode})")
+        result = kerasbn.calibrate(original, batches, mode=mode, on_batch=progress.advance)
+        moved = None
+        if checking.verify:
+            progress.step("Comparing the outputs")
+            inputs = inputs if inputs is not None else batches.first(checking.batch)
+            moved = kerasbn.verify(original, result.model, inputs, atol=checking.atol, rtol=checking.rtol)
+        _save_checked(settings, checking, result.model, inputs, output, progress.step)
+    render.print_calibrate(settings, result.report, moved, output, fmt)
+    return EXIT_OK
+
+
+@main.command()
+@MODEL_ARGUMENT
+@click.option(
+    "--to",
+    type=click.Choice(["kerasbn", "keras"]),
+    default="kerasbn",
+    show_default=True,
+    help="The BatchNormalization every BN becomes.",
+)
+@click.option(
+    "--unbiased",
+    is_flag=True,
+    help="With --to kerasbn: track the paper's unbiased moving variance (default: Keras's biased one, as before).",
+)
+@output_option("MODEL.kerasbn.keras or MODEL.keras.keras beside MODEL")
+@verify_options(REWRITE_CHECK)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
+)
+@common_options
+def swap(
+    settings: Settings, checking: Checking, model: Path, to: str, unbiased: bool, output: Path | None, fmt: str
+) -> int:
+    """Replace every BatchNormalization of MODEL by the other implementation, weights and settings kept.
+
+    Keras's layer becomes kerasbn.BatchNormalization (so keras.applications
+    and keras-hub models train with the paper-exact layer), or back. Nested
+    models included; a BN the target cannot represent stays and is listed.
+
+    \b
+    Example:
+      kerasbn swap resnet.keras -o resnet.kerasbn.keras
+      kerasbn swap trained.keras --to keras -o plain.keras
+    """
+    from kerasbn_cli import render
+
+    output = output or model.with_name(f"{model.stem}.{to}.keras")
+    with render.progress(settings.quiet) as step:
+        import kerasbn
+
+        original, inputs = _load(settings, checking, model, output, step)
+        step("Swapping")
+        result = kerasbn.swap(original, to=to, unbiased=unbiased)
+        checks = _save_verified(settings, checking, original, inputs, result.model, output, step)
+    render.print_swap(settings, result.report, checks, output, fmt)
+    return EXIT_OK
+
+
+def _open_data(data: DataOptions, model: Any) -> Any:
+    """The mini-batches of --data for ``model`` (``None`` without --data); bad data fails here, before any work."""
+    from kerasbn.statistics.data import open_batches
+
+    if data.path is None:
+        if data.required:
+            from kerasbn.errors import KerasbnError
+
+            raise KerasbnError("no data: give --data DATA (a .npy or .npz file, or a folder of images)")
+        return None
+    return open_batches(data.path, model, batch_size=data.batch_size, image_size=data.image_size)
+
+
+def _save_checked(
+    settings: Settings, checking: Checking, model: Any, inputs: Any, output: Path, step: Callable[[str], None]
+) -> None:
+    """Write ``model`` atomically; with verification, the reloaded file must reproduce it."""
+    import kerasbn
+    from kerasbn.errors import VerificationError
+
+    def check(reloaded: Any) -> None:
+        result = kerasbn.verify(
+            model, reloaded, inputs, batch_size=checking.batch, atol=checking.atol, rtol=checking.rtol
+        )
+        if not result.passed:
+            raise VerificationError(f"the reloaded model differs from the calibrated one: {result}; nothing written")
+
+    step(f"Writing {output.name}" + (" and verifying the reloaded file" if checking.verify else ""))
+    kerasbn.save_model(
+        model,
+        output,
+        overwrite=settings.force,
+        check=check if checking.verify else None,
+        safe_mode=settings.safe_mode,
+        custom_modules=settings.imports,
+    )
 
 
 def _load(settings: Settings, checking: Checking, model: Path, output: Path, step: Callable[[str], None]) -> tuple:

@@ -136,6 +136,73 @@ def _add_verify_options(fn: Callable, verify_help: str) -> Callable:
     return command
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the data for BN statistics comes from (``--data`` and how to batch it)."""
+
+    path: Path | None
+    batch_size: int
+    image_size: tuple[int, int] | None
+    required: bool
+
+
+def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) not in (1, 2) or min(size) < 1:
+        raise click.BadParameter("give HEIGHTxWIDTH or one size for both, e.g. 224x160 or 96")
+    return (size[0], size[-1])
+
+
+def data_options(required: bool) -> Callable[[Callable], Callable]:
+    """``--data``, ``--batch-size`` and ``--image-size``; the command receives them as ``data``.
+
+    ``--data`` is checked by the command, after the model has loaded, so a
+    bad model file is reported as such whatever else is missing.
+    """
+    return functools.partial(_add_data_options, required=required)
+
+
+def _add_data_options(fn: Callable, required: bool) -> Callable:
+
+    @functools.wraps(fn)
+    def command(*, data_path: Path | None, batch_size: int, image_size: tuple[int, int] | None, **kwargs: Any):
+        return fn(data=DataOptions(data_path, batch_size, image_size, required), **kwargs)
+
+    what = "Data to compute" if required else "Also compare the stored BN statistics with those of"
+    options = (
+        click.option(
+            "--data",
+            "data_path",
+            type=click.Path(path_type=Path),
+            metavar="DATA",
+            help=f"{what} the population statistics from: a .npy or .npz file (arrays named after the "
+            "model inputs) or a folder of images." + (" Required." if required else ""),
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=32,
+            show_default=True,
+            help="Samples per mini-batch of DATA (the paper's m is this times the spatial positions).",
+        ),
+        click.option(
+            "--image-size",
+            callback=_image_size,
+            metavar="HxW",
+            help="Resize images of a DATA folder to this [default: the model's input size].",
+        ),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def common_options(fn: Callable) -> Callable:
     """Add the shared options; the command receives them as `settings` and runs guarded."""
 

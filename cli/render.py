@@ -20,16 +20,46 @@ def console() -> Any:
     return Console(soft_wrap=not sys.stdout.isatty(), highlight=False)
 
 
+class Progress:
+    """What a command reports while it works: ``progress(message)`` (or ``.step``) names
+    the current step, ``.advance(done, total)`` moves the bar of a step over mini-batches."""
+
+    def __init__(
+        self, step: Callable[[str], None] = lambda _m: None, advance: Callable[[int, int], None] | None = None
+    ):
+        self.step = step
+        self.advance = advance or (lambda _done, _total: None)
+
+    def __call__(self, message: str) -> None:
+        self.step(message)
+
+
 @contextlib.contextmanager
-def progress(quiet: bool) -> Iterator[Callable[[str], None]]:
-    """Yield `step(message)`; shows a spinner on stderr only when stdout and stderr are terminals."""
+def progress(quiet: bool, *, bar: bool = False) -> Iterator[Progress]:
+    """Yield a `Progress`; a spinner (with ``bar``, also a progress bar) on stderr only on terminals."""
     if quiet or not (sys.stdout.isatty() and sys.stderr.isatty()):
-        yield lambda _message: None
+        yield Progress()
         return
     from rich.console import Console
 
-    with Console(stderr=True).status("Starting") as status:
-        yield lambda message: status.update(f"{message}…")
+    if not bar:
+        with Console(stderr=True).status("Starting") as status:
+            yield Progress(lambda message: status.update(f"{message}…"))
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Bar(*columns, TimeRemainingColumn(), console=Console(stderr=True), transient=True) as live:
+        task = live.add_task("Starting", total=None)
+
+        def step(message: str) -> None:
+            live.update(task, description=f"{message}…", total=None, completed=0)
+
+        def advance(done: int, total: int) -> None:
+            live.update(task, total=total, completed=done)
+
+        yield Progress(step, advance)
 
 
 def print_json(data: Any) -> None:
@@ -91,20 +121,70 @@ def print_int8(settings: Any, report: Any, fmt: str) -> None:
     out.print(f"Wrote {report.path}")
 
 
-def print_audit(report: Any, fmt: str, quantization: Any = None) -> None:
-    """The audit as rich tables, JSON (`AuditReport.to_dict`) or Markdown; with the weight-range audit when given."""
+def print_audit(report: Any, fmt: str, sections: dict[str, Any] | None = None) -> None:
+    """The audit as rich tables, JSON (`AuditReport.to_dict`) or Markdown.
+
+    ``sections`` are further reports by JSON key (``"quantization"``, ``"statistics"``):
+    their tables follow the audit's, their dicts go under their keys.
+    """
+    extra = {key: value for key, value in (sections or {}).items() if value is not None}
     if fmt == "json":
         data = report.to_dict()
-        if quantization is not None:
-            data["quantization"] = quantization.to_dict()
+        data.update({key: value.to_dict() for key, value in extra.items()})
         print_json(data)
     elif fmt == "table":
-        console().print(report)
-        if quantization is not None:
-            console().print(quantization)
+        out = console()
+        out.print(report)
+        for value in extra.values():
+            out.print(value)
     else:
-        text = report.to_markdown() + ("" if quantization is None else "\n\n" + quantization.to_markdown())
+        text = "\n\n".join([report.to_markdown(), *(value.to_markdown() for value in extra.values())])
         sys.stdout.write(text + "\n")
+
+
+def print_calibrate(settings: Any, report: Any, moved: Any, output: Any, fmt: str) -> None:
+    """The calibration report, how much the outputs moved, and the output path."""
+    if settings.quiet:
+        return
+    if fmt == "json":
+        print_json(
+            {
+                "output": str(output),
+                "calibration": report.to_dict(),
+                "outputs_moved": moved.to_dict() if moved else None,
+            }
+        )
+        return
+    out = console()
+    out.print(report)
+    if moved is None:
+        out.print("Not verified (--no-verify).")
+    else:
+        out.print(
+            f"Outputs moved: max |Δ| {error(moved.max_abs_error)} (max |Δ|/max |y| {error(moved.max_rel_error)}) "
+            f"on a batch of {moved.batch_size}; the reloaded file reproduces the calibrated model"
+        )
+    out.print(f"Wrote {output}")
+
+
+def print_swap(settings: Any, report: Any, checks: dict[str, Any], output: Any, fmt: str) -> None:
+    """Which BNs were swapped, which stayed, the verification and the output path."""
+    if settings.quiet:
+        return
+    if fmt == "json":
+        print_json(
+            {
+                "output": str(output),
+                "swap": report.to_dict(),
+                "verification": {stage: r.to_dict() for stage, r in checks.items()} or None,
+            }
+        )
+        return
+    out = console()
+    out.print(report)
+    for line in _check_lines(checks):
+        out.print(line)
+    out.print(f"Wrote {output}")
 
 
 def _check_lines(checks: dict[str, Any]) -> list[str]:

@@ -41,6 +41,15 @@ _PUBLIC = {
     "audit_quantization": "kerasbn.deploy.quantize",
     "Int8Report": "kerasbn.report",
     "QuantizationAudit": "kerasbn.report",
+    "calibrate": "kerasbn.statistics.calibrate",
+    "CalibrationResult": "kerasbn.statistics.calibrate",
+    "audit_statistics": "kerasbn.statistics.staleness",
+    "swap": "kerasbn.statistics.swap",
+    "SwapResult": "kerasbn.statistics.swap",
+    "BNStaleness": "kerasbn.report",
+    "CalibrationReport": "kerasbn.report",
+    "StalenessReport": "kerasbn.report",
+    "SwapReport": "kerasbn.report",
 }
 
 __all__ = sorted([*_PUBLIC, "BatchNormalization"]) + ["__version__"]
@@ -71,9 +80,16 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from kerasbn.report import (
         AuditReport,
         BNFinding,
+        BNStaleness,
+        CalibrationReport,
         FoldReport,
         Int8Report,
         QuantizationAudit,
         RedundantBias,
+        StalenessReport,
         StripReport,
+        SwapReport,
     )
+    from kerasbn.statistics.calibrate import CalibrationResult, calibrate
+    from kerasbn.statistics.staleness import audit_statistics
+    from kerasbn.statistics.swap import SwapResult, swap

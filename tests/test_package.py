@@ -20,6 +20,8 @@ DOCTESTED = [
     "kerasbn.deploy.verify",
     "kerasbn.deploy.quantize",
     "kerasbn.layers.batch_normalization",
+    "kerasbn.statistics.calibrate",
+    "kerasbn.statistics.swap",
 ]
 
 

@@ -15,6 +15,7 @@ model's output names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import keras
@@ -38,15 +39,20 @@ class Patch:
     weights: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+# Makes a replacement layer from the original's config (`rebuild`'s ``replace``).
+Replacement = Callable[[dict], keras.layers.Layer]
+
+
 def read_weights(layer: keras.layers.Layer) -> dict[str, np.ndarray]:
     """A layer's weights by short name, as float64 arrays."""
     return {w.name: np.asarray(keras.ops.convert_to_numpy(w.value), np.float64) for w in layer.weights}
 
 
 class _Rebuilder:
-    def __init__(self, patches: dict[int, Patch], removed: set[int]):
+    def __init__(self, patches: dict[int, Patch], removed: set[int], replace: dict[int, Replacement] | None = None):
         self.patches = patches
         self.removed = removed
+        self.replace = replace or {}
         self.clones: dict[int, keras.layers.Layer] = {}
         self.pending: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
 
@@ -67,7 +73,8 @@ class _Rebuilder:
                 config = layer.get_config()
                 if patch is not None:
                     config.update(patch.config)
-                new = type(layer).from_config(config)
+                factory = self.replace.get(id(layer))
+                new = type(layer).from_config(config) if factory is None else factory(config)
             except Exception as exc:  # noqa: BLE001 (any failure means: not rebuildable)
                 first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
                 raise UnsupportedModelError(
@@ -132,26 +139,36 @@ class _Rebuilder:
     def copy_weights(self) -> None:
         for old, new in self.pending:
             patch = self.patches.get(id(old))
-            if patch is None:
+            if patch is None and id(old) not in self.replace:
                 if len(old.weights) != len(new.weights):
                     raise UnsupportedModelError(
                         f"Layer '{old.name}' was re-created with {len(new.weights)} weights instead of {len(old.weights)}."
                     )
                 for src, dst in zip(old.weights, new.weights):
-                    dst.assign(src.value)
+                    dst.assign(_own_copy(src))
                 continue
+            # Patched and replacing layers get their weights by name.
             by_name = {w.name: w for w in old.weights}
+            values = patch.weights if patch is not None else {}
             for dst in new.weights:
-                if dst.name in patch.weights:
-                    dst.assign(np.asarray(patch.weights[dst.name]).astype(dst.dtype))
+                if dst.name in values:
+                    dst.assign(np.asarray(values[dst.name]).astype(dst.dtype))
                 else:
-                    dst.assign(by_name[dst.name].value)
+                    dst.assign(_own_copy(by_name[dst.name]))
+
+
+def _own_copy(variable: keras.Variable) -> np.ndarray:
+    """The variable's value as a new host array: on JAX, assigning ``.value`` itself would
+    share one device buffer between the two models, and a training step that donates it
+    for one model deletes it under the other."""
+    return np.array(keras.ops.convert_to_numpy(variable.value))
 
 
 def rebuild(
     model: keras.Model,
     patches: dict[int, Patch] | None = None,
     removed: set[int] | None = None,
+    replace: dict[int, Replacement] | None = None,
     copies: dict[int, keras.layers.Layer] | None = None,
 ) -> keras.Model:
     """A new model equal to ``model`` except for the given changes.
@@ -160,13 +177,15 @@ def rebuild(
         model: A Functional or Sequential model (nested models allowed).
         patches: ``id(layer)`` → `Patch` for layers to re-create with new config/weights.
         removed: ``id(layer)`` of single-input layers to drop (their output becomes their input).
+        replace: ``id(layer)`` → a function that makes the layer's replacement from its
+            (patched) config, e.g. another class; weights are copied by name.
         copies: If given, filled with ``id(old layer)`` → its new layer, for every
             re-created layer and the sublayers of custom layers (matched in order).
 
     Returns:
         The new model; ``model`` is not modified and shares no variable with it.
     """
-    builder = _Rebuilder(patches or {}, removed or set())
+    builder = _Rebuilder(patches or {}, removed or set(), replace)
     new = builder.model(model)
     builder.copy_weights()
     if copies is not None:
