@@ -139,7 +139,7 @@ def fold(settings: Settings, checking: Checking, model: Path, output: Path | Non
         step("Folding")
         result = kerasbn.fold(original)
         checks = _save_verified(settings, checking, original, inputs, result.model, output, step)
-    render.print_fold(settings, result.report, checks, output, fmt)
+    render.print_rewrite(settings, "fold", result.report, checks, output, fmt)
     return EXIT_OK
 
 
@@ -392,7 +392,7 @@ def swap(
         step("Swapping")
         result = kerasbn.swap(original, to=to, unbiased=unbiased)
         checks = _save_verified(settings, checking, original, inputs, result.model, output, step)
-    render.print_swap(settings, result.report, checks, output, fmt)
+    render.print_rewrite(settings, "swap", result.report, checks, output, fmt)
     return EXIT_OK
 
 

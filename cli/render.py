@@ -167,26 +167,6 @@ def print_calibrate(settings: Any, report: Any, moved: Any, output: Any, fmt: st
     out.print(f"Wrote {output}")
 
 
-def print_swap(settings: Any, report: Any, checks: dict[str, Any], output: Any, fmt: str) -> None:
-    """Which BNs were swapped, which stayed, the verification and the output path."""
-    if settings.quiet:
-        return
-    if fmt == "json":
-        print_json(
-            {
-                "output": str(output),
-                "swap": report.to_dict(),
-                "verification": {stage: r.to_dict() for stage, r in checks.items()} or None,
-            }
-        )
-        return
-    out = console()
-    out.print(report)
-    for line in _check_lines(checks):
-        out.print(line)
-    out.print(f"Wrote {output}")
-
-
 def _check_lines(checks: dict[str, Any]) -> list[str]:
     if not checks:
         return ["Not verified (--no-verify)."]
@@ -206,15 +186,15 @@ def _allowed(r: Any) -> str:
     return f"allowed {error(r.allowed)} ({noise})"
 
 
-def print_fold(settings: Any, report: Any, checks: dict[str, Any], output: Any, fmt: str) -> None:
-    """The fold report, the verification of the model in memory and reloaded, and the output path."""
+def print_rewrite(settings: Any, kind: str, report: Any, checks: dict[str, Any], output: Any, fmt: str) -> None:
+    """A rewrite's report (``kind``: ``"fold"``, ``"swap"``), its verification in memory and reloaded, the output."""
     if settings.quiet:
         return
     if fmt == "json":
         print_json(
             {
                 "output": str(output),
-                "fold": report.to_dict(),
+                kind: report.to_dict(),
                 "verification": {stage: r.to_dict() for stage, r in checks.items()} or None,
             }
         )

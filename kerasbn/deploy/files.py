@@ -172,15 +172,7 @@ def load_inputs(path: str | os.PathLike, model: Any) -> Any:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise KerasbnError(f"{path}: not a readable .npz file of arrays ({_first_line(exc)})") from exc
     names = [t.name for t in model.inputs]
-    if set(names) <= set(arrays):
-        chosen = [arrays[n] for n in names]
-    elif len(arrays) == len(names):
-        chosen = [arrays[k] for k in sorted(arrays, key=_savez_order)]
-    else:
-        raise KerasbnError(
-            f"{path}: holds {len(arrays)} array(s) {sorted(arrays)}, the model has "
-            f"{len(names)} input(s) {names}; name the arrays after the inputs"
-        )
+    chosen = [arrays[k] for k in match_inputs(path, list(arrays), names)]
     for name, array, tensor in zip(names, chosen, model.inputs):
         expected = tuple(tensor.shape[1:])
         got = array.shape[1:]
@@ -191,6 +183,22 @@ def load_inputs(path: str | os.PathLike, model: Any) -> Any:
     import keras
 
     return keras.tree.pack_sequence_as(model.input, chosen)
+
+
+def match_inputs(path: str | os.PathLike, keys: list[str], names: list[str]) -> list[str]:
+    """The keys of an `.npz` file for the model inputs ``names``, in their order.
+
+    By name when every input is there, else by order (``arr_0``, ``arr_1``,
+    ... as `numpy.savez` writes them) when the counts agree.
+    """
+    if set(names) <= set(keys):
+        return list(names)
+    if len(keys) == len(names):
+        return sorted(keys, key=_savez_order)
+    raise KerasbnError(
+        f"{path}: holds {len(keys)} array(s) {sorted(keys)}, the model has "
+        f"{len(names)} input(s) {names}; name the arrays after the inputs"
+    )
 
 
 def _savez_order(key: str) -> tuple[int, str]:

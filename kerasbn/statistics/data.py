@@ -261,18 +261,9 @@ def _npz(path: Path, inputs: list[_Input]) -> list[_Reader]:
     arrays = {m[: -len(".npy")]: m for m in members}
     if not arrays:
         raise KerasbnError(f"{path}: holds no arrays")
-    names = [i.name for i in inputs]
-    if set(names) <= set(arrays):
-        chosen = [arrays[n] for n in names]
-    elif len(arrays) == len(names):
-        from kerasbn.deploy.files import _savez_order
+    from kerasbn.deploy.files import match_inputs
 
-        chosen = [arrays[k] for k in sorted(arrays, key=_savez_order)]
-    else:
-        raise KerasbnError(
-            f"{path}: holds {len(arrays)} array(s) {sorted(arrays)}, the model has "
-            f"{len(names)} input(s) {names}; name the arrays after the inputs"
-        )
+    chosen = [arrays[k] for k in match_inputs(path, list(arrays), [i.name for i in inputs])]
     return [_StreamReader(f"{path} [{member[:-4]}]", _member_opener(path, member)) for member in chosen]
 
 
