@@ -377,17 +377,10 @@ def _layers_by_path(model: Any) -> dict[str, Any]:
 
 
 def _per_channel(layer: Any, name: str, kernel: np.ndarray) -> np.ndarray:
-    """The kernel as a (taps, output channels) matrix: one column per channel int8 quantizers scale separately."""
-    from kerasbn.folding.families import family_of
+    """The kernel as a (taps, output channels) matrix (`Family.output_columns`); Dense's layout otherwise."""
+    from kerasbn.folding.families import Dense, family_of
 
-    family = family_of(layer)
-    kind = family.name if family is not None else "dense"
-    if kind == "transpose":  # (*k, out, in): the output channels are second to last
-        kernel = np.moveaxis(kernel, -2, -1)
-    elif kind == "depthwise" or (kind == "separable" and name == "depthwise_kernel"):
-        # (*k, in, multiplier): channel c·multiplier + j of the output
-        return kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1])
-    return kernel.reshape(-1, kernel.shape[-1])
+    return (family_of(layer) or Dense()).output_columns(name, kernel)
 
 
 def _spread(layer: Any, name: str, kernel: np.ndarray) -> float:

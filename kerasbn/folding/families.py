@@ -80,6 +80,10 @@ class Family:
             return f"zero padding ('{layer.padding}') in {described} makes a forward fold inexact"
         return None
 
+    def output_columns(self, name: str, kernel: np.ndarray) -> np.ndarray:
+        """Kernel ``name`` as a (taps, output channels) matrix: the columns per-channel int8 scales separately."""
+        return kernel.reshape(-1, kernel.shape[-1])
+
     def _scale_outputs(self, weights: Weights, s: np.ndarray) -> Weights:
         raise NotImplementedError
 
@@ -124,6 +128,10 @@ class DepthwiseConv(Family):
     name = "depthwise"
     layers = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 
+    def output_columns(self, name: str, kernel: np.ndarray) -> np.ndarray:
+        # (*k, in, multiplier): output channel c·multiplier + j.
+        return kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1])
+
     def _scale_outputs(self, weights: Weights, s: np.ndarray) -> Weights:
         k = weights["kernel"]
         return {"kernel": k * s.reshape(k.shape[-2:])}
@@ -137,6 +145,11 @@ class DepthwiseConv(Family):
 class SeparableConv(Family):
     name = "separable"
     layers = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+
+    def output_columns(self, name: str, kernel: np.ndarray) -> np.ndarray:
+        if name == "depthwise_kernel":
+            return kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1])
+        return kernel.reshape(-1, kernel.shape[-1])
 
     def _scale_outputs(self, weights: Weights, s: np.ndarray) -> Weights:
         return {"pointwise_kernel": weights["pointwise_kernel"] * s}
@@ -154,6 +167,10 @@ class SeparableConv(Family):
 class ConvTranspose(Family):
     name = "transpose"
     layers = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+
+    def output_columns(self, name: str, kernel: np.ndarray) -> np.ndarray:
+        # (*k, out, in): the output channels are second to last.
+        return np.moveaxis(kernel, -2, -1).reshape(-1, kernel.shape[-2])
 
     def _scale_outputs(self, weights: Weights, s: np.ndarray) -> Weights:
         return {"kernel": weights["kernel"] * s[:, None]}
