@@ -8,6 +8,7 @@ defaults (`kerasbn.deploy.tolerances`), and reported as a `VerifyResult`.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -178,6 +179,9 @@ def _ratio(a: float, b: float) -> float:
     return 0.0 if a == 0 else float("inf")
 
 
+_XLA_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def noise(model: keras.Model, inputs: Any, outputs: Sequence[np.ndarray] | None = None) -> list[float] | None:
     """How far ``model``'s own outputs move between two valid float32 evaluations, per output.
 
@@ -195,7 +199,13 @@ def noise(model: keras.Model, inputs: Any, outputs: Sequence[np.ndarray] | None 
     import tensorflow as tf
 
     try:
-        call = tf.function(lambda x: model(x, training=False), jit_compile=True)
+        call = _XLA_CALLS.get(model)
+        if call is None:
+            # One compiled function per model: a new tf.function per check would
+            # retrace every time (and TensorFlow warns about it).
+            # The function holds the model weakly, or the cache would keep it alive.
+            ref = weakref.ref(model)
+            call = _XLA_CALLS[model] = tf.function(lambda x: ref()(x, training=False), jit_compile=True)
         other = [np.asarray(y, np.float64) for y in keras.tree.flatten(call(inputs))]
     except Exception:  # noqa: BLE001 (any failure means: not measurable this way)
         return None
