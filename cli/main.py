@@ -236,50 +236,43 @@ def export(
 
     output = output or model.with_suffix(".tflite" if to == "litert" else ".onnx")
     with render.progress(settings.quiet) as step:
-        from kerasbn.deploy.quantize import format_of
+        from kerasbn.deploy.target import target_for
+        from kerasbn.errors import KerasbnError
 
-        target = format_of(output, to)
+        target = target_for(output, to)
         if int8 != (calibration is not None):
-            from kerasbn.errors import KerasbnError
-
             raise KerasbnError("--int8 needs --calibration DATA.npz" if int8 else "--calibration goes with --int8")
-        if opset is not None and target != "onnx":
-            from kerasbn.errors import KerasbnError
-
+        if opset is not None and "opset" not in target.options:
             raise KerasbnError("--opset applies to ONNX only")
-        if target == "onnx":
+        if target.name == "onnx":
             quiet.import_frameworks("tf2onnx")  # its own start-up noise
         keras_model, inputs = _load(settings, checking, model, output, step)
-        common = {
-            "fold": fold,
-            "verify": checking.verify,
-            "overwrite": settings.force,
-            "batch_sizes": sorted({1, checking.batch}),
-            "inputs": inputs,
-            **checking.tolerances(),
-            "on_step": step,
-        }
-        held_back = quiet.converter_noise(settings.verbose) if target == "litert" or int8 else contextlib.nullcontext()
+        rows = None
+        if int8:
+            from kerasbn.deploy.files import load_inputs
+
+            rows = load_inputs(calibration, keras_model)
+        from kerasbn.deploy.export import export as export_model
+
+        held_back = (
+            quiet.converter_noise(settings.verbose) if target.name == "litert" or int8 else contextlib.nullcontext()
+        )
         with held_back:
-            if int8:
-                from kerasbn.deploy.files import load_inputs
-                from kerasbn.deploy.quantize import export_int8
-
-                rows = load_inputs(calibration, keras_model)
-                label = checking.inputs_file.name if checking.inputs_file is not None else "inputs"
-                report = export_int8(
-                    keras_model, output, rows, to=target, min_agreement=min_agreement, inputs_label=label, **common
-                )
-            elif target == "litert":
-                from kerasbn.deploy.litert import export_litert
-
-                result = export_litert(keras_model, output, **common)
-            else:
-                from kerasbn.deploy.onnx import export_onnx
-
-                result = export_onnx(keras_model, output, opset=opset, **common)
+            result = export_model(
+                keras_model,
+                output,
+                to=target.name,
+                int8=rows,
+                checks=checking.checks(inputs, export=True),
+                fold=fold,
+                opset=opset,
+                min_agreement=min_agreement,
+                inputs_label=checking.inputs_file.name if checking.inputs_file is not None else "inputs",
+                overwrite=settings.force,
+                on_step=step,
+            )
     if int8:
-        render.print_int8(settings, report, fmt)
+        render.print_int8(settings, result, fmt)
     else:
         render.print_export(settings, result, fmt)
     return EXIT_OK

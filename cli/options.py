@@ -83,6 +83,17 @@ class Checking:
         """``atol``/``rtol`` keyword arguments for the library: only those given on the command line."""
         return {k: v for k, v in (("atol", self.atol), ("rtol", self.rtol)) if v is not None}
 
+    def checks(self, inputs: Any = None, *, export: bool = False) -> Any:
+        """The library's `kerasbn.deploy.verify.Checks` for these flags (``inputs``: the loaded ``--inputs``).
+
+        An export is checked at batch 1 and ``--batch`` (a dynamic batch axis);
+        a rewritten Keras model at ``--batch``.
+        """
+        from kerasbn.deploy.verify import Checks
+
+        batch_sizes = sorted({1, self.batch}) if export else [self.batch]
+        return Checks(self.verify, tuple(batch_sizes), inputs, self.atol, self.rtol)
+
 
 def verify_options(verify_help: str) -> Callable[[Callable], Callable]:
     """Options of the commands that check their result; the command receives them as `checking`."""

@@ -81,7 +81,7 @@ def error(value: float) -> str:
 
 
 def print_export(settings: Any, result: Any, fmt: str) -> None:
-    """What export_onnx or export_litert wrote: the op table and the runtime's checks (or the result as JSON)."""
+    """What kerasbn.export wrote (float): the op table and the runtime's checks (or the result as JSON)."""
     if settings.quiet:
         return
     if fmt == "json":
@@ -108,7 +108,7 @@ def _print_float_export(out: Any, result: Any) -> None:
 
 
 def print_int8(settings: Any, report: Any, fmt: str) -> None:
-    """What export_int8 wrote: the float export and its checks, then the int8 comparison, sizes and latencies."""
+    """What kerasbn.export wrote with int8: the float export and its checks, then the int8 comparison, sizes and latencies."""
     if settings.quiet:
         return
     if fmt == "json":

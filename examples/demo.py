@@ -78,14 +78,13 @@ def cli(*args: str) -> None:
 
 def score(x_test, y_test, files: dict[str, Path]) -> None:
     """Accuracy, agreement with the original, size and latency of every model on the same held-out digits."""
-    from kerasbn.deploy.litert import input_names
     from kerasbn.deploy.runtime import litert_runner, onnx_runner
 
     runners = {}
     for label in ("original (Keras)", "folded (Keras)"):
         model = kerasbn.load_model(files[label])
         runners[label] = model.predict_on_batch
-    names = input_names(model)
+    names = kerasbn.signature(model).names
     for label, path in files.items():
         if path.suffix == ".onnx":
             run = onnx_runner(path)

@@ -11,7 +11,7 @@ trivially an identity. Then, through the Python API:
     kerasbn.strip_redundant_biases            the training-side clean-up (BN stays)
     kerasbn.fold                              BN merged into the convolutions
     kerasbn.verify                            outputs unchanged
-    kerasbn.export_onnx                       ONNX, checked in ONNX Runtime
+    kerasbn.export                            ONNX, checked in ONNX Runtime
 
 and prints original vs stripped vs folded: parameters, BN layers, Keras and
 ONNX Runtime latency at batch 1, and the largest output difference. Writes
@@ -133,21 +133,21 @@ def main(argv: list[str] | None = None) -> int:
 
     onnx = {}
     with console.status("Exporting to ONNX (unfolded, for comparison)"):
-        onnx["original"] = kerasbn.export_onnx(
+        onnx["original"] = kerasbn.export(
             # tf2onnx's graph as it comes: the graph passes would fuse the BN arithmetic too.
             original,
             args.out / "resnet50.unfolded.onnx",
             fold=False,
             optimize=False,
             overwrite=True,
-            inputs=inputs,
+            checks=kerasbn.Checks(inputs=inputs),
         )
     with console.status("Exporting to ONNX (folded)") as status:
-        onnx["folded"] = kerasbn.export_onnx(
+        onnx["folded"] = kerasbn.export(
             original,
             args.out / "resnet50.onnx",
             overwrite=True,
-            inputs=inputs,
+            checks=kerasbn.Checks(inputs=inputs),
             on_step=lambda step: status.update(step),
         )
 

@@ -5,7 +5,7 @@ Builds each backbone of `tests/keras_hub_models.py` from its small config
 (seeded), then measures: the BN layers in the model (``_flatten_layers``),
 those `kerasbn.audit` reports, those `kerasbn.fold` folds (how many in place),
 fold time, and the largest error of the folded model saved and reloaded,
-relative to each output's max |y|; then `kerasbn.export_onnx` (fold, tf2onnx,
+relative to each output's max |y|; then `kerasbn.export` (fold, tf2onnx,
 graph passes, ONNX Runtime check) and ONNX Runtime's largest error relative
 to max |y|, with the BatchNormalization ops left in the graph. Prints a
 Markdown table.
@@ -65,7 +65,7 @@ def row(name: str) -> list[str]:
             for y, z in zip(keras_outputs(model, x), keras_outputs(reloaded, x))
         )
         try:
-            exported = kerasbn.export_onnx(model, Path(tmp) / "model.onnx", inputs=x)
+            exported = kerasbn.export(model, Path(tmp) / "model.onnx", checks=kerasbn.Checks(inputs=x))
         except kerasbn.errors.KerasbnError as exc:
             export = f"no: {exc}"
         else:

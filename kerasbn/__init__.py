@@ -35,9 +35,14 @@ _PUBLIC = {
     "save_model": "kerasbn.deploy.files",
     "verify": "kerasbn.deploy.verify",
     "VerifyResult": "kerasbn.deploy.verify",
-    "export_onnx": "kerasbn.deploy.onnx",
-    "export_litert": "kerasbn.deploy.litert",
-    "export_int8": "kerasbn.deploy.quantize",
+    "Checks": "kerasbn.deploy.verify",
+    "export": "kerasbn.deploy.export",
+    "ExportResult": "kerasbn.deploy.export",
+    "export_onnx": "kerasbn.deploy.export",
+    "export_litert": "kerasbn.deploy.export",
+    "export_int8": "kerasbn.deploy.export",
+    "signature": "kerasbn.model_signature",
+    "Signature": "kerasbn.model_signature",
     "audit_quantization": "kerasbn.deploy.quantize",
     "Int8Report": "kerasbn.report",
     "QuantizationAudit": "kerasbn.report",
@@ -69,14 +74,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from kerasbn.deploy.export import ExportResult, export, export_int8, export_litert, export_onnx
     from kerasbn.deploy.files import load_model, save_model
-    from kerasbn.deploy.litert import export_litert
-    from kerasbn.deploy.onnx import export_onnx
-    from kerasbn.deploy.quantize import audit_quantization, export_int8
-    from kerasbn.deploy.verify import VerifyResult, verify
+    from kerasbn.deploy.quantize import audit_quantization
+    from kerasbn.deploy.verify import Checks, VerifyResult, verify
     from kerasbn.folding.audit import audit
     from kerasbn.folding.biases import StripResult, strip_redundant_biases
     from kerasbn.folding.fold import FoldResult, fold
+    from kerasbn.model_signature import Signature, signature
     from kerasbn.report import (
         AuditReport,
         BNFinding,

@@ -171,18 +171,11 @@ def load_inputs(path: str | os.PathLike, model: Any) -> Any:
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise KerasbnError(f"{path}: not a readable .npz file of arrays ({_first_line(exc)})") from exc
-    names = [t.name for t in model.inputs]
-    chosen = [arrays[k] for k in match_inputs(path, list(arrays), names)]
-    for name, array, tensor in zip(names, chosen, model.inputs):
-        expected = tuple(tensor.shape[1:])
-        got = array.shape[1:]
-        if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
-            raise KerasbnError(
-                f"{path}: input '{name}' has shape {array.shape}, the model expects (batch, *{expected})"
-            )
-    import keras
+    from kerasbn.model_signature import signature
 
-    return keras.tree.pack_sequence_as(model.input, chosen)
+    sig = signature(model)
+    chosen = [arrays[k] for k in match_inputs(path, list(arrays), sig.keys)]
+    return sig.pack(sig.conform(chosen, str(path)))
 
 
 def match_inputs(path: str | os.PathLike, keys: list[str], names: list[str]) -> list[str]:
@@ -330,12 +323,12 @@ def _check_has_graph(path: Path, model: Any) -> None:
     """A model kerasbn can read: functional, a built Sequential, or a subclassed model with a known input shape."""
     import keras
 
-    from kerasbn.folding.dataflow import input_specs
     from kerasbn.folding.graph import check_model, functional_of
+    from kerasbn.model_signature import signature
 
     try:
         if isinstance(model, keras.Model) and not isinstance(model, keras.Sequential) and functional_of(model) is None:
-            input_specs(model)  # subclassed: traced through its input shape
+            signature(model)  # subclassed: traced through its input shape
         else:
             check_model(model)
     except UnsupportedModelError as exc:

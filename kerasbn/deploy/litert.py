@@ -1,147 +1,79 @@
-"""Export a Keras model to LiteRT (TFLite), folded first and checked in the LiteRT interpreter.
+"""The LiteRT (TFLite) target: TensorFlow's converter, builtin ops only, the LiteRT interpreter.
 
 The model's inference call is traced as a `tf.function` with a dynamic batch
 dimension, its variables are frozen into constants, and TensorFlow's LiteRT
 converter turns that concrete function into a flatbuffer with one signature
-(inputs named after the model's, outputs ``output_0``, ``output_1``, ...).
-Only LiteRT builtin ops are allowed: a model that needs TensorFlow ("flex")
-ops would not run on a phone or microcontroller without the flex delegate,
-so the converter's refusal is reported instead.
-
-The written file is run by the LiteRT interpreter at two batch sizes and
-judged against Keras by `kerasbn.deploy.verify.compare`, exactly like the
-ONNX export; nothing reaches the output path unless it passes.
+(inputs named as `kerasbn.model_signature.Signature` names them, outputs
+``output_0``, ``output_1``, ...). Only LiteRT builtin ops are allowed: a model
+that needs TensorFlow ("flex") ops would not run on a phone or
+microcontroller without the flex delegate, so the converter's refusal is
+reported instead. int8 is the converter's full-integer quantization with the
+calibration rows as representative dataset.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from kerasbn.deploy.files import atomic_output
-from kerasbn.deploy.onnx import ExportResult, ExportVerificationError
-from kerasbn.errors import KerasbnError, UnsupportedModelError
-from kerasbn.report import export_table
+from kerasbn.deploy.runtime import Runner
+from kerasbn.deploy.target import Target, require_tensorflow
+from kerasbn.errors import UnsupportedModelError
 
 if TYPE_CHECKING:  # the module itself stays cheap to import
     import numpy as np
 
-    from kerasbn.deploy.verify import VerifyResult
+
+class LiteRTTarget(Target):
+    """LiteRT flatbuffers, run by the LiteRT interpreter."""
+
+    name = "litert"
+    title = "LiteRT"
+    runtime = "LiteRT"
+    suffix = ".tflite"
+
+    def convert(self, model: Any, sig: Any) -> bytes:
+        return to_litert(model, sig)
+
+    def serialize(self, graph: bytes) -> bytes:
+        return graph
+
+    def load(self, content: bytes) -> bytes:
+        return content
+
+    def runner(self, source: Path | bytes, sig: Any) -> Runner:
+        from kerasbn.deploy.runtime import litert_runner
+
+        return litert_runner(source, sig.names)
+
+    def op_counts(self, graph: bytes) -> dict[str, int]:
+        return op_counts(graph)
+
+    def version(self, graph: bytes) -> int:
+        return schema_version(graph)
+
+    def describe(self, filename: str, version: int) -> str:
+        return f"LiteRT graph of {filename} (schema v{version})"
+
+    def quantize(self, model: Any, sig: Any, float_path: Path, rows: Sequence[np.ndarray]) -> bytes:
+        # One representative sample per row, a batch of one each (the converter's calibrator feeds them so).
+        samples = [[a[i : i + 1] for a in rows] for i in range(rows[0].shape[0])]
+        return to_litert(model, sig, representative=samples)
 
 
-@dataclass(frozen=True)
-class LiteRTExportResult(ExportResult):
-    """What `export_litert` wrote and how it checked it.
-
-    The fields are `kerasbn.deploy.onnx.ExportResult`'s; ``opset`` holds the
-    LiteRT schema version and the op counts are by builtin operator name.
-    """
-
-    runtime: ClassVar[str] = "LiteRT"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": "litert", **super().to_dict()}
-
-    def __rich__(self) -> Any:
-        return export_table(
-            f"LiteRT graph of {self.path.name} (schema v{self.opset})",
-            self.op_counts,
-            self.op_counts_unfolded,
-            self.size,
-            self.size_unfolded,
-        )
+TARGET = LiteRTTarget()
 
 
-def export_litert(
-    model: Any,
-    path: str | os.PathLike,
-    *,
-    fold: bool = True,
-    verify: bool = True,
-    overwrite: bool = False,
-    batch_sizes: Sequence[int] = (1, 8),
-    inputs: Any = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    seed: int = 0,
-    on_step: Callable[[str], None] | None = None,
-) -> LiteRTExportResult:
-    """Fold BatchNormalization away, convert to LiteRT and check it in the LiteRT interpreter.
-
-    Args:
-        model: a functional or Sequential `keras.Model` (TensorFlow backend).
-        path: the `.tflite` file to write (atomically).
-        fold: run `kerasbn.fold` first so no BatchNormalization, and no
-            per-channel MUL/ADD left over from one, reaches the graph.
-        verify: compare the LiteRT interpreter with the original Keras model
-            at every batch size in `batch_sizes` before the file is put in place.
-        overwrite: replace an existing `path`.
-        batch_sizes: batch sizes of the random verification inputs; two
-            different ones show the batch dimension is really dynamic.
-        inputs: verification inputs in the structure the model takes (as
-            `kerasbn.deploy.files.load_inputs` returns them) instead of random
-            ones; checked whole and as their first row.
-        atol, rtol: give either for the element-wise check ``|litert − keras| ≤ atol + rtol·|keras|``;
-            by default the check is scale-aware and calibrated to the model's own float32 noise.
-        seed: seed of the random inputs.
-        on_step: called with a short description before each long step.
-
-    Returns:
-        A `LiteRTExportResult`.
-
-    Raises:
-        ExportVerificationError: LiteRT disagrees with Keras; no file is written.
-        UnsupportedModelError: the model cannot be traced, or the converter rejects it.
-        KerasbnError: the output path is not writable or exists.
-    """
-    step = on_step or (lambda _message: None)
-    path = Path(path)
-    if verify and not batch_sizes and inputs is None:
-        raise KerasbnError("export_litert: verification needs at least one batch size")
-    fold_report = None
-    before = size_before = None
-    target = model
-    if fold:
-        from kerasbn.folding.fold import fold as fold_model
-
-        step("Folding BatchNormalization")
-        folded = fold_model(model)
-        target, fold_report = folded.model, folded.report
-        step("Converting the unfolded model (for the op table)")
-        unfolded = to_litert(model)
-        before, size_before = op_counts(unfolded), len(unfolded)
-    step("Converting to LiteRT")
-    content = to_litert(target)
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        tmp.write_bytes(content)
-        checks: tuple[VerifyResult, ...] = ()
-        if verify:
-            step("Checking in the LiteRT interpreter")
-            checks = check_file(tmp, model, batch_sizes, inputs, atol, rtol, seed)
-        result = LiteRTExportResult(
-            path, schema_version(content), op_counts(content), before, fold_report, checks, len(content), size_before
-        )
-        failed = [c for c in checks if not c.passed]
-        if failed:
-            worst = max(failed, key=lambda c: c.max_abs_error)
-            raise ExportVerificationError(
-                f"the LiteRT interpreter disagrees with Keras at batch size {worst.batch_size}: max |error| "
-                f"{worst.max_abs_error:.3g} exceeds {worst.tolerance}; nothing written",
-                result,
-            )
-    return result
-
-
-def to_litert(model: Any, *, representative: Iterable[Sequence[np.ndarray]] | None = None) -> bytes:
+def to_litert(model: Any, sig: Any = None, *, representative: Iterable[Sequence[np.ndarray]] | None = None) -> bytes:
     """Convert `model` to a LiteRT flatbuffer with a dynamic batch dimension.
 
     Args:
         model: the Keras model (TensorFlow backend).
+        sig: its `kerasbn.model_signature.Signature` (the model's own when None): the
+            signature's input names.
         representative: for full-integer (int8) quantization, an iterable of
             calibration samples, each a list of arrays in the model's flattened
             input order with a batch of one. Weights and activations become
@@ -151,23 +83,16 @@ def to_litert(model: Any, *, representative: Iterable[Sequence[np.ndarray]] | No
     Raises:
         UnsupportedModelError: the model cannot be traced or the converter rejects it.
     """
-    import keras
     import numpy as np
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    _require_tensorflow_backend()
-    try:
-        tensors = list(model.inputs)
-    except (AttributeError, ValueError) as exc:
-        raise UnsupportedModelError(f"cannot export {type(model).__name__}: the model has no input signature") from exc
-    names = input_names(model)
-    specs = [tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=n) for t, n in zip(tensors, names)]
-    structure = model.input
+    from kerasbn.model_signature import signature
 
-    def forward(*args):
-        outputs = model(keras.tree.pack_sequence_as(structure, list(args)), training=False)
-        return tuple(keras.tree.flatten(outputs))
+    require_tensorflow("LiteRT export goes through TensorFlow's converter")
+    sig = sig or signature(model)
+    specs = sig.tf_specs()
+    forward = sig.forward(model)
 
     try:
         function = tf.function(forward, input_signature=specs, autograph=False).get_concrete_function()
@@ -184,7 +109,7 @@ def to_litert(model: Any, *, representative: Iterable[Sequence[np.ndarray]] | No
 
         def dataset() -> Iterator[dict[str, np.ndarray]]:
             for sample in samples:
-                yield {n: np.asarray(a, t.dtype) for n, a, t in zip(names, sample, tensors)}
+                yield {spec.name: np.asarray(a, spec.dtype) for spec, a in zip(sig.inputs, sample)}
 
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = dataset
@@ -193,28 +118,6 @@ def to_litert(model: Any, *, representative: Iterable[Sequence[np.ndarray]] | No
         return bytes(converter.convert())
     except Exception as exc:  # ConverterError, RuntimeError from the calibrator, ...
         raise UnsupportedModelError(f"the LiteRT converter rejects the model: {converter_message(exc)}") from exc
-
-
-def input_names(model: Any) -> list[str]:
-    """The signature input names `to_litert` gives the model's inputs, in order."""
-    return [_tensor_name(t.name, i) for i, t in enumerate(model.inputs)]
-
-
-def check_file(
-    file: str | os.PathLike,
-    model: Any,
-    batch_sizes: Sequence[int],
-    inputs: Any,
-    atol: float | None = None,
-    rtol: float | None = None,
-    seed: int = 0,
-) -> tuple[VerifyResult, ...]:
-    """Run the LiteRT `file` and Keras `model` on the same inputs and judge them (`verify.check_runtime`)."""
-    from kerasbn.deploy.runtime import litert_runner
-    from kerasbn.deploy.verify import check_runtime
-
-    run = litert_runner(file, input_names(model))
-    return check_runtime(model, run, batch_sizes, inputs, atol=atol, rtol=rtol, seed=seed)
 
 
 def op_counts(content: bytes) -> dict[str, int]:
@@ -254,16 +157,6 @@ def _schema() -> Any:
     return schema
 
 
-def _require_tensorflow_backend() -> None:
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        raise UnsupportedModelError(
-            f"LiteRT export goes through TensorFlow's converter and needs the TensorFlow backend, not "
-            f"{keras.backend.backend()}; run with KERAS_BACKEND=tensorflow"
-        )
-
-
 _CONVERTER_ERROR = re.compile(r"error: (.+)")
 
 
@@ -274,11 +167,6 @@ def converter_message(exc: BaseException) -> str:
         if match:
             return _shorten(match.group(1).strip())
     return _first_line(exc)
-
-
-def _tensor_name(name: str, index: int) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name or "")
-    return cleaned if cleaned and cleaned[0].isalpha() else f"input_{index}"
 
 
 def _first_line(exc: BaseException) -> str:

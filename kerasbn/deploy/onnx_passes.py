@@ -20,18 +20,17 @@ onnxoptimizer's ``eliminate_nop_with_unit``, ``fuse_add_bias_into_conv`` and
 ``fuse_bn_into_conv`` find nothing onnxslim leaves, so it is not a dependency.
 
 Every pass takes and returns an `onnx.ModelProto` and changes nothing it
-cannot prove equal; `kerasbn.deploy.onnx.export_onnx` still runs ONNX
-Runtime after each one.
+cannot prove equal; the export pipeline (`kerasbn.deploy.export`) still runs
+the final graph in ONNX Runtime against Keras, and replays the passes one by
+one to name the one to blame when that check fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
-from kerasbn.errors import UnsupportedModelError, VerificationError
 
 Pass = Callable[[Any], Any]
 
@@ -160,62 +159,6 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("Conv → Squeeze → Mul/Add", fuse_through_squeeze),
     ("MatMul + Add → Gemm", fuse_matmul_add_into_gemm),
 )
-
-
-def run_passes(
-    model: Any, feed: Sequence[np.ndarray] | None, *, atol: float | None = None, rtol: float | None = None
-) -> tuple[Any, tuple[str, ...]]:
-    """Run `PASSES` on `model`; returns the new model and the names of the passes that changed its op counts.
-
-    With `feed` (the graph's inputs in order), ONNX Runtime runs the graph
-    before and after each pass on it, and a pass that changes the outputs
-    beyond `kerasbn.deploy.verify.compare`'s check (element-wise with ``atol``/``rtol``) raises
-    `VerificationError` naming it.
-
-    Raises:
-        VerificationError: a pass changed the outputs.
-        UnsupportedModelError: a pass failed on the graph.
-    """
-    from kerasbn.deploy.onnx import op_counts
-    from kerasbn.deploy.verify import compare
-
-    changed = []
-    reference = None if feed is None else _onnxruntime(model, feed)
-    for name, transform in PASSES:
-        before = op_counts(model)
-        try:
-            candidate = transform(_copy(model))
-        except Exception as exc:  # the optimizers raise whatever their internals do
-            raise UnsupportedModelError(f"ONNX pass '{name}' failed: {str(exc).strip().splitlines()[0]}") from exc
-        if feed is not None:
-            outputs = _onnxruntime(candidate, feed)
-            check = compare(reference, outputs, batch_size=int(feed[0].shape[0]), atol=atol, rtol=rtol)
-            if not check.passed:
-                raise VerificationError(
-                    f"ONNX pass '{name}' changed the outputs: max |error| {check.max_abs_error:.3g} "
-                    f"exceeds {check.tolerance}; nothing written"
-                )
-        if op_counts(candidate) != before:
-            changed.append(name)
-        model = candidate
-    return model, tuple(changed)
-
-
-def _copy(model: Any) -> Any:
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
-
-def _onnxruntime(model: Any, feed: Sequence[np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {i.name: a for i, a in zip(session.get_inputs(), feed)})
 
 
 def _uses(graph: Any) -> dict[str, int]:

@@ -21,13 +21,15 @@ import numpy as np
 Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 
 
-def onnx_runner(path: str | os.PathLike) -> Runner:
-    """A function running the ONNX file at `path` in ONNX Runtime (CPU)."""
+def onnx_runner(path: str | os.PathLike | bytes) -> Runner:
+    """A function running the ONNX file at `path` (or these bytes of one) in ONNX Runtime (CPU)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"]
+    )
     names = [i.name for i in session.get_inputs()]
 
     def run(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -47,23 +49,23 @@ def litert_interpreter(content: bytes) -> Any:
     return Interpreter(model_content=content)
 
 
-def litert_runner(path: str | os.PathLike, input_names: Sequence[str]) -> Runner:
-    """A function running the LiteRT file at `path` through its one signature.
+def litert_runner(path: str | os.PathLike | bytes, input_names: Sequence[str]) -> Runner:
+    """A function running the LiteRT file at `path` (or these bytes of one) through its one signature.
 
     `input_names` are the signature's input names in the model's input order
-    (`kerasbn.deploy.litert.input_names`; the signature lists them sorted);
+    (`kerasbn.model_signature.Signature.names`; the signature lists them sorted);
     the outputs are ``output_0``, ``output_1``, ... in the model's order. The
     signature runner resizes the batch dimension on each call.
     """
-    interpreter = litert_interpreter(Path(path).read_bytes())
+    interpreter = litert_interpreter(path if isinstance(path, bytes) else Path(path).read_bytes())
     signatures = interpreter.get_signature_list()
     if len(signatures) != 1:
-        raise ValueError(f"{path}: expected one signature, found {sorted(signatures)}")
+        raise ValueError(f"{_label(path)}: expected one signature, found {sorted(signatures)}")
     key, spec = next(iter(signatures.items()))
     runner = interpreter.get_signature_runner(key)
     inputs = list(input_names)
     if sorted(inputs) != sorted(spec["inputs"]):
-        raise ValueError(f"{path}: the signature's inputs are {spec['inputs']}, not {inputs}")
+        raise ValueError(f"{_label(path)}: the signature's inputs are {spec['inputs']}, not {inputs}")
     outputs = sorted(spec["outputs"], key=lambda name: int(name.rsplit("_", 1)[-1]))
 
     # The interpreter refuses, rather than casts, an array of another dtype (float64 from an .npz).
@@ -86,3 +88,7 @@ def median_latency(run: Runner, arrays: Sequence[np.ndarray], *, repeats: int = 
         run(arrays)
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times))
+
+
+def _label(path: str | os.PathLike | bytes) -> str:
+    return "the LiteRT model" if isinstance(path, bytes) else str(path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import keras
@@ -24,7 +24,7 @@ from kerasbn.deploy.tolerances import (
     RTOL,
     UNCALIBRATED_FLOOR,
 )
-from kerasbn.folding.dataflow import input_specs
+from kerasbn.model_signature import Signature, signature
 
 
 @dataclass(frozen=True)
@@ -220,22 +220,9 @@ def noise(model: keras.Model, inputs: Any, outputs: Sequence[np.ndarray] | None 
 
 
 def random_inputs(model: keras.Model, batch_size: int = 8, seed: int = 0) -> Any:
-    """Random inputs shaped like ``model``'s (unknown dims: ``batch_size`` for the batch, 8 elsewhere).
-
-    Floating inputs are standard normal; integer inputs are 0 or 1 (valid
-    indices for any embedding).
-    """
-    specs = input_specs(model)
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for spec in keras.tree.flatten(specs):
-        shape = [batch_size if d is None and i == 0 else (8 if d is None else d) for i, d in enumerate(spec.shape)]
-        dtype = np.dtype(spec.dtype)
-        if np.issubdtype(dtype, np.floating):
-            arrays.append(rng.standard_normal(shape).astype(dtype))
-        else:
-            arrays.append(rng.integers(0, 2, size=shape).astype(dtype))
-    return keras.tree.pack_sequence_as(specs, arrays)
+    """Random inputs for ``model`` in the structure it takes (`kerasbn.model_signature.Signature.random`)."""
+    sig = signature(model)
+    return sig.pack(sig.random(batch_size, seed))
 
 
 def keras_outputs(model: keras.Model, inputs: Any) -> list[np.ndarray]:
@@ -245,6 +232,93 @@ def keras_outputs(model: keras.Model, inputs: Any) -> list[np.ndarray]:
     # wrong axis when the channel count equals the width.
     outputs = model.predict_on_batch(inputs)
     return [np.asarray(y, np.float64) for y in keras.tree.flatten(outputs)]
+
+
+@dataclass(frozen=True)
+class Checks:
+    """How a result is checked against the original model: the options export and the CLI share.
+
+    Attributes:
+        verify: Check at all (``False``: nothing is compared).
+        batch_sizes: Batch sizes of the random inputs, one check each; two
+            different ones show that an exported batch axis is really dynamic.
+        inputs: Inputs in the structure the model takes (as
+            `kerasbn.deploy.files.load_inputs` returns them) instead of random
+            ones; checked whole and as their first row.
+        atol, rtol: Give either for the element-wise criterion
+            ``|Δ| ≤ atol + rtol·|y_ref|``; by default the check is scale-aware
+            and calibrated to the model's own float32 noise (`compare`).
+        seed: Seed of the random inputs (batch size ``k`` of the list gets ``seed + k``).
+    """
+
+    verify: bool = True
+    batch_sizes: tuple[int, ...] = (1, 8)
+    inputs: Any = None
+    atol: float | None = None
+    rtol: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from kerasbn.errors import KerasbnError
+
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+        if self.verify and not self.batch_sizes and self.inputs is None:
+            raise KerasbnError("verification needs at least one batch size or inputs")
+
+    @property
+    def elementwise(self) -> bool:
+        return self.atol is not None or self.rtol is not None
+
+    def cases(self, sig: Signature) -> list[list[np.ndarray]]:
+        """The flat input arrays of every check: the given inputs whole and as one row, else random ones."""
+        if self.inputs is not None:
+            arrays = sig.flatten(self.inputs)
+            return [arrays, [a[:1] for a in arrays]]
+        return [sig.random(b, self.seed + k) for k, b in enumerate(self.batch_sizes)]
+
+
+@dataclass
+class Reference:
+    """The original model's outputs on the check inputs, evaluated once and judged against many times.
+
+    An export compares every graph it makes (after each graph pass, the
+    written file) with the same Keras outputs; evaluating the model, and
+    measuring its float32 noise, once per input case keeps that cheap.
+    """
+
+    model: keras.Model
+    checks: Checks
+    sig: Signature = field(init=False)
+    cases: list[list[np.ndarray]] = field(init=False)
+    expected: list[list[np.ndarray]] = field(init=False)
+    noises: list[list[float] | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sig = signature(self.model)
+        self.cases = self.checks.cases(self.sig)
+        self.expected, self.noises = [], []
+        for arrays in self.cases:
+            structured = self.sig.pack(arrays)
+            outputs = keras_outputs(self.model, structured)
+            self.expected.append(outputs)
+            self.noises.append(None if self.checks.elementwise else noise(self.model, structured, outputs))
+
+    def judge(self, run: Callable[[list[np.ndarray]], Sequence[np.ndarray]]) -> tuple[VerifyResult, ...]:
+        """``run`` (flat input arrays in Keras order → outputs) on every case, judged by `compare`."""
+        results = []
+        for arrays, expected, measured in zip(self.cases, self.expected, self.noises):
+            got = [np.asarray(y) for y in run(list(arrays))]
+            results.append(
+                compare(
+                    expected,
+                    got,
+                    batch_size=batch_size_of(arrays),
+                    atol=self.checks.atol,
+                    rtol=self.checks.rtol,
+                    noise=measured,
+                )
+            )
+        return tuple(results)
 
 
 def check_runtime(
@@ -260,23 +334,9 @@ def check_runtime(
     """An exported file, run by ``run`` (flat input arrays in Keras order → outputs), against ``model``.
 
     Random inputs at each of ``batch_sizes``, or ``inputs`` whole and as
-    their first row (two batch sizes show the batch axis is really dynamic).
-    Judged by `compare`: scale-aware and calibrated to ``model``'s own float32
-    noise by default, element-wise when ``atol`` or ``rtol`` is given.
+    their first row (`Checks.cases`), judged by `compare` (`Reference.judge`).
     """
-    if inputs is not None:
-        arrays = keras.tree.flatten(inputs)
-        cases = [arrays, [a[:1] for a in arrays]]
-    else:
-        cases = [keras.tree.flatten(random_inputs(model, b, seed + k)) for k, b in enumerate(batch_sizes)]
-    checks = []
-    for arrays in cases:
-        structured = keras.tree.pack_sequence_as(model.input, arrays)
-        expected = keras_outputs(model, structured)
-        measured = noise(model, structured, expected) if atol is None and rtol is None else None
-        got = [np.asarray(y) for y in run(list(arrays))]
-        checks.append(compare(expected, got, batch_size=batch_size_of(arrays), atol=atol, rtol=rtol, noise=measured))
-    return tuple(checks)
+    return Reference(model, Checks(True, tuple(batch_sizes), inputs, atol, rtol, seed)).judge(run)
 
 
 def batch_size_of(inputs: Any) -> int:

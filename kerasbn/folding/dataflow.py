@@ -25,69 +25,18 @@ variable handles, op names); Keras calls it with the TensorFlow backend only.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import keras
 
 from kerasbn.errors import UnsupportedModelError
-from kerasbn.folding.families import family_of
-from kerasbn.folding.graph import Call, Graph, functional_of
-
-
-@dataclass(frozen=True)
-class Op:
-    """A traced operation outside any layer the fold engine knows (a stand-in for a layer).
-
-    Attributes:
-        name: The TensorFlow op name (its name scopes show where it comes from).
-        type: The TensorFlow op type (``Relu``, ``AddV2``…).
-    """
-
-    name: str
-    type: str
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One model input: its shape (batch axis first) and dtype name."""
-
-    shape: tuple
-    dtype: str
+from kerasbn.folding.families import family_of, is_bn
+from kerasbn.folding.graph import Call, Graph, Op
+from kerasbn.model_signature import signature
 
 
 def _known(layer: keras.layers.Layer) -> bool:
-    # Imported here: plan imports this module's neighbours, not the other way round.
-    from kerasbn.folding.plan import is_bn
-
     return bool(layer.weights) and (is_bn(layer) or family_of(layer) is not None)
-
-
-def input_specs(model: keras.Model) -> Any:
-    """The model's inputs as a structure of `Spec` (the structure the model takes).
-
-    Functional and Sequential models name their inputs; a subclassed model is
-    known by the shape it was built with.
-
-    Raises:
-        kerasbn.errors.UnsupportedModelError: A subclassed model that was never built or called.
-    """
-    fn = functional_of(model)
-    if fn is not None:
-        flat = [Spec(tuple(kt.shape), keras.backend.standardize_dtype(kt.dtype)) for kt in fn.inputs]
-        return keras.tree.pack_sequence_as(fn._inputs_struct, flat)
-    shapes = getattr(model, "_build_shapes_dict", None) or {}
-    if len(shapes) != 1:
-        raise UnsupportedModelError(
-            f"Model '{model.name}' ({type(model).__name__}) has no known input shape; call it once on data (or build it) first."
-        )
-    shape = next(iter(shapes.values()))
-    dtype = keras.backend.standardize_dtype(getattr(model, "input_dtype", None) or "float32")
-    if isinstance(shape, dict):
-        return {k: Spec((None, *tuple(v)[1:]), dtype) for k, v in shape.items()}
-    if shape and isinstance(shape[0], (list, tuple)):
-        return [Spec((None, *tuple(s)[1:]), dtype) for s in shape]
-    return Spec((None, *tuple(shape)[1:]), dtype)
 
 
 def trace(model: keras.Model) -> Any:
@@ -98,9 +47,7 @@ def trace(model: keras.Model) -> Any:
         )
     import tensorflow as tf
 
-    specs = keras.tree.map_structure(
-        lambda spec: tf.TensorSpec([None, *spec.shape[1:]], spec.dtype), input_specs(model)
-    )
+    specs = signature(model).tf_structure()
 
     @tf.function(autograph=False)
     def infer(inputs):

@@ -33,6 +33,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from kerasbn.layers import BatchNormalization as KerasbnBatchNormalization
+
 Weights = dict[str, np.ndarray]
 
 
@@ -241,3 +243,8 @@ def _grouped(v: np.ndarray, in_per_group: int, out: int) -> np.ndarray:
     per_out = out // groups
     group_of_out = np.arange(out) // per_out
     return v.reshape(groups, in_per_group)[group_of_out].T
+
+
+def is_bn(layer: object) -> bool:
+    """True for `keras.layers.BatchNormalization` and `kerasbn.BatchNormalization`."""
+    return isinstance(layer, (keras.layers.BatchNormalization, KerasbnBatchNormalization))

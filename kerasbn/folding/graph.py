@@ -44,6 +44,21 @@ class Call:
     outputs: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Op:
+    """A traced operation outside any layer the fold engine knows (a stand-in for a layer).
+
+    `kerasbn.folding.dataflow` makes one for every traced op it cannot tie to such a layer.
+
+    Attributes:
+        name: The TensorFlow op name (its name scopes show where it comes from).
+        type: The TensorFlow op type (``Relu``, ``AddV2``…).
+    """
+
+    name: str
+    type: str
+
+
 @dataclass
 class Graph:
     """The flattened call graph of a model.

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 
 import keras
 
-from kerasbn.folding.dataflow import Op
-from kerasbn.folding.families import Dense, family_of
-from kerasbn.folding.graph import Call, Graph
-from kerasbn.layers import BatchNormalization as KerasbnBatchNormalization
+from kerasbn.folding.families import Dense, family_of, is_bn
+from kerasbn.folding.graph import Call, Graph, Op
 from kerasbn.report import BNFinding
 
 BACKWARD = "backward"
@@ -59,11 +57,6 @@ class Reason(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-def is_bn(layer: object) -> bool:
-    """True for `keras.layers.BatchNormalization` and `kerasbn.BatchNormalization`."""
-    return isinstance(layer, (keras.layers.BatchNormalization, KerasbnBatchNormalization))
 
 
 def bn_axes(layer: keras.layers.Layer, rank: int) -> list[int]:

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-import kerasbn.deploy.onnx as onnx_export
+import kerasbn.deploy.export as pipeline
+from kerasbn.deploy.verify import Reference
 from tests.cli.conftest import assert_clean_error, invoke, listing, run_script
 
 
@@ -38,12 +39,12 @@ def test_export_without_fold_and_verify(model_files, tmp_path):
 
 
 def test_export_failed_check_exits_1_and_writes_nothing(model_files, tmp_path, monkeypatch):
-    real = onnx_export._check_with_onnxruntime
+    real = Reference.judge
 
     def pessimist(*args):
         return tuple(dataclasses.replace(c, passed=False, max_abs_error=1.0) for c in real(*args))
 
-    monkeypatch.setattr(onnx_export, "_check_with_onnxruntime", pessimist)
+    monkeypatch.setattr(Reference, "judge", pessimist)
     result = invoke("export", model_files["keras"], "-o", tmp_path / "m.onnx")
     assert result.exit_code == 1
     assert len(result.stderr.strip().splitlines()) == 1
@@ -53,13 +54,13 @@ def test_export_failed_check_exits_1_and_writes_nothing(model_files, tmp_path, m
 
 def test_export_checks_at_the_given_batch_and_tolerances(model_files, tmp_path, monkeypatch):
     seen = {}
-    real = onnx_export.export_onnx
+    real = pipeline.export
 
     def spy(*args, **kwargs):
-        seen.update(kwargs)
+        seen.update(vars(kwargs["checks"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(onnx_export, "export_onnx", spy)
+    monkeypatch.setattr(pipeline, "export", spy)
     args = ("-o", tmp_path / "m.onnx", "--batch", "3", "--atol", "1e-3", "--rtol", "1e-2")
     result = invoke("export", model_files["keras"], *args)
     assert result.exit_code == 0, result.stderr

@@ -1,9 +1,7 @@
-"""`kerasbn.export_litert`: every layer/BN pair comes out of the fold with no MUL/ADD left from the BN,
+"""`kerasbn.export` to LiteRT: every layer/BN pair comes out of the fold with no MUL/ADD left from the BN,
 and the LiteRT interpreter agrees with Keras at two batch sizes, and at a third one checked here."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import keras
 import numpy as np
@@ -11,7 +9,6 @@ import pytest
 
 import kerasbn
 from kerasbn.deploy import litert
-from kerasbn.deploy.onnx import ExportVerificationError
 from kerasbn.deploy.runtime import litert_interpreter, litert_runner
 from kerasbn.deploy.verify import keras_outputs
 from kerasbn.errors import KerasbnError, UnsupportedModelError
@@ -46,7 +43,7 @@ def _max_error(model, path, batch: int, seed: int) -> tuple[float, float]:
     """max |LiteRT − Keras| and max |Keras| on fresh inputs, run here, not by the exporter."""
     x = np.random.default_rng(seed).standard_normal((batch, *model.inputs[0].shape[1:])).astype("float32")
     expected = keras_outputs(model, x)[0]
-    got = litert_runner(path, litert.input_names(model))([x])[0]
+    got = litert_runner(path, kerasbn.signature(model).names)([x])[0]
     assert got.shape == expected.shape
     return float(np.max(np.abs(got - expected))), float(np.max(np.abs(expected)))
 
@@ -96,20 +93,6 @@ def test_batch_dimension_is_dynamic(tmp_path):
         assert error <= 1e-4 * scale
 
 
-def test_failed_check_writes_nothing(tmp_path, monkeypatch):
-    model = _model(*PAIRS["dense_bn"])
-    real = litert.check_file
-
-    def pessimist(*args):
-        return tuple(dataclasses.replace(c, passed=False, max_abs_error=1.0) for c in real(*args))
-
-    monkeypatch.setattr(litert, "check_file", pessimist)
-    with pytest.raises(ExportVerificationError, match="LiteRT interpreter disagrees.*nothing written") as failure:
-        kerasbn.export_litert(model, tmp_path / "m.tflite")
-    assert not failure.value.result.verified
-    assert list(tmp_path.iterdir()) == []
-
-
 class _Inverse(keras.layers.Layer):
     """A matrix inverse: TensorFlow has it, LiteRT's builtin ops do not."""
 
@@ -150,7 +133,7 @@ def test_multi_input_multi_output_keep_their_order(tmp_path):
     assert result.verified
     rng = np.random.default_rng(2)
     arrays = [rng.standard_normal((3, 5)).astype("float32"), rng.standard_normal((3, 3)).astype("float32")]
-    got = litert_runner(path, litert.input_names(model))(arrays)
+    got = litert_runner(path, kerasbn.signature(model).names)(arrays)
     for y, z in zip(keras_outputs(model, arrays), got):
         np.testing.assert_allclose(z, y, rtol=1e-4, atol=1e-4 * np.max(np.abs(y)))
 

@@ -1,10 +1,9 @@
-"""`kerasbn.export_onnx`: plain Keras layers, grouped convolutions, keras-hub activations and backbones
+"""`kerasbn.export` to ONNX: plain Keras layers, grouped convolutions, keras-hub activations and backbones
 export with no BatchNormalization arithmetic and no stand-alone bias op left, and ONNX Runtime agrees
 with Keras at two batch sizes."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import keras
@@ -15,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import kerasbn
 import kerasbn.deploy.onnx_passes as onnx_passes
-from kerasbn.deploy.onnx import ExportVerificationError, op_counts, to_onnx
+from kerasbn.deploy.export import _passes
+from kerasbn.deploy.onnx import TARGET, op_counts, to_onnx
 from kerasbn.errors import KerasbnError, VerificationError
 
 # What a BN leaves in an ONNX graph when it is not folded, and what a bias is when a Conv/Gemm does not carry it.
@@ -282,22 +282,6 @@ def test_keras_hub_backbone_exports_and_matches(backbone, tmp_path):
     assert any((_attribute(n, "group") or 1) > 1 for n in written.graph.node if n.op_type == "Conv")
 
 
-def test_failed_check_writes_nothing(tmp_path, monkeypatch):
-    import kerasbn.deploy.onnx as export
-
-    model = _model(*CASES["dense_bn"])
-    real = export._check_with_onnxruntime
-
-    def pessimist(*args):
-        return tuple(dataclasses.replace(c, passed=False, max_abs_error=1.0) for c in real(*args))
-
-    monkeypatch.setattr(export, "_check_with_onnxruntime", pessimist)
-    with pytest.raises(ExportVerificationError, match="nothing written") as failure:
-        kerasbn.export_onnx(model, tmp_path / "m.onnx")
-    assert not failure.value.result.verified
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_a_pass_that_changes_the_outputs_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
     def doubles_a_weight(model):
         weight = model.graph.initializer[0]
@@ -446,6 +430,6 @@ def test_mul_by_ones_and_add_of_zeros_are_removed_and_checked():
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     x = np.random.default_rng(4).normal(size=(3, 5, 4)).astype("float32")
-    optimized, changed = onnx_passes.run_passes(model, [x])
+    optimized, changed = _passes(TARGET, model, True, lambda _step: None)
     assert op_counts(optimized) == {"Relu": 1} and changed == ("onnxslim",)
     np.testing.assert_array_equal(_run(optimized, x), np.maximum(x, 0))

@@ -1,4 +1,4 @@
-"""`kerasbn.export_int8` and `kerasbn.audit_quantization`.
+"""`kerasbn.export(int8=...)` and `kerasbn.audit_quantization`.
 
 The int8 files are judged here by running them in ONNX Runtime and the LiteRT
 interpreter ourselves against the float Keras model on held-out digits; the
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import kerasbn
-from kerasbn.deploy import litert, quantize
+from kerasbn.deploy import quantize
 from kerasbn.deploy.runtime import litert_runner, onnx_runner
+from kerasbn.deploy.target import target_for
 from kerasbn.deploy.verify import keras_outputs
 from kerasbn.errors import KerasbnError
 from tests.helpers import randomize_bn
@@ -48,7 +49,7 @@ def digits_cnn():
 
 
 def _runner(fmt, path, model):
-    return onnx_runner(path) if fmt == "onnx" else litert_runner(path, litert.input_names(model))
+    return onnx_runner(path) if fmt == "onnx" else litert_runner(path, kerasbn.signature(model).names)
 
 
 @pytest.mark.slow
@@ -130,7 +131,7 @@ def test_bad_calibration_data_writes_nothing(fmt, calibration, message, tmp_path
 def test_format_comes_from_the_suffix_or_agrees_with_it(name, to, message, tmp_path):
     with pytest.raises(KerasbnError, match=message):
         kerasbn.export_int8(_dense_bn_model(), tmp_path / name, np.zeros((4, 6), "float32"), to=to)
-    assert quantize.format_of("a.TFLITE") == "litert" and quantize.format_of("a", "onnx") == "onnx"
+    assert target_for("a.TFLITE").name == "litert" and target_for("a", "onnx").name == "onnx"
 
 
 LAYERS = {

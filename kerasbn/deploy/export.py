@@ -1,0 +1,330 @@
+"""`kerasbn.export`: one pipeline for every file format, float and int8.
+
+    signature → fold → convert → graph passes → (int8) → run in the target's runtime → compare → atomic write
+
+A format is a `kerasbn.deploy.target.Target` (ONNX and LiteRT are two); int8
+is a step of the same pipeline for either. The model's signature is worked out
+once (`kerasbn.model_signature`), the original model's outputs on the check inputs
+are evaluated once (`kerasbn.deploy.verify.Reference`), and the written file
+is judged against them in its own runtime before it is renamed into place, so
+a bad fold, conversion or graph pass never reaches the output path. When the
+check fails after graph passes, the passes are replayed one by one to name
+the one that changed the outputs.
+
+A quantized model cannot match the float one to float tolerances, so it is
+judged differently: on the calibration rows (and the user's inputs) the top-1
+class of every classification output must agree with the float Keras model on
+at least ``min_agreement`` of the rows (`kerasbn.deploy.quantize`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from kerasbn.deploy.files import atomic_output, check_output_path
+from kerasbn.deploy.quantize import DEFAULT_MIN_AGREEMENT, int8_report
+from kerasbn.deploy.target import Target, target_for, targets
+from kerasbn.deploy.verify import Checks, Reference, VerifyResult
+from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
+from kerasbn.model_signature import Signature, signature
+from kerasbn.report import Int8Report, export_table, op_table
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What `export` wrote and how it checked it.
+
+    Attributes:
+        path: The file (written only when every check passed).
+        opset: The format version of the graph (ONNX opset, LiteRT schema).
+        op_counts: Op type → count in the written graph.
+        op_counts_unfolded: The same for the model converted without folding
+            (with ``compare_unfolded``; else None): the "before" column of the table.
+        fold_report: The fold engine's report, or None with ``fold=False``.
+        checks: One `VerifyResult` per input case (empty without verification).
+        size: Bytes of the written file.
+        size_unfolded: Bytes of the unfolded model's file (with ``op_counts_unfolded``).
+        passes: The graph passes that changed the graph, in order.
+        format: The target's name (``"onnx"``, ``"litert"``).
+    """
+
+    path: Path
+    opset: int
+    op_counts: dict[str, int]
+    op_counts_unfolded: dict[str, int] | None = None
+    fold_report: Any = None
+    checks: tuple[VerifyResult, ...] = field(default_factory=tuple)
+    size: int = 0
+    size_unfolded: int | None = None
+    passes: tuple[str, ...] = ()
+    format: str = "onnx"
+
+    @property
+    def target(self) -> Target:
+        return targets()[self.format]
+
+    @property
+    def runtime(self) -> str:
+        """The runtime that checked the file."""
+        return self.target.runtime
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def op_table(self) -> list[tuple[str, int | None, int]]:
+        """Rows (op type, count before fold or None, count after), onnx-simplifier style."""
+        return op_table(self.op_counts, self.op_counts_unfolded)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``kerasbn export --format json``)."""
+        return {
+            "format": self.format,
+            "path": str(self.path),
+            "opset": self.opset,
+            "op_counts": dict(self.op_counts),
+            "op_counts_unfolded": None if self.op_counts_unfolded is None else dict(self.op_counts_unfolded),
+            "fold": None if self.fold_report is None else self.fold_report.to_dict(),
+            "verified": self.verified,
+            "checks": [c.to_dict() for c in self.checks],
+            "size": self.size,
+            "size_unfolded": self.size_unfolded,
+            "passes": list(self.passes),
+        }
+
+    def __rich__(self) -> Any:
+        return export_table(
+            self.target.describe(self.path.name, self.opset),
+            self.op_counts,
+            self.op_counts_unfolded,
+            self.size,
+            self.size_unfolded,
+        )
+
+
+class ExportVerificationError(VerificationError):
+    """The target's runtime disagrees with Keras; `result` holds the numbers (nothing was written)."""
+
+    def __init__(self, message: str, result: ExportResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def export(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    to: str | None = None,
+    int8: Any = None,
+    checks: Checks | None = None,
+    fold: bool = True,
+    optimize: bool = True,
+    compare_unfolded: bool = True,
+    opset: int | None = None,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    inputs_label: str = "inputs",
+    overwrite: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> ExportResult | Int8Report:
+    """Fold BatchNormalization away, convert, check the file in its own runtime, and write it atomically.
+
+    Args:
+        model: A `keras.Model` of any kind (functional, Sequential, nested,
+            subclassed and called once) on the TensorFlow backend.
+        path: The file to write; its suffix names the format (``.onnx``, ``.tflite``) unless `to` does.
+        to: The format: ``"onnx"`` or ``"litert"``.
+        int8: Calibration inputs (in the structure the model takes, a few
+            hundred representative rows) for a static int8 file; None writes float.
+        checks: How the file is checked against Keras (`kerasbn.deploy.verify.Checks`):
+            random inputs at batch 1 and 8 by default, calibrated to the model's own noise.
+        fold: Run `kerasbn.fold` first, so no BatchNormalization, and no
+            per-channel arithmetic left over from one, reaches the graph.
+        optimize: Run the target's graph passes (ONNX: `kerasbn.deploy.onnx_passes`).
+        compare_unfolded: Also convert the unfolded model, for the op table's
+            "Before fold" column: a second conversion, the one optional cost.
+        opset: The ONNX opset (ONNX only); tf2onnx's default when None.
+        min_agreement: With `int8`: the top-1 agreement with the float Keras
+            model each classification output must reach on every input set.
+        inputs_label: The name of ``checks.inputs`` in the int8 report (e.g. its file name).
+        overwrite: Replace an existing `path`.
+        on_step: Called with a short description before each long step.
+
+    Returns:
+        An `ExportResult`, or with `int8` an `kerasbn.report.Int8Report`.
+
+    Raises:
+        ExportVerificationError: The runtime disagrees with Keras; nothing is written.
+        kerasbn.deploy.quantize.QuantizationError: The int8 file falls short of `min_agreement`.
+        kerasbn.errors.UnsupportedModelError: The model cannot be traced, converted or quantized.
+        kerasbn.errors.KerasbnError: Bad options or data, or the output path is not writable or exists.
+
+    Example:
+
+    >>> import keras, kerasbn, tempfile, pathlib
+    >>> x = keras.Input((4,))
+    >>> model = keras.Model(x, keras.layers.BatchNormalization()(keras.layers.Dense(3)(x)))
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.onnx"
+    >>> result = kerasbn.export(model, path)
+    >>> result.verified, result.op_counts.get("BatchNormalization", 0)
+    (True, 0)
+    """
+    step = on_step or (lambda _message: None)
+    path = Path(path)
+    target = target_for(path, to)
+    options = {} if opset is None else {"opset": opset}
+    if set(options) - target.options:
+        raise KerasbnError(f"opset applies to ONNX only, not {target.title}")
+    if int8 is not None and not 0.0 <= min_agreement <= 1.0:
+        raise KerasbnError(f"min_agreement must be between 0 and 1, not {min_agreement}")
+    check_output_path(path, overwrite)
+    checks = checks or Checks()
+    sig = signature(model)
+    if checks.inputs is not None:
+        checks = replace(checks, inputs=sig.pack(sig.conform(checks.inputs, inputs_label)))
+    rows = None if int8 is None else sig.conform(int8, "calibration data")
+
+    reference = Reference(model, checks) if checks.verify else None
+    subject, fold_report = model, None
+    if fold:
+        from kerasbn.folding.fold import fold as fold_model
+
+        step("Folding BatchNormalization")
+        folded = fold_model(model)
+        subject, fold_report = folded.model, folded.report
+    before = size_before = None
+    if fold and compare_unfolded:
+        step("Converting the unfolded model (for the op table)")
+        unfolded = target.convert(model, sig, **options)
+        before, size_before = target.op_counts(unfolded), len(target.serialize(unfolded))
+        del unfolded
+    step(f"Converting to {target.title}")
+    graph, passes = _passes(target, target.convert(subject, sig, **options), optimize, step)
+    content = target.serialize(graph)
+    result = ExportResult(path, target.version(graph), target.op_counts(graph), before, fold_report)
+    result = replace(result, size=len(content), size_unfolded=size_before, passes=passes, format=target.name)
+    del graph
+
+    if rows is None:
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            tmp.write_bytes(content)
+            return _checked(target, sig, reference, result, tmp, (subject, optimize, options), step)
+    with tempfile.TemporaryDirectory(prefix="kerasbn-int8-") as folder:
+        float_path = Path(folder) / f"float32{target.suffix}"
+        float_path.write_bytes(content)
+        float_export = _checked(
+            target, sig, reference, replace(result, path=float_path), float_path, (subject, optimize, options), step
+        )
+        step(f"Quantizing to int8 for {target.runtime}")
+        quantized = target.serialize(target.quantize(subject, sig, float_path, rows))
+        step("Comparing the int8 model with the float model")
+        sets = [("calibration", rows)]
+        if checks.inputs is not None:
+            sets.append((inputs_label, sig.flatten(checks.inputs)))
+        report = int8_report(
+            model, sig, target, path, float_export, target.runner(float_path, sig), quantized, sets, min_agreement
+        )
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(quantized)
+    return report
+
+
+def _passes(target: Target, graph: Any, optimize: bool, step: Callable[[str], None]) -> tuple[Any, tuple[str, ...]]:
+    """The target's graph passes on `graph`; the names of those that changed its op counts."""
+    steps = target.passes() if optimize else ()
+    if steps:
+        step(f"Graph passes: {', '.join(name for name, _ in steps)}")
+    changed = []
+    for name, transform in steps:
+        before = target.op_counts(graph)
+        try:
+            graph = transform(graph)
+        except Exception as exc:  # the optimizers raise whatever their internals do
+            raise UnsupportedModelError(f"{target.title} pass '{name}' failed: {_first_line(exc)}") from exc
+        if target.op_counts(graph) != before:
+            changed.append(name)
+    return graph, tuple(changed)
+
+
+def _checked(
+    target: Target,
+    sig: Signature,
+    reference: Reference | None,
+    result: ExportResult,
+    file: Path,
+    conversion: tuple,
+    step: Callable[[str], None],
+) -> ExportResult:
+    """`result` with the checks of `file` in the target's runtime; raises if they fail (nothing is written then)."""
+    if reference is None:
+        return result
+    step(f"Checking with {target.runtime}")
+    result = replace(result, checks=reference.judge(target.runner(file, sig)))
+    failed = [c for c in result.checks if not c.passed]
+    if not failed:
+        return result
+    if result.passes:
+        _blame_pass(target, sig, reference, *conversion)
+    worst = max(failed, key=lambda c: c.max_abs_error)
+    runtime = "the LiteRT interpreter" if target.runtime == "LiteRT" else target.runtime
+    raise ExportVerificationError(
+        f"{runtime} disagrees with Keras at batch size {worst.batch_size}: max |error| "
+        f"{worst.max_abs_error:.3g} exceeds {worst.tolerance}; nothing written",
+        result,
+    )
+
+
+def _blame_pass(
+    target: Target, sig: Signature, reference: Reference, model: Any, optimize: bool, options: dict
+) -> None:
+    """Replay the conversion and the passes, checking each graph, and raise naming the first pass that broke it.
+
+    Returns without raising when the graph before any pass already disagrees
+    (the fold or the conversion is to blame, not a pass).
+    """
+    graph = target.convert(model, sig, **options)
+    previous = reference.judge(target.runner(target.serialize(graph), sig))
+    if not all(c.passed for c in previous):
+        return
+    for name, transform in target.passes() if optimize else ():
+        graph = transform(graph)
+        now = reference.judge(target.runner(target.serialize(graph), sig))
+        failed = [c for c in now if not c.passed]
+        if failed:
+            worst = max(failed, key=lambda c: c.max_abs_error)
+            raise VerificationError(
+                f"{target.title} pass '{name}' changed the outputs: max |error| {worst.max_abs_error:.3g} "
+                f"exceeds {worst.tolerance}; nothing written"
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _legacy(options: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of the 0.1 exporters, with their check options as one `Checks`."""
+    fields = ("verify", "batch_sizes", "inputs", "atol", "rtol", "seed")
+    given = {k: options.pop(k) for k in fields if k in options}
+    return {**options, "checks": Checks(**given)}
+
+
+def export_onnx(model: Any, path: str | os.PathLike, **options: Any) -> ExportResult:
+    """`export` to ONNX; the 0.1 name, kept so code using it works (check options as keywords)."""
+    return export(model, path, to="onnx", **_legacy(options))
+
+
+def export_litert(model: Any, path: str | os.PathLike, **options: Any) -> ExportResult:
+    """`export` to LiteRT; the 0.1 name, kept so code using it works (check options as keywords)."""
+    return export(model, path, to="litert", **_legacy(options))
+
+
+def export_int8(model: Any, path: str | os.PathLike, calibration: Any, **options: Any) -> Int8Report:
+    """`export` with ``int8=calibration``; the 0.1 name, kept so code using it works."""
+    return export(model, path, int8=calibration, **_legacy(options))
