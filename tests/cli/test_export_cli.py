@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+import kerasbn
 import kerasbn.deploy.export as pipeline
 from kerasbn.deploy.verify import Reference
 from tests.cli.conftest import assert_clean_error, invoke, listing, run_script
@@ -283,3 +284,61 @@ def test_installed_script_exports_litert_int8_quietly(model_files, rows, tmp_pat
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert "top-1 agreement" in done.stdout
+
+
+def _sequential(with_input: bool) -> keras.Model:
+    """A small classifier, saved the two ways users build a Sequential: with keras.Input, or built by fit."""
+    from tests.helpers import randomize_bn
+
+    layers = [
+        keras.layers.Conv2D(4, 3, use_bias=False),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(5),
+        keras.layers.BatchNormalization(),
+    ]
+    model = keras.Sequential(([keras.Input((6, 6, 2))] if with_input else []) + layers)
+    if not with_input:
+        rng = np.random.default_rng(0)
+        model.compile("sgd", "mse")
+        model.fit(rng.normal(size=(8, 6, 6, 2)).astype("float32"), rng.normal(size=(8, 5)), verbose=0)
+    return randomize_bn(model)
+
+
+@pytest.fixture(scope="module", params=["with_input", "built_by_fit"])
+def sequential_file(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"sequential_{request.param}")
+    model = _sequential(request.param == "with_input")
+    model.save(folder / "seq.keras")
+    rng = np.random.default_rng(5)
+    # Unnamed arrays (arr_0): a Sequential's input has no name a user would know.
+    np.savez(folder / "calibration.npz", rng.normal(size=(64, 6, 6, 2)).astype("float32"))
+    return folder / "seq.keras"
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("fmt", sorted(SUFFIXES))
+def test_a_saved_sequential_model_exports(fmt, int8, sequential_file, tmp_path):
+    from kerasbn.deploy.target import targets
+
+    output = tmp_path / f"seq{SUFFIXES[fmt]}"
+    # A random-weight net is no trained classifier: its arg-max agreement is not the point here.
+    calibration = sequential_file.with_name("calibration.npz")
+    extra = ("--int8", "--calibration", calibration, "--min-agreement", "0") if int8 else ()
+    result = invoke("export", sequential_file, "-o", output, *extra)
+    assert result.exit_code == 0, result.stderr
+    assert "unexpected" not in result.stderr and f"Wrote {output}" in result.stdout
+    # Judged here, independently of the exporter: the file in its own runtime against the original Keras model.
+    model = keras.models.load_model(sequential_file)
+    x = np.random.default_rng(9).normal(size=(3, 6, 6, 2)).astype("float32")
+    expected = np.asarray(model.predict_on_batch(x), np.float64)
+    got = np.asarray(targets()[fmt].runner(output, kerasbn.signature(model))([x])[0], np.float64)
+    scale = float(np.max(np.abs(expected)))
+    if int8:
+        # int8: activations quantized to 8 bits over a few layers, within a few steps of 2·max|y|/255.
+        assert float(np.max(np.abs(got - expected))) <= 0.1 * scale
+    else:
+        eps = float(np.finfo(np.float32).eps)
+        # Two float32 evaluations of a depth-3 network: within a few hundred ulps of max|y|.
+        assert float(np.max(np.abs(got - expected))) <= 256 * eps * scale
