@@ -86,8 +86,9 @@ def export_litert(
         inputs: verification inputs in the structure the model takes (as
             `kerasbn.deploy.files.load_inputs` returns them) instead of random
             ones; checked whole and as their first row.
-        atol, rtol: give either for the element-wise check ``|litert − keras| ≤ atol + rtol·|keras|``;
+        atol: give it or ``rtol`` for the element-wise check ``|litert − keras| ≤ atol + rtol·|keras|``;
             by default the check is scale-aware and calibrated to the model's own float32 noise.
+        rtol: the relative tolerance of the element-wise check.
         seed: seed of the random inputs.
         on_step: called with a short description before each long step.
 

@@ -99,8 +99,11 @@ def export_int8(
         fold: fold BatchNormalization first (`kerasbn.fold`).
         min_agreement: the top-1 agreement with the float Keras model each
             classification output must reach on every input set.
-        verify, batch_sizes, atol, rtol, seed: how the float export is
-            checked against Keras (see `kerasbn.export_onnx`).
+        verify: check the float export in its runtime before quantizing.
+        batch_sizes: the batch sizes of that check.
+        atol: the element-wise tolerance of that check (see `kerasbn.export_onnx`).
+        rtol: the relative tolerance of that check.
+        seed: seed of that check's random inputs.
         overwrite: replace an existing `path`.
         on_step: called with a short description before each long step.
 
@@ -318,16 +321,15 @@ def audit_quantization(
     Returns:
         A `QuantizationAudit`, one `WeightRange` per kernel a fold rescaled.
 
-    Example:
-
-    >>> import keras, numpy as np, kerasbn
-    >>> from kerasbn.deploy.quantize import audit_quantization
-    >>> x = keras.Input((4,))
-    >>> bn = keras.layers.BatchNormalization()
-    >>> model = keras.Model(x, bn(keras.layers.Dense(2, kernel_initializer="ones")(x)))
-    >>> _ = bn.moving_variance.assign(np.array([1.0, 1e-4], "float32"))
-    >>> audit_quantization(model).layers[0].flagged
-    True
+    Examples:
+        >>> import keras, numpy as np, kerasbn
+        >>> from kerasbn.deploy.quantize import audit_quantization
+        >>> x = keras.Input((4,))
+        >>> bn = keras.layers.BatchNormalization()
+        >>> model = keras.Model(x, bn(keras.layers.Dense(2, kernel_initializer="ones")(x)))
+        >>> _ = bn.moving_variance.assign(np.array([1.0, 1e-4], "float32"))
+        >>> audit_quantization(model).layers[0].flagged
+        True
     """
     from kerasbn.folding.fold import fold
 
