@@ -33,4 +33,4 @@ def reference() -> str:
 
 
 def _block(title: str, text: str) -> str:
-    return f"## `{title}`\n\n```text\n{text}\n```\n"
+    return f"### `{title}`\n\n```text\n{text}\n```\n"
