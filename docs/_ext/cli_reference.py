@@ -7,12 +7,19 @@ the code.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
 MARKER = "<!-- kerasbn --help -->"
 WIDTH = 100  # the CLI's own max_content_width
+
+
+def on_config(config: Any, **kwargs: Any) -> None:
+    # Document this tree's CLI, as mkdocstrings' `paths: [.]` documents this tree's library.
+    sys.path.insert(0, str(Path(config.config_file_path).parent))
 
 
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
