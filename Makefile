@@ -8,7 +8,7 @@ PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install lint format test test-fast test-jax demo bench clean
+.PHONY: install lint format test test-fast test-jax docs demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test-jax: $(STAMP)
 test-fast: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PYTEST) -m "not slow"
 
+## The documentation site, strict: a broken link, a page outside the nav or a docstring naming a missing
+## function fails. The dev extras include the docs tools.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
@@ -48,4 +53,4 @@ bench: $(STAMP)
 	$(BIN)/python examples/plot_benchmarks.py
 
 clean:
-	rm -rf build .pytest_cache
+	rm -rf build site .pytest_cache

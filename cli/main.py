@@ -178,8 +178,10 @@ def strip_biases(settings: Settings, checking: Checking, model: Path, output: Pa
 @output_option("MODEL with .onnx, or .tflite with --to litert")
 @click.option(
     "--to",
-    type=click.Choice(["onnx", "litert"]),
-    help="File format: ONNX or LiteRT (TFLite) [default: from OUT's suffix, .onnx or .tflite].",
+    metavar="FORMAT",
+    # Not a click.Choice: the formats are the library's registry (kerasbn.deploy.target.REGISTRY),
+    # which `--help` must not import.
+    help="File format: onnx or litert (TFLite) [default: from OUT's suffix, .onnx or .tflite].",
 )
 @click.option("--fold/--no-fold", default=True, show_default=True, help="Fold BatchNormalization before converting.")
 @click.option("--opset", type=click.IntRange(min=7), metavar="N", help="ONNX opset [default: tf2onnx's].")
@@ -234,11 +236,12 @@ def export(
     """
     from kerasbn_cli import render
 
-    output = output or model.with_suffix(".tflite" if to == "litert" else ".onnx")
     with render.progress(settings.quiet) as step:
-        from kerasbn.deploy.target import target_for
+        from kerasbn.deploy.target import target_for, targets
         from kerasbn.errors import KerasbnError
 
+        if output is None:
+            output = model.with_suffix(targets()[to].suffix if to in targets() else ".onnx")
         target = target_for(output, to)
         if int8 != (calibration is not None):
             raise KerasbnError("--int8 needs --calibration DATA.npz" if int8 else "--calibration goes with --int8")

@@ -163,15 +163,14 @@ def export(
         kerasbn.errors.UnsupportedModelError: The model cannot be traced, converted or quantized.
         kerasbn.errors.KerasbnError: Bad options or data, or the output path is not writable or exists.
 
-    Example:
-
-    >>> import keras, kerasbn, tempfile, pathlib
-    >>> x = keras.Input((4,))
-    >>> model = keras.Model(x, keras.layers.BatchNormalization()(keras.layers.Dense(3)(x)))
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.onnx"
-    >>> result = kerasbn.export(model, path)
-    >>> result.verified, result.op_counts.get("BatchNormalization", 0)
-    (True, 0)
+    Examples:
+        >>> import keras, kerasbn, tempfile, pathlib
+        >>> x = keras.Input((4,))
+        >>> model = keras.Model(x, keras.layers.BatchNormalization()(keras.layers.Dense(3)(x)))
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.onnx"
+        >>> result = kerasbn.export(model, path)
+        >>> result.verified, result.op_counts.get("BatchNormalization", 0)
+        (True, 0)
     """
     step = on_step or (lambda _message: None)
     path = Path(path)

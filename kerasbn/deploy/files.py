@@ -103,7 +103,8 @@ def save_model(
             an error and is left untouched.
         check: called with the model as reloaded from the temporary file
             before it is renamed into place; if it raises, nothing is written.
-        safe_mode, custom_modules: how to reload the file for `check`.
+        safe_mode: Keras safe mode when reloading the file for `check`.
+        custom_modules: modules to import (custom layers) before reloading it.
 
     Raises:
         KerasbnError: the destination is not writable, exists (without

@@ -129,16 +129,15 @@ def audit_quantization(
     Returns:
         A `QuantizationAudit`, one `WeightRange` per kernel a fold rescaled.
 
-    Example:
-
-    >>> import keras, numpy as np, kerasbn
-    >>> from kerasbn.deploy.quantize import audit_quantization
-    >>> x = keras.Input((4,))
-    >>> bn = keras.layers.BatchNormalization()
-    >>> model = keras.Model(x, bn(keras.layers.Dense(2, kernel_initializer="ones")(x)))
-    >>> _ = bn.moving_variance.assign(np.array([1.0, 1e-4], "float32"))
-    >>> audit_quantization(model).layers[0].flagged
-    True
+    Examples:
+        >>> import keras, numpy as np, kerasbn
+        >>> from kerasbn.deploy.quantize import audit_quantization
+        >>> x = keras.Input((4,))
+        >>> bn = keras.layers.BatchNormalization()
+        >>> model = keras.Model(x, bn(keras.layers.Dense(2, kernel_initializer="ones")(x)))
+        >>> _ = bn.moving_variance.assign(np.array([1.0, 1e-4], "float32"))
+        >>> audit_quantization(model).layers[0].flagged
+        True
     """
     from kerasbn.folding.fold import fold
 

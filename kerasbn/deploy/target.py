@@ -107,12 +107,14 @@ def target_for(path: str | os.PathLike, to: str | None = None) -> Target:
         KerasbnError: an unknown format, a suffix of another format, or no known suffix.
     """
     known = targets()
-    by_suffix = {t.suffix: t for t in known.values()}
+    by_suffix: dict[str, Target] = {}
+    for target in known.values():  # the first registered format of a suffix is its default
+        by_suffix.setdefault(target.suffix, target)
     suffix = Path(path).suffix.lower()
     implied = by_suffix.get(suffix)
     if to is not None:
         if to not in known:
-            raise KerasbnError(f"unknown export format '{to}'; use {' or '.join(known)}")
+            raise KerasbnError(f"unknown export format '{to}'; use {', '.join(known)}")
         if implied is not None and implied.name != to:
             raise KerasbnError(f"{path}: a '{suffix}' file is not {to}; use the {known[to].suffix} suffix")
         return known[to]

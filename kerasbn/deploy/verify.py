@@ -362,9 +362,10 @@ def verify(
         inputs: Inputs in the structure the models take; random ones from
             `random_inputs` when ``None``.
         batch_size: Batch size of random inputs.
-        atol, rtol: Give either for the element-wise criterion
+        atol: Give it or ``rtol`` for the element-wise criterion
             ``|Δ| ≤ atol + rtol·|y_ref|``; by default the check is scale-aware
             and calibrated to ``reference``'s float32 noise (`compare`, `noise`).
+        rtol: The relative tolerance of the element-wise criterion.
         seed: Seed of random inputs.
 
     Returns:
@@ -375,13 +376,12 @@ def verify(
             unknown (a subclassed model never called) and no ``inputs`` were given.
         ValueError: The two models return different numbers or shapes of outputs.
 
-    Example:
-
-    >>> import keras, kerasbn
-    >>> x = keras.Input((4,))
-    >>> model = keras.Model(x, keras.layers.BatchNormalization()(keras.layers.Dense(3)(x)))
-    >>> kerasbn.verify(model, kerasbn.fold(model).model).passed
-    True
+    Examples:
+        >>> import keras, kerasbn
+        >>> x = keras.Input((4,))
+        >>> model = keras.Model(x, keras.layers.BatchNormalization()(keras.layers.Dense(3)(x)))
+        >>> kerasbn.verify(model, kerasbn.fold(model).model).passed
+        True
     """
     if inputs is None:
         inputs = random_inputs(reference, batch_size, seed)

@@ -55,13 +55,12 @@ def audit(model: keras.Model) -> AuditReport:
     Raises:
         kerasbn.errors.UnsupportedModelError: ``model`` is no Keras model or an unbuilt one.
 
-    Example:
-
-    >>> import keras, kerasbn
-    >>> x = keras.Input((8, 8, 3))
-    >>> y = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))
-    >>> kerasbn.audit(keras.Model(x, y)).foldable
-    1
+    Examples:
+        >>> import keras, kerasbn
+        >>> x = keras.Input((8, 8, 3))
+        >>> y = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))
+        >>> kerasbn.audit(keras.Model(x, y)).foldable
+        1
     """
     graph, decided = decisions(model)
     findings = decided.findings

@@ -49,14 +49,13 @@ def strip_redundant_biases(model: keras.Model) -> StripResult:
     Raises:
         kerasbn.errors.UnsupportedModelError: ``model`` has no functional graph.
 
-    Example:
-
-    >>> import keras, kerasbn
-    >>> x = keras.Input((8,))
-    >>> y = keras.layers.BatchNormalization()(keras.layers.Dense(4, name="dense")(x))
-    >>> result = kerasbn.strip_redundant_biases(keras.Model(x, y))
-    >>> [b.layer for b in result.report.removed], result.model.layers[1].use_bias
-    (['dense'], False)
+    Examples:
+        >>> import keras, kerasbn
+        >>> x = keras.Input((8,))
+        >>> y = keras.layers.BatchNormalization()(keras.layers.Dense(4, name="dense")(x))
+        >>> result = kerasbn.strip_redundant_biases(keras.Model(x, y))
+        >>> [b.layer for b in result.report.removed], result.model.layers[1].use_bias
+        (['dense'], False)
     """
     graph = build_graph(model)
     patches: dict[int, Patch] = {}

@@ -159,14 +159,13 @@ def fold(model: keras.Model) -> FoldResult:
         kerasbn.errors.UnsupportedModelError: ``model`` is unbuilt, or a fold is
             needed in place and the model cannot be copied.
 
-    Example:
-
-    >>> import keras, kerasbn
-    >>> x = keras.Input((8, 8, 3))
-    >>> y = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))
-    >>> result = kerasbn.fold(keras.Model(x, y))
-    >>> [type(l).__name__ for l in result.model.layers]
-    ['InputLayer', 'Conv2D', 'Identity']
+    Examples:
+        >>> import keras, kerasbn
+        >>> x = keras.Input((8, 8, 3))
+        >>> y = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))
+        >>> result = kerasbn.fold(keras.Model(x, y))
+        >>> [type(l).__name__ for l in result.model.layers]
+        ['InputLayer', 'Conv2D', 'Identity']
     """
     graph, decided = decisions(model)
     removals, in_place = list(decided.removals), list(decided.in_place)

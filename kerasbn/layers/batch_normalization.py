@@ -105,15 +105,14 @@ class BatchNormalization(keras.layers.Layer):
     when it is only known at run time, the moving statistics are left
     unchanged for that batch (never NaN) and the output is ``beta``.
 
-    Example:
-
-    >>> import numpy as np, kerasbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]], dtype="float32")
-    >>> bn = kerasbn.BatchNormalization(momentum=None, epsilon=0.0)
-    >>> np.round(np.asarray(bn(x, training=True)), 4).tolist()
-    [[-1.0, -1.0], [1.0, 1.0]]
-    >>> np.asarray(bn.moving_variance).tolist()  # unbiased: 2/1 · σ²_B
-    [2.0, 200.0]
+    Examples:
+        >>> import numpy as np, kerasbn
+        >>> x = np.array([[1.0, 10.0], [3.0, 30.0]], dtype="float32")
+        >>> bn = kerasbn.BatchNormalization(momentum=None, epsilon=0.0)
+        >>> np.round(np.asarray(bn(x, training=True)), 4).tolist()
+        [[-1.0, -1.0], [1.0, 1.0]]
+        >>> np.asarray(bn.moving_variance).tolist()  # unbiased: 2/1 · σ²_B
+        [2.0, 200.0]
 
     Reference:
         - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).

@@ -89,15 +89,14 @@ def calibrate(
         kerasbn.errors.KerasbnError: unknown mode, data that does not fit the
             model, or too few samples for ``m/(m−1)``.
 
-    Example:
-
-    >>> import keras, numpy as np, kerasbn
-    >>> x = keras.Input((3,))
-    >>> model = keras.Model(x, keras.layers.BatchNormalization()(x))
-    >>> data = np.arange(12.0).reshape(4, 3)
-    >>> new = kerasbn.calibrate(model, data, batch_size=2).model
-    >>> np.asarray(new.layers[-1].moving_mean).tolist()
-    [4.5, 5.5, 6.5]
+    Examples:
+        >>> import keras, numpy as np, kerasbn
+        >>> x = keras.Input((3,))
+        >>> model = keras.Model(x, keras.layers.BatchNormalization()(x))
+        >>> data = np.arange(12.0).reshape(4, 3)
+        >>> new = kerasbn.calibrate(model, data, batch_size=2).model
+        >>> np.asarray(new.layers[-1].moving_mean).tolist()
+        [4.5, 5.5, 6.5]
     """
     if mode not in MODES:
         raise KerasbnError(f"unknown calibration mode '{mode}'; choose one of {', '.join(MODES)}")

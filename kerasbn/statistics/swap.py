@@ -107,13 +107,12 @@ def swap(model: keras.Model, to: str = "kerasbn", *, unbiased: bool = False) -> 
         kerasbn.errors.KerasbnError: ``to`` is not ``"kerasbn"`` or ``"keras"``.
         kerasbn.errors.UnsupportedModelError: ``model`` has no functional graph.
 
-    Example:
-
-    >>> import keras, kerasbn
-    >>> x = keras.Input((4,))
-    >>> model = keras.Model(x, keras.layers.BatchNormalization()(keras.layers.Dense(3)(x)))
-    >>> type(kerasbn.swap(model).model.layers[-1]).__module__
-    'kerasbn.layers.batch_normalization'
+    Examples:
+        >>> import keras, kerasbn
+        >>> x = keras.Input((4,))
+        >>> model = keras.Model(x, keras.layers.BatchNormalization()(keras.layers.Dense(3)(x)))
+        >>> type(kerasbn.swap(model).model.layers[-1]).__module__
+        'kerasbn.layers.batch_normalization'
     """
     if to not in TARGETS:
         raise KerasbnError(f"unknown swap target '{to}'; choose one of {', '.join(TARGETS)}")
