@@ -18,8 +18,9 @@ It reads what each kind of model keeps, the way Keras's own
 - a subclassed model is known by the shapes it was first called or built
   with (``_build_shapes_dict``) and its ``input_dtype``.
 
-The batch axis is always dynamic (``None``). This module and
-`kerasbn.folding.graph` are the only readers of those private attributes.
+The batch axis is always dynamic (``None``). This module (with `functional_of`,
+the functional graph behind a model) and `kerasbn.folding.graph` are the only
+readers of those private attributes.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from typing import Any
 
 import keras
 import numpy as np
+from keras.src.models.functional import Functional
 
 from kerasbn.errors import UnsupportedModelError
-from kerasbn.folding.graph import functional_of
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,15 @@ def signature(model: keras.Model) -> Signature:
     else:
         packed = _pack_shapes(structure, iter(flat))
     return Signature(tuple(flat), packed, outputs)
+
+
+def functional_of(model: Any) -> Functional | None:
+    """The functional graph behind ``model``, or ``None`` if it has none."""
+    if isinstance(model, keras.Sequential):
+        return model._functional
+    if isinstance(model, Functional):
+        return model
+    return None
 
 
 def _keys(structure: Any, default: list[str], shapes: bool = False) -> list[str]:

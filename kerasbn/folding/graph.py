@@ -20,6 +20,7 @@ import keras
 from keras.src.models.functional import Functional
 
 from kerasbn.errors import UnsupportedModelError
+from kerasbn.model_signature import functional_of
 
 _SUPPORTED = "a Functional or Sequential Keras model (nested models allowed)"
 
@@ -94,15 +95,6 @@ class Graph:
     def n_readers(self, tensor: int) -> int:
         """Consumers of ``tensor``, counting being a model output as one more."""
         return len(self.consumers_of(tensor)) + (tensor in self.outputs)
-
-
-def functional_of(model: keras.layers.Layer) -> Functional | None:
-    """The functional graph behind ``model``, or ``None`` if it has none."""
-    if isinstance(model, keras.Sequential):
-        return model._functional
-    if isinstance(model, Functional):
-        return model
-    return None
 
 
 def check_model(model: object) -> Functional:
