@@ -104,6 +104,76 @@ def test_forward_fold_through_flatten(data_format, axis):
     assert result.report.folded[0].direction == "forward"
 
 
+# BN variants that differ from a plain BN only in training: at inference each
+# is the affine map of its moving statistics.
+BN_VARIANTS = [
+    ("keras_renorm", lambda axis: L.BatchNormalization(axis=axis, renorm=True)),
+    ("keras_renorm_clipped", lambda axis: L.BatchNormalization(axis=axis, renorm=True, renorm_clipping={"rmax": 2.0})),
+    ("kerasbn_renorm", lambda axis: kerasbn.BatchNormalization(axis=axis, renorm=True)),
+    ("kerasbn_virtual_batch", lambda axis: kerasbn.BatchNormalization(axis=axis, virtual_batch_size=2)),
+]
+VARIANT_PAIRS = [
+    ("backward", "conv2d", (7, 7, 3), lambda: L.Conv2D(4, 3), -1),
+    ("backward", "dense_nobias", (5,), lambda: L.Dense(6, use_bias=False), -1),
+    ("backward", "conv2d_cf", (3, 7, 7), lambda: L.Conv2D(4, 3, data_format=CF), 1),
+    ("forward", "conv2d_valid", (7, 7, 3), lambda: L.Conv2D(4, 3), -1),
+    ("forward", "dense", (5,), lambda: L.Dense(6), -1),
+]
+
+
+def _trained(model: keras.Model, shape, seed: int = 0) -> keras.Model:
+    """``model`` after a few training steps, so renorm's own statistics move away from their initial values."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(1.0, 2.0, (8, *shape)).astype("float32")
+    y = np.asarray(model(x))
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, rng.normal(size=y.shape).astype("float32"), batch_size=4, epochs=3, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("variant", [v[1] for v in BN_VARIANTS], ids=[v[0] for v in BN_VARIANTS])
+@pytest.mark.parametrize(
+    "direction,shape,make,axis", [p[0:1] + p[2:] for p in VARIANT_PAIRS], ids=[f"{p[0]}-{p[1]}" for p in VARIANT_PAIRS]
+)
+def test_renorm_and_virtual_batch_fold(variant, direction, shape, make, axis):
+    first, second = (make(), variant(axis)) if direction == "backward" else (variant(axis), make())
+    model = randomize_biases(randomize_bn(_trained(_model(shape, first, second), shape)))
+    result = kerasbn.fold(model)
+    (finding,) = result.report.folded
+    assert finding.direction == direction and not result.report.not_folded
+    assert count_bn(result.model) == 0
+    assert_same_outputs(model, result.model)
+
+
+@pytest.mark.parametrize("variant", [v[1] for v in BN_VARIANTS], ids=[v[0] for v in BN_VARIANTS])
+def test_renorm_and_virtual_batch_fold_in_place(variant):
+    @keras.saving.register_keras_serializable(package="kbn_test_variant")
+    class Block(L.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = L.Dense(4, name="dense")
+            self.bn = variant(-1)
+
+        def build(self, input_shape):
+            self.dense.build(input_shape)
+            self.bn.build((*input_shape[:-1], 4))
+
+        def call(self, x):
+            return keras.activations.relu(self.bn(self.dense(x)))
+
+    x = keras.Input((5,))
+    model = randomize_biases(randomize_bn(_trained(keras.Model(x, Block(name="block")(x)), (5,))))
+    result = kerasbn.fold(model)
+    (finding,) = result.report.folded
+    assert finding.how == "in_place" and finding.direction == "backward"
+    assert_same_outputs(model, result.model)
+    bn = result.model.get_layer("block").bn
+    # The identity BN's training statistics agree with it: σ = √(σ² + ε) = 1, mean 0.
+    for name, value in (("moving_stddev", 1.0), ("renorm_mean", 0.0), ("renorm_stddev", 1.0)):
+        if hasattr(bn, name):
+            np.testing.assert_array_equal(np.asarray(getattr(bn, name)), value)
+
+
 def test_kerasbn_layer_folds_and_original_is_untouched():
     x = keras.Input((6,))
     y = kerasbn.BatchNormalization(momentum=None, name="bn")(L.Dense(4, name="d")(x))
