@@ -18,10 +18,10 @@ own noise between two evaluation orders, and says why.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Callable, Sequence
-import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
