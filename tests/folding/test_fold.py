@@ -249,18 +249,61 @@ def test_shared_nested_model_is_not_folded():
     assert result.report.not_folded[0].code == "shared_bn"
 
 
-def test_dtype_policy_is_kept():
-    x = keras.Input((5,))
-    y = L.BatchNormalization(dtype="mixed_float16")(L.Dense(4, dtype="mixed_float16", name="d")(x))
-    model = keras.Model(x, L.Activation("linear", dtype="float32")(y))
-    randomize_bn(model)
+def _mixed_model(policy: str, bn: type, in_place: bool) -> keras.Model:
+    """Conv → BN → ReLU → Dense → BN → float32 output under ``policy``; the first pair inside a custom layer if ``in_place``."""
+
+    @keras.saving.register_keras_serializable(package="kbn_test_mixed")
+    class ConvBN(L.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = L.Conv2D(4, 3, name="conv", dtype=self.dtype_policy)
+            self.bn = bn(name="bn", dtype=self.dtype_policy)
+
+        def build(self, input_shape):
+            self.conv.build(input_shape)
+            self.bn.build((*input_shape[:-1], 4))
+
+        def call(self, x):
+            return self.bn(self.conv(x))
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        x = keras.Input((7, 7, 3))
+        h = ConvBN(name="block")(x) if in_place else bn(name="bn")(L.Conv2D(4, 3, name="conv")(x))
+        h = L.GlobalAveragePooling2D()(L.ReLU()(h))
+        y = L.Activation("linear", dtype="float32", name="out")(bn(name="head_bn")(L.Dense(5, name="d")(h)))
+        model = keras.Model(x, y)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return randomize_biases(randomize_bn(model))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["removed", "in_place"])
+@pytest.mark.parametrize("bn", [L.BatchNormalization, kerasbn.BatchNormalization], ids=["keras", "kerasbn"])
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_fold_keeps_policies_and_passes_the_check(policy, bn, in_place):
+    model = _mixed_model(policy, bn, in_place)
     result = kerasbn.fold(model)
-    dense = result.model.get_layer("d")
-    assert dense.dtype_policy.name == "mixed_float16"
-    assert dense.kernel.dtype == "float32"
-    ref = np.asarray(model(np.ones((2, 5), "float32")))
-    got = np.asarray(result.model(np.ones((2, 5), "float32")))
-    assert np.max(np.abs(ref - got)) <= 1e-2 * np.max(np.abs(ref))
+    assert len(result.report.folded) == 2
+    assert {f.how for f in result.report.folded} == ({"in_place", "removed"} if in_place else {"removed"})
+    # An InputLayer computes nothing; its config holds only its tensor dtype.
+    before, after = (
+        {
+            la.name: la.dtype_policy.name
+            for la in m._flatten_layers(include_self=False)
+            if not isinstance(la, L.InputLayer)
+        }
+        for m in (model, result.model)
+    )
+    assert after["d"] == policy and after["out"] == "float32"
+    assert {path: name for path, name in after.items() if path in before} == {
+        path: before[path] for path in after if path in before
+    }
+    partner = result.model.get_layer("block").conv if in_place else result.model.get_layer("conv")
+    assert partner.dtype_policy.name == policy and partner.kernel.dtype == "float32"
+    check = kerasbn.verify(model, result.model)
+    assert check.passed and check.reference == "float64" and check.dtype == policy.removeprefix("mixed_"), check
 
 
 def test_folded_model_still_trains():
