@@ -182,6 +182,10 @@ def _allowed(r: Any) -> str:
     """What the check allowed, in words: a relative error (scale-aware) or the element-wise tolerances."""
     if r.allowed is None:
         return "mismatched outputs" if r.atol is None else f"|Δ| ≤ {r.atol:g} + {r.rtol:g}·|y|"
+    if getattr(r, "reference", "model") == "float64":
+        # Judged against the original evaluated in float64 (kerasbn.deploy.verify.judge).
+        extra = "" if r.float64_error is None else f"; the rewrite in float64 {error(r.float64_error)}"
+        return f"allowed {error(r.allowed)} (vs float64; original's {r.dtype} error {error(r.own_error)}{extra})"
     noise = "not measured" if r.noise is None else f"noise {error(r.noise)}"
     return f"allowed {error(r.allowed)} ({noise})"
 

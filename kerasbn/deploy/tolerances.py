@@ -5,7 +5,17 @@ defaults from here; the command line passes a tolerance only when the user
 gives one.
 """
 
-# The default check is scale-aware: for each output, max|Δ| / max|y| must stay
+# The default check knows the exact answer (`kerasbn.deploy.verify.judge`): per
+# output, a candidate's max|Δ| / max|y64| against the original evaluated in
+# float64 must stay within EXACT_FACTOR times the original's own such error in
+# the same float type, plus ROUNDING_FLOOR unit roundoffs of that type (2^-24
+# float32, 2^-11 float16, 2^-8 bfloat16) for an original whose own error is by
+# chance near zero. A correct rewrite reorders the roundings; the factor covers
+# how far the worst element of a few thousand moves when they are reordered.
+EXACT_FACTOR = 4.0
+ROUNDING_FLOOR = 4.0
+
+# Where the model has no float64 twin, the check is scale-aware: for each output, max|Δ| / max|y| must stay
 # within NOISE_FACTOR times the model's own float32 noise (how far its outputs
 # move when it is evaluated in another valid order, `kerasbn.deploy.verify.noise`),
 # and never below RELATIVE_FLOOR, about 17 float32 ulps of the output's scale.

@@ -1,12 +1,24 @@
-"""`kerasbn.verify`: do two models compute the same outputs?
+"""`kerasbn.verify`: does a rewritten model, or an exported file, compute what the original does?
 
 The one comparison of the package: a rewritten Keras model, a reloaded file
-and an exported ONNX graph are all judged by `compare` with the same
-defaults (`kerasbn.deploy.tolerances`), and reported as a `VerifyResult`.
+and an exported graph are all judged here with the same defaults
+(`kerasbn.deploy.tolerances`), and reported as a `VerifyResult`.
+
+By default the judge knows the exact answer: the original model evaluated in
+float64 (`kerasbn.deploy.exact`). A candidate passes when it is about as close
+to that answer as the original itself is in the float type the candidate
+computes in (`judge`): a correct rewrite moves the rounding error around but
+does not make it larger. A Keras candidate (a folded model) is also evaluated
+in float64 itself, where its only error left is rounding its weights to their
+float type, so a wrong fold shows even in a bfloat16 model whose own rounding
+hides it. Where no float64 twin exists (a layer that does not re-create from
+its config...), the check falls back to `compare` calibrated to the model's
+own noise between two evaluation orders, and says why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -16,14 +28,18 @@ from typing import Any
 import keras
 import numpy as np
 
+from kerasbn.deploy import exact
 from kerasbn.deploy.tolerances import (
     ATOL,
+    EXACT_FACTOR,
     NOISE_FACTOR,
     RELATIVE_CEILING,
     RELATIVE_FLOOR,
+    ROUNDING_FLOOR,
     RTOL,
     UNCALIBRATED_FLOOR,
 )
+from kerasbn.errors import UnsupportedModelError
 from kerasbn.model_signature import Signature, signature
 
 
@@ -31,18 +47,26 @@ from kerasbn.model_signature import Signature, signature
 class VerifyResult:
     """The comparison of a candidate's outputs with a reference's.
 
-    Two criteria. The default is scale-aware: for every output,
-    ``max|Δ| / max|y_ref|`` must not exceed ``allowed``, the larger of
-    `~kerasbn.deploy.tolerances.NOISE_FACTOR` times the reference model's own
-    float32 noise and `~kerasbn.deploy.tolerances.RELATIVE_FLOOR` (without a
-    noise measurement: `~kerasbn.deploy.tolerances.UNCALIBRATED_FLOOR`), and
-    never more than `~kerasbn.deploy.tolerances.RELATIVE_CEILING`. With an
-    explicit ``atol``/``rtol`` every element must satisfy
-    ``|Δ| ≤ atol + rtol·|y_ref|`` instead.
+    Three criteria. The default, where the original model has a float64 twin
+    (``reference == "float64"``, `judge`): ``y_ref`` is the original evaluated
+    in float64, and for every output ``max|Δ| / max|y_ref|`` must not exceed
+    ``allowed`` = `~kerasbn.deploy.tolerances.EXACT_FACTOR` × the original's
+    own such error in the candidate's float type ``dtype`` (``own_error``) +
+    `~kerasbn.deploy.tolerances.ROUNDING_FLOOR` × that type's unit roundoff;
+    a Keras candidate evaluated in float64 too (``float64_error``) must stay
+    within the same bound taken in its weights' float type. Without a float64
+    twin (``reference == "model"``, `compare`): ``y_ref`` is the original's
+    own output, and the bound is `~kerasbn.deploy.tolerances.NOISE_FACTOR`
+    times its noise between two evaluation orders, at least
+    `~kerasbn.deploy.tolerances.RELATIVE_FLOOR` (without a noise measurement:
+    `~kerasbn.deploy.tolerances.UNCALIBRATED_FLOOR`), at most
+    `~kerasbn.deploy.tolerances.RELATIVE_CEILING`. With an explicit
+    ``atol``/``rtol`` every element must satisfy ``|Δ| ≤ atol + rtol·|y_ref|``
+    against the original's own outputs instead.
 
     Attributes:
         passed: The criterion holds.
-        max_abs_error: ``max |Δ|`` over all outputs.
+        max_abs_error: ``max |Δ|`` over all outputs (the candidate as it computes).
         max_rel_error: ``max |Δ| / max |y_ref|`` (scale-relative, 0 when both are 0).
         max_abs_reference: ``max |y_ref|``.
         atol: Absolute tolerance of the element-wise criterion (``None`` when scale-aware).
@@ -56,6 +80,13 @@ class VerifyResult:
             at most 1 passes; ``inf`` for NaN or mismatched outputs.
         noise: The reference's own float32 noise, relative to each output's
             ``max|y|`` (the largest over outputs; ``None`` when not measured).
+        reference: ``"float64"`` (judged against the original evaluated in
+            float64) or ``"model"`` (against the original's own outputs).
+        dtype: The float type the candidate was judged in (``None`` when element-wise).
+        own_error: The original's own ``max|Δ|/max|y_ref|`` in ``dtype``, the
+            largest over outputs (``None`` unless ``reference == "float64"``).
+        float64_error: The candidate's own ``max|Δ|/max|y_ref|`` evaluated in
+            float64 (``None`` when not evaluated: not a Keras model, or no twin).
     """
 
     passed: bool
@@ -70,6 +101,10 @@ class VerifyResult:
     allowed: float | None = None
     margin: float = 0.0
     noise: float | None = None
+    reference: str = "model"
+    dtype: str | None = None
+    own_error: float | None = None
+    float64_error: float | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of the fields (an infinite margin or error as the string ``"inf"``)."""
@@ -91,8 +126,9 @@ def compare(
     atol: float | None = None,
     rtol: float | None = None,
     noise: float | Sequence[float] | None = None,
+    note: str | None = None,
 ) -> VerifyResult:
-    """Judge ``candidate``'s output arrays against ``reference``'s (same order).
+    """Judge ``candidate``'s output arrays against ``reference``'s (same order), without the exact answer.
 
     Args:
         reference, candidate: Output arrays, in the same order.
@@ -104,6 +140,7 @@ def compare(
         noise: The reference's float32 noise relative to each output's
             ``max|y|`` (one number for all outputs, or one per output), as
             `noise` measures it; ``None``: unmeasured, the looser uncalibrated floor applies.
+        note: Why the exact answer was not used, put before the criterion in ``tolerance``.
 
     A NaN in either output is an infinite error, never a pass; a shape or
     count mismatch fails with an infinite error.
@@ -156,6 +193,8 @@ def compare(
                 f"max|Δ|/max|y| per output ≤ {NOISE_FACTOR:g} × float32 noise {worst_noise:.2g}, "
                 f"within [{RELATIVE_FLOOR:g}, {RELATIVE_CEILING:g}]"
             )
+    if note:
+        tolerance = f"{note}; {tolerance}"
     return VerifyResult(
         passed,
         max_abs,
@@ -177,6 +216,153 @@ def _ratio(a: float, b: float) -> float:
     if b > 0:
         return a / b
     return 0.0 if a == 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class ExactReference:
+    """The exact answer on some inputs, and how far the original model is from it.
+
+    Attributes:
+        outputs: The original model's outputs computed in float64, flattened.
+        own: Float type → the original's own ``max|y − y64| / max|y64|`` per
+            output when it computes in that type.
+    """
+
+    outputs: list[np.ndarray]
+    own: dict[str, list[float]]
+
+
+def exact_reference(
+    model: keras.Model, inputs: Any, dtypes: Sequence[str], outputs: Sequence[np.ndarray] | None = None
+) -> ExactReference:
+    """``model`` evaluated in float64 on ``inputs``, with its own error in each of ``dtypes``.
+
+    In the model's own compute dtype the model itself is evaluated (its
+    ``outputs`` when given); in any other float type, its twin in that type
+    (a float32 evaluation of a mixed-precision model's weights).
+
+    Raises:
+        kerasbn.errors.UnsupportedModelError: ``model`` has no float64 (or ``dtypes``) twin.
+    """
+    truth = exact.evaluate(model, inputs, "float64")
+    own_dtype = exact.compute_dtype(model)
+    own = {}
+    for dtype in dict.fromkeys(dtypes):
+        if dtype == own_dtype:
+            got = list(outputs) if outputs is not None else keras_outputs(model, inputs)
+        else:
+            got = exact.evaluate(model, inputs, dtype)
+        own[dtype] = [_relative(y, z) for y, z in zip(truth, got)]
+    return ExactReference(truth, own)
+
+
+def _relative(y: np.ndarray, z: np.ndarray) -> float:
+    """``max|z − y| / max|y|``, NaN as infinite, a shape mismatch infinite."""
+    y = np.asarray(y, np.float64)
+    z = np.asarray(z, np.float64)
+    if y.shape != z.shape:
+        return float("inf")
+    if not y.size:
+        return 0.0
+    return _ratio(float(np.max(np.nan_to_num(np.abs(z - y), nan=np.inf))), float(np.max(np.abs(y))))
+
+
+def allowed_error(own: float, dtype: str) -> float:
+    """The largest ``max|Δ|/max|y64|`` a candidate computing in ``dtype`` may have, where the original has ``own``.
+
+    A correct rewrite changes which roundings happen, not how many nor how
+    they are amplified: its error is of the original's own size.
+    `~kerasbn.deploy.tolerances.ROUNDING_FLOOR` unit roundoffs cover an
+    original whose error is by chance near zero.
+    """
+    return EXACT_FACTOR * own + ROUNDING_FLOOR * exact.ROUNDOFF[dtype]
+
+
+def judge(
+    reference: ExactReference,
+    candidate: Sequence[np.ndarray],
+    *,
+    dtype: str,
+    batch_size: int,
+    float64: Sequence[np.ndarray] | None = None,
+    weights_dtype: str = "float32",
+) -> VerifyResult:
+    """Judge ``candidate``'s outputs by the exact answer.
+
+    Args:
+        reference: `exact_reference` on the same inputs, with the original's
+            own error in ``dtype`` (and ``weights_dtype`` when ``float64`` is given).
+        candidate: The candidate's outputs as it computes them, flattened.
+        dtype: The float type the candidate computes in (float32 for a float32
+            export of a mixed-precision model).
+        batch_size: Batch size of the inputs (reported).
+        float64: The candidate's outputs evaluated in float64 (a Keras
+            candidate's twin), or ``None``.
+        weights_dtype: The float type of the candidate's weights: evaluated in
+            float64, a correct candidate's only error is rounding its weights
+            to it, which costs no more than the original computing in it.
+
+    Per output, ``max|Δ|/max|y64|`` must stay within `allowed_error` of the
+    original's own error in ``dtype``; the float64 evaluation within that of
+    its error in ``weights_dtype``. A NaN, or a count or shape mismatch, fails.
+    """
+    truth = reference.outputs
+    checks = [(list(candidate), dtype)]
+    if float64 is not None:
+        checks.append((list(float64), weights_dtype))
+    passed = True
+    margin = 0.0
+    allowed_at_worst = None
+    errors: list[list[float]] = []
+    for outputs, kind in checks:
+        if len(outputs) != len(truth):
+            passed, margin = False, float("inf")
+            errors.append([float("inf")])
+            continue
+        rel = [_relative(y, z) for y, z in zip(truth, outputs)]
+        errors.append(rel)
+        for err, own in zip(rel, reference.own[kind]):
+            allowed = allowed_error(own, kind)
+            out_margin = _ratio(err, allowed)
+            if out_margin >= margin:
+                margin, allowed_at_worst = out_margin, allowed
+    passed = passed and margin <= 1.0
+    max_abs = max_ref = 0.0
+    for y, z in zip(truth, candidate):
+        if np.shape(y) != np.shape(z):
+            max_abs = float("inf")
+        elif np.size(y):
+            max_abs = max(max_abs, float(np.max(np.nan_to_num(np.abs(np.asarray(z, np.float64) - y), nan=np.inf))))
+        if np.size(y):
+            max_ref = max(max_ref, float(np.max(np.abs(y))))
+    own = max(reference.own[dtype], default=0.0)
+    tolerance = (
+        f"against the model in float64: max|Δ|/max|y| per output ≤ {EXACT_FACTOR:g} × the original's {dtype} "
+        f"error {own:.2g} + {ROUNDING_FLOOR:g} u({dtype})"
+    )
+    if float64 is not None:
+        tolerance += (
+            f", and evaluated in float64 ≤ {EXACT_FACTOR:g} × its {weights_dtype} error "
+            f"{max(reference.own[weights_dtype], default=0.0):.2g} + {ROUNDING_FLOOR:g} u({weights_dtype})"
+        )
+    return VerifyResult(
+        passed,
+        max_abs,
+        _ratio(max_abs, max_ref),
+        max_ref,
+        None,
+        None,
+        tolerance,
+        len(truth),
+        batch_size,
+        allowed_at_worst,
+        margin,
+        None,
+        "float64",
+        dtype,
+        own,
+        max(errors[1], default=0.0) if float64 is not None else None,
+    )
 
 
 _XLA_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -279,45 +465,66 @@ class Checks:
 
 @dataclass
 class Reference:
-    """The original model's outputs on the check inputs, evaluated once and judged against many times.
+    """The original model's answers on the check inputs, evaluated once and judged against many times.
 
-    An export compares every graph it makes (after each graph pass, the
-    written file) with the same Keras outputs; evaluating the model, and
-    measuring its float32 noise, once per input case keeps that cheap.
+    An export judges every graph it makes (the written file; each graph pass
+    when one is to blame) against the same answers: the model's own outputs
+    and, for the default check, the exact answer (the model evaluated in
+    float64) with the model's own distance to it in ``dtype`` (`exact_reference`),
+    or, without a float64 twin, the model's noise between two evaluation orders.
+
+    Attributes:
+        model: The original model.
+        checks: The inputs and the criterion.
+        dtype: The float type the judged files compute in (None: the model's
+            own compute dtype; ``"float32"`` for a float32 export of a
+            mixed-precision model).
     """
 
     model: keras.Model
     checks: Checks
+    dtype: str | None = None
     sig: Signature = field(init=False)
     cases: list[list[np.ndarray]] = field(init=False)
     expected: list[list[np.ndarray]] = field(init=False)
+    answers: list[ExactReference | None] = field(init=False)
     noises: list[list[float] | None] = field(init=False)
+    note: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.sig = signature(self.model)
         self.cases = self.checks.cases(self.sig)
-        self.expected, self.noises = [], []
+        if not self.checks.elementwise:
+            self.dtype = self.dtype or exact.compute_dtype(self.model)
+        self.expected, self.answers, self.noises = [], [], []
         for arrays in self.cases:
             structured = self.sig.pack(arrays)
             outputs = keras_outputs(self.model, structured)
             self.expected.append(outputs)
-            self.noises.append(None if self.checks.elementwise else noise(self.model, structured, outputs))
+            answer = measured = None
+            if not self.checks.elementwise and self.note is None:
+                try:
+                    answer = exact_reference(self.model, structured, [self.dtype], outputs)
+                except UnsupportedModelError as exc:
+                    self.note = f"no float64 evaluation of '{self.model.name}': {exc}"
+            if self.note is not None:
+                measured = noise(self.model, structured, outputs)
+            self.answers.append(answer)
+            self.noises.append(measured)
 
     def judge(self, run: Callable[[list[np.ndarray]], Sequence[np.ndarray]]) -> tuple[VerifyResult, ...]:
-        """``run`` (flat input arrays in Keras order → outputs) on every case, judged by `compare`."""
+        """``run`` (flat input arrays in Keras order → outputs) on every case, each judged once."""
         results = []
-        for arrays, expected, measured in zip(self.cases, self.expected, self.noises):
+        for arrays, expected, answer, measured in zip(self.cases, self.expected, self.answers, self.noises):
             got = [np.asarray(y) for y in run(list(arrays))]
-            results.append(
-                compare(
-                    expected,
-                    got,
-                    batch_size=batch_size_of(arrays),
-                    atol=self.checks.atol,
-                    rtol=self.checks.rtol,
-                    noise=measured,
-                )
-            )
+            batch = batch_size_of(arrays)
+            if self.checks.elementwise:
+                result = compare(expected, got, batch_size=batch, atol=self.checks.atol, rtol=self.checks.rtol)
+            elif answer is None:
+                result = compare(expected, got, batch_size=batch, noise=measured, note=self.note)
+            else:
+                result = judge(answer, got, dtype=self.dtype, batch_size=batch, weights_dtype=self.dtype)
+            results.append(result)
         return tuple(results)
 
 
@@ -330,13 +537,56 @@ def check_runtime(
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
+    dtype: str | None = None,
 ) -> tuple[VerifyResult, ...]:
     """An exported file, run by ``run`` (flat input arrays in Keras order → outputs), against ``model``.
 
     Random inputs at each of ``batch_sizes``, or ``inputs`` whole and as
-    their first row (`Checks.cases`), judged by `compare` (`Reference.judge`).
+    their first row (`Checks.cases`). By default judged by the exact answer
+    (`judge`): the file's outputs against ``model`` evaluated in float64, as
+    close as ``model`` itself is when it computes in ``dtype``, the float type
+    the file computes in (default: the model's own compute dtype;
+    ``"float32"`` for a float32 export of a mixed-precision model). Without a
+    float64 twin, `compare` calibrated to ``model``'s own noise; element-wise
+    when ``atol`` or ``rtol`` is given (`Reference.judge`).
     """
-    return Reference(model, Checks(True, tuple(batch_sizes), inputs, atol, rtol, seed)).judge(run)
+    checks = Checks(True, tuple(batch_sizes), inputs, atol, rtol, seed)
+    return Reference(model, checks, dtype).judge(run)
+
+
+def _judged(
+    model: keras.Model,
+    inputs: Any,
+    expected: Sequence[np.ndarray],
+    got: Sequence[np.ndarray],
+    *,
+    atol: float | None,
+    rtol: float | None,
+    dtype: str | None,
+    candidate: keras.Model | None = None,
+) -> VerifyResult:
+    """``got`` (from ``candidate``, if a Keras model) against ``model``, whose own outputs are ``expected``."""
+    batch = batch_size_of(inputs)
+    if atol is not None or rtol is not None:
+        return compare(expected, got, batch_size=batch, atol=atol, rtol=rtol)
+    dtype = dtype or exact.compute_dtype(candidate if candidate is not None else model)
+    weights = exact.weights_dtype(candidate) if candidate is not None else dtype
+    try:
+        reference = exact_reference(model, inputs, [dtype, weights], expected)
+    except UnsupportedModelError as exc:
+        note = f"no float64 evaluation of '{model.name}': {exc}"
+        return compare(expected, got, batch_size=batch, noise=noise(model, inputs, expected), note=note)
+    float64 = None
+    if candidate is not None:
+        try:
+            float64 = exact.evaluate(candidate, inputs, "float64")
+        except UnsupportedModelError:
+            # The candidate in its own float type is still judged by the exact answer.
+            float64 = None
+    result = judge(reference, got, dtype=dtype, batch_size=batch, float64=float64, weights_dtype=weights)
+    if candidate is not None and float64 is None:
+        result = dataclasses.replace(result, tolerance=result.tolerance + " (the candidate has no float64 twin)")
+    return result
 
 
 def batch_size_of(inputs: Any) -> int:
@@ -363,8 +613,12 @@ def verify(
             `random_inputs` when ``None``.
         batch_size: Batch size of random inputs.
         atol: Give it or ``rtol`` for the element-wise criterion
-            ``|Δ| ≤ atol + rtol·|y_ref|``; by default the check is scale-aware
-            and calibrated to ``reference``'s float32 noise (`compare`, `noise`).
+            ``|Δ| ≤ atol + rtol·|y_ref|``; by default ``candidate`` is judged by
+            the exact answer, ``reference`` evaluated in float64 (`judge`): in
+            its own compute dtype as close to it as ``reference`` is, and
+            evaluated in float64 as close as ``reference`` is in the weights'
+            float type. Without a float64 twin of ``reference``: calibrated to
+            its noise between two evaluation orders (`compare`, `noise`).
         rtol: The relative tolerance of the element-wise criterion.
         seed: Seed of random inputs.
 
@@ -392,5 +646,4 @@ def verify(
     for y, z in zip(ref, got):
         if y.shape != z.shape:
             raise ValueError(f"Output shapes differ: {y.shape} vs {z.shape}.")
-    measured = noise(reference, inputs, ref) if atol is None and rtol is None else None
-    return compare(ref, got, batch_size=batch_size_of(inputs), atol=atol, rtol=rtol, noise=measured)
+    return _judged(reference, inputs, ref, got, atol=atol, rtol=rtol, dtype=None, candidate=candidate)

@@ -80,7 +80,11 @@ def fold_in_place(step: plan.Plan, partner: keras.layers.Layer, bn: keras.layers
     """Carry out ``step`` on ``partner`` and ``bn`` (layers of a model copy) by rewriting their weights."""
     new = _apply(step, bn, read_weights(partner), graph)
     bias = new.pop("bias")
-    identity = {"gamma": 1.0, "beta": 0.0, "moving_mean": 0.0}
+    # A renorm BN's training statistics go to the identity too (σ = 1, since
+    # σ² + ε = 1), so that training resumes from the folded layer's own
+    # output distribution rather than the partner's old one.
+    identity = {"gamma": 1.0, "beta": 0.0, "moving_mean": 0.0, "moving_stddev": 1.0, "renorm_mean": 0.0}
+    identity["renorm_stddev"] = 1.0
     if getattr(partner, "use_bias", False):
         new["bias"] = bias
     else:

@@ -47,8 +47,6 @@ class Reason(str, enum.Enum):
     NONLINEAR = "nonlinear"
     MODEL_INPUT = "model_input"
     MODEL_OUTPUT = "model_output"
-    RENORM = "renorm"
-    VIRTUAL_BATCH = "virtual_batch"
     UNKNOWN_SHAPE = "unknown_shape"
     UNSUPPORTED = "unsupported"
     UNTRACED = "untraced"
@@ -114,12 +112,13 @@ class Plan:
 
 
 def bn_refusal(graph: Graph, bn: Call) -> Refusal | None:
-    """Properties of the BN itself that rule out any fold."""
+    """Properties of the BN itself that rule out any fold.
+
+    Renorm and virtual (ghost) batches change only training: at inference
+    both BN classes apply ``γ·(x − μ)/√(σ² + ε) + β`` with their moving
+    statistics, as a plain BN does, so they fold like one.
+    """
     layer = bn.layer
-    if getattr(layer, "renorm", False):
-        return Refusal(Reason.RENORM, f"'{layer.name}' uses batch renormalization; only plain BN is folded")
-    if getattr(layer, "virtual_batch_size", None):
-        return Refusal(Reason.VIRTUAL_BATCH, f"'{layer.name}' uses virtual (ghost) batches; only plain BN is folded")
     n = len(graph.calls_of(layer))
     if n > 1:
         return Refusal(Reason.SHARED_BN, f"'{layer.name}' is a shared BN called {n} times")

@@ -14,7 +14,7 @@ import pytest
 
 import kerasbn
 from kerasbn.deploy.verify import VerifyResult
-from tests.cli.conftest import assert_clean_error, digest, invoke, listing, run_script
+from tests.cli.conftest import assert_clean_error, digest, invoke, listing, run_script, tiny_model
 
 
 def _bn_layers(model) -> list[str]:
@@ -81,6 +81,29 @@ def test_fold_writes_beside_the_input_and_verifies(model_files, copy_of):
     x = np.random.default_rng(0).standard_normal((4, 6, 6, 2)).astype("float32")
     original = kerasbn.load_model(source)
     np.testing.assert_allclose(folded(x), original(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_fold_of_a_mixed_precision_file(policy, tmp_path):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = tiny_model()
+    finally:
+        keras.config.set_dtype_policy(previous)
+    source = tmp_path / "mixed.keras"
+    model.save(source)
+    result = invoke("fold", source, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    reloaded_check = data["verification"]["reloaded"]
+    assert reloaded_check["passed"] is True and reloaded_check["reference"] == "float64"
+    assert reloaded_check["dtype"] == policy.removeprefix("mixed_")
+    folded = kerasbn.load_model(tmp_path / "mixed.folded.keras")
+    assert _bn_layers(folded) == []
+    assert {layer.dtype_policy.name for layer in folded.layers[1:]} == {policy}
+    # Judged independently of the command's own report: against the original in float64.
+    assert kerasbn.verify(kerasbn.load_model(source), folded, seed=5).passed
 
 
 def test_fold_from_h5_writes_keras(model_files, copy_of):

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 import kerasbn
+from kerasbn.deploy import exact
 from kerasbn.deploy import verify as verify_module
-from kerasbn.deploy.tolerances import RELATIVE_CEILING, RELATIVE_FLOOR
+from kerasbn.deploy.tolerances import RELATIVE_CEILING, ROUNDING_FLOOR
 from kerasbn.deploy.verify import compare, random_inputs
-from tests.helpers import randomize_bn
+from kerasbn.errors import UnsupportedModelError
+from tests.helpers import randomize_biases, randomize_bn
 
 L = keras.layers
 
@@ -28,7 +30,10 @@ def _two_in_two_out(scale=1.0):
 def test_identical_models_pass_with_random_inputs():
     model = _two_in_two_out()
     result = kerasbn.verify(model, model, batch_size=3)
-    assert result.passed and result.max_abs_error == 0.0 and result.outputs == 2 and result.batch_size == 3
+    assert result.passed and result.outputs == 2 and result.batch_size == 3
+    # Judged against the float64 evaluation, the model is exactly as far from it as itself.
+    assert result.reference == "float64" and result.float64_error == 0
+    assert 0 < result.max_rel_error <= result.own_error
     assert json.loads(json.dumps(result.to_dict())) == result.to_dict()
     assert "passed" in str(result)
 
@@ -73,19 +78,27 @@ def test_channels_first_conv_with_channels_equal_to_width():
     assert result.passed and result.max_rel_error < 1e-5
 
 
-# The default check: scale-aware and calibrated to the model's own float32 noise.
+# The default check: against the model evaluated in float64.
 
 DELTA = 1e-3  # a "slight" corruption: 0.1 % per channel
+POLICIES = ["float32", "mixed_float16", "mixed_bfloat16"]
+BN_CLASSES = {"keras": L.BatchNormalization, "kerasbn": kerasbn.BatchNormalization}
 
 
-def _conv_chain(blocks: int) -> keras.Model:
-    """``blocks`` × (Conv 3×3 → BN → ReLU) with residual sums: deep enough to amplify float32 rounding."""
-    x = keras.Input((12, 12, 8))
-    h = x
-    for i in range(blocks):
-        y = L.ReLU()(L.BatchNormalization(name=f"bn{i}")(L.Conv2D(8, 3, padding="same", name=f"conv{i}")(h)))
-        h = L.Add()([h, y]) if i % 2 else y
-    return randomize_bn(keras.Model(x, L.Dense(5, name="head")(L.GlobalAveragePooling2D()(h))), seed=blocks)
+def _conv_chain(blocks: int, policy: str = "float32", bn: type = L.BatchNormalization) -> keras.Model:
+    """``blocks`` × (Conv 3×3 → BN → ReLU) with residual sums: deep enough to amplify rounding."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        x = keras.Input((12, 12, 8))
+        h = x
+        for i in range(blocks):
+            y = L.ReLU()(bn(name=f"bn{i}")(L.Conv2D(8, 3, padding="same", name=f"conv{i}")(h)))
+            h = L.Add()([h, y]) if i % 2 else y
+        model = keras.Model(x, L.Dense(5, name="head")(L.GlobalAveragePooling2D()(h)))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return randomize_biases(randomize_bn(model, seed=blocks))
 
 
 def _corrupt(model: keras.Model, layer: str, what: str) -> keras.Model:
@@ -97,22 +110,127 @@ def _corrupt(model: keras.Model, layer: str, what: str) -> keras.Model:
     if what == "wrong_axis":
         k = np.asarray(target.kernel)
         target.kernel.assign(k * (1 + DELTA * rng.uniform(-1, 1, (k.shape[-2], 1))))
+    elif what == "wrong_scale":
+        target.kernel.assign(np.asarray(target.kernel) * (1 + DELTA))
     else:
         b = np.asarray(target.bias)
-        target.bias.assign(b + DELTA * max(float(np.max(np.abs(b))), 1.0) * rng.uniform(-1, 1, b.shape))
+        target.bias.assign(b * (1 + DELTA))
     return bad
 
 
-@pytest.mark.parametrize("blocks", [2, 24], ids=["small", "deep"])
-@pytest.mark.parametrize("what", ["wrong_axis", "wrong_bias"])
-def test_default_check_accepts_the_fold_and_rejects_a_slightly_wrong_one(blocks, what):
-    model = _conv_chain(blocks)
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("bn", BN_CLASSES, ids=list(BN_CLASSES))
+@pytest.mark.parametrize("blocks", [2, pytest.param(24, marks=pytest.mark.slow)], ids=["small", "deep"])
+def test_default_check_accepts_the_fold_and_rejects_a_slightly_wrong_one(blocks, bn, policy):
+    model = _conv_chain(blocks, policy, BN_CLASSES[bn])
     folded = kerasbn.fold(model).model
+    assert {layer.dtype_policy.name for layer in folded.layers[1:]} == {policy}
     good = kerasbn.verify(model, folded, seed=1)
-    assert good.passed and good.margin <= 1 and good.allowed is not None
-    assert good.allowed >= RELATIVE_FLOOR and "margin" in str(good)
-    bad = kerasbn.verify(model, _corrupt(folded, f"conv{blocks // 2}", what), seed=1)
-    assert not bad.passed and bad.margin > 1
+    assert good.passed and good.margin <= 1 and good.reference == "float64"
+    dtype = exact.compute_dtype(model)
+    assert good.dtype == dtype and good.own_error > 0 and good.float64_error is not None
+    assert good.allowed >= ROUNDING_FLOOR * exact.ROUNDOFF["float32"] and "margin" in str(good)
+    for what in ("wrong_axis", "wrong_scale", "wrong_bias"):
+        bad = kerasbn.verify(model, _corrupt(folded, f"conv{blocks // 2}", what), seed=1)
+        assert not bad.passed and bad.margin > 1, what
+
+
+def _dense_bn_dense(policy: str, bn: type) -> keras.Model:
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        x = keras.Input((6,))
+        h = bn(epsilon=1e-2, name="bn")(L.Dense(5, name="d1")(x))
+        model = keras.Model(x, L.Activation("linear", dtype="float32")(L.Dense(3, name="d2")(L.ReLU()(h))))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return randomize_biases(randomize_bn(model))
+
+
+def _numpy_forward(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """The model's inference in float64 NumPy: Dense → BN (Ioffe & Szegedy, moving statistics) → ReLU → Dense."""
+    w = {layer.name: {v.name: np.asarray(v.numpy(), np.float64) for v in layer.weights} for layer in model.layers}
+    h = x @ w["d1"]["kernel"] + w["d1"]["bias"]
+    bn = w["bn"]
+    eps = model.get_layer("bn").epsilon
+    h = bn["gamma"] * (h - bn["moving_mean"]) / np.sqrt(bn["moving_variance"] + eps) + bn["beta"]
+    return np.maximum(h, 0) @ w["d2"]["kernel"] + w["d2"]["bias"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("bn", BN_CLASSES, ids=list(BN_CLASSES))
+def test_twin_computes_in_float64_and_equals_numpy(bn, policy):
+    model = _dense_bn_dense(policy, BN_CLASSES[bn])
+    twin = exact.twin(model)
+    assert {v.dtype for v in twin.weights} == {"float64"}
+    assert {layer.compute_dtype for layer in twin.layers} == {"float64"}
+    assert keras.config.dtype_policy().name == "float32"
+    x = np.random.default_rng(3).standard_normal((16, 6))
+    (got,) = exact.evaluate(model, x)
+    assert twin.predict_on_batch(x).dtype == np.float64
+    ref = _numpy_forward(model, x)
+    # Two dot products of ≤ 6 terms and the BN's few operations, each within
+    # u = 2^-53 of its result: 32 u of the largest intermediate bounds them.
+    scale = np.max(np.abs(x)) * 8 + 8
+    assert np.max(np.abs(got - ref)) <= 32 * exact.ROUNDOFF["float64"] * scale * np.max(np.abs(ref))
+    # The original computes in its own policy, not the twin's.
+    assert model.get_layer("d1").compute_dtype == exact.compute_dtype(model)
+
+
+def test_twin_follows_new_weights_and_is_cached():
+    model = _dense_bn_dense("float32", L.BatchNormalization)
+    twin = exact.twin(model)
+    model.get_layer("d2").bias.assign(np.full((3,), 5.0, "float32"))
+    assert exact.twin(model) is twin
+    x = np.random.default_rng(4).standard_normal((4, 6))
+    np.testing.assert_allclose(exact.evaluate(model, x)[0], _numpy_forward(model, x), rtol=0, atol=1e-12 * 8)
+
+
+@keras.saving.register_keras_serializable(package="kbn_test_verify")
+class _Unrebuildable(L.Layer):
+    """``factor`` is no config value (an object), so Keras cannot write a config for it."""
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return x * 2.0
+
+
+def test_without_a_float64_twin_the_noise_check_applies_and_says_why():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        x = keras.Input((5,))
+        model = randomize_bn(keras.Model(x, _Unrebuildable(object())(L.BatchNormalization()(L.Dense(4)(x)))))
+        with pytest.raises(UnsupportedModelError, match="cannot be"):
+            exact.twin(model)
+        # The global policy is restored after the failure.
+        assert keras.config.dtype_policy().name == "mixed_float16"
+    finally:
+        keras.config.set_dtype_policy(previous)
+    result = kerasbn.verify(model, model)
+    assert result.reference == "model" and result.own_error is None
+    assert "no float64 evaluation" in result.tolerance and "cannot be" in result.tolerance
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_check_runtime_judges_a_float32_file_of_a_mixed_model(policy):
+    model = _conv_chain(2, policy)
+
+    def float32_file(arrays):
+        return exact.evaluate(model, arrays[0], "float32")
+
+    def wrong_file(arrays):
+        return [y * (1 + DELTA) for y in float32_file(arrays)]
+
+    (good, good_1) = verify_module.check_runtime(model, float32_file, [4, 1], dtype="float32")
+    assert good.passed and good_1.passed and good.dtype == "float32" and good.reference == "float64"
+    # In float32 a 0.1 % error is far beyond the model's own float32 error...
+    assert not verify_module.check_runtime(model, wrong_file, [4], dtype="float32")[0].passed
+    # ...which its own half-precision error would hide.
+    assert verify_module.check_runtime(model, wrong_file, [4])[0].passed
 
 
 def test_noise_is_measured_relative_to_each_output():

@@ -83,15 +83,17 @@ def after_relu():
     return keras.Model(x, L.ReLU(name="after")(L.BatchNormalization(name="bn")(L.ReLU()(L.Dense(4)(x)))))
 
 
-def renorm():
+def renorm_after_concatenate():
+    # A renorm BN is refused for its neighbours, like any BN, never for renorm.
     x = keras.Input((5,))
-    return keras.Model(x, _relu_after(kerasbn.BatchNormalization(renorm=True, name="bn")(L.Dense(4, name="p")(x))))
+    h = L.Concatenate(name="concat")([L.Dense(2)(x), L.Dense(3)(x)])
+    return keras.Model(x, _relu_after(L.BatchNormalization(renorm=True, name="bn")(h)))
 
 
-def virtual_batch():
+def virtual_batch_fused_activation():
     x = keras.Input((5,))
     bn = kerasbn.BatchNormalization(virtual_batch_size=2, name="bn")
-    return keras.Model(x, _relu_after(bn(L.Dense(4, name="p")(x))))
+    return keras.Model(x, _relu_after(bn(L.Dense(4, activation="relu", name="p")(x))))
 
 
 def multi_axis():
@@ -129,8 +131,8 @@ REFUSALS = [
     (after_concatenate, "nonlinear", "'concat' (Concatenate) before it"),
     (after_pooling, "nonlinear", "'pool' (MaxPooling2D) before it"),
     (after_relu, "nonlinear", "'after' (ReLU) after it"),
-    (renorm, "renorm", "batch renormalization"),
-    (virtual_batch, "virtual_batch", "virtual (ghost) batches"),
+    (renorm_after_concatenate, "nonlinear", "'concat' (Concatenate) before it"),
+    (virtual_batch_fused_activation, "fused_activation", "activation 'relu' is fused into 'p'"),
     (multi_axis, "multi_axis", "several axes [1, 2]"),
     (bn_on_input, "model_input", "reads a model input"),
     (flatten_then_relu, "model_input", "not followed by a single Dense"),

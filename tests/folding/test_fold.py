@@ -104,6 +104,76 @@ def test_forward_fold_through_flatten(data_format, axis):
     assert result.report.folded[0].direction == "forward"
 
 
+# BN variants that differ from a plain BN only in training: at inference each
+# is the affine map of its moving statistics.
+BN_VARIANTS = [
+    ("keras_renorm", lambda axis: L.BatchNormalization(axis=axis, renorm=True)),
+    ("keras_renorm_clipped", lambda axis: L.BatchNormalization(axis=axis, renorm=True, renorm_clipping={"rmax": 2.0})),
+    ("kerasbn_renorm", lambda axis: kerasbn.BatchNormalization(axis=axis, renorm=True)),
+    ("kerasbn_virtual_batch", lambda axis: kerasbn.BatchNormalization(axis=axis, virtual_batch_size=2)),
+]
+VARIANT_PAIRS = [
+    ("backward", "conv2d", (7, 7, 3), lambda: L.Conv2D(4, 3), -1),
+    ("backward", "dense_nobias", (5,), lambda: L.Dense(6, use_bias=False), -1),
+    ("backward", "conv2d_cf", (3, 7, 7), lambda: L.Conv2D(4, 3, data_format=CF), 1),
+    ("forward", "conv2d_valid", (7, 7, 3), lambda: L.Conv2D(4, 3), -1),
+    ("forward", "dense", (5,), lambda: L.Dense(6), -1),
+]
+
+
+def _trained(model: keras.Model, shape, seed: int = 0) -> keras.Model:
+    """``model`` after a few training steps, so renorm's own statistics move away from their initial values."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(1.0, 2.0, (8, *shape)).astype("float32")
+    y = np.asarray(model(x))
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, rng.normal(size=y.shape).astype("float32"), batch_size=4, epochs=3, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("variant", [v[1] for v in BN_VARIANTS], ids=[v[0] for v in BN_VARIANTS])
+@pytest.mark.parametrize(
+    "direction,shape,make,axis", [p[0:1] + p[2:] for p in VARIANT_PAIRS], ids=[f"{p[0]}-{p[1]}" for p in VARIANT_PAIRS]
+)
+def test_renorm_and_virtual_batch_fold(variant, direction, shape, make, axis):
+    first, second = (make(), variant(axis)) if direction == "backward" else (variant(axis), make())
+    model = randomize_biases(randomize_bn(_trained(_model(shape, first, second), shape)))
+    result = kerasbn.fold(model)
+    (finding,) = result.report.folded
+    assert finding.direction == direction and not result.report.not_folded
+    assert count_bn(result.model) == 0
+    assert_same_outputs(model, result.model)
+
+
+@pytest.mark.parametrize("variant", [v[1] for v in BN_VARIANTS], ids=[v[0] for v in BN_VARIANTS])
+def test_renorm_and_virtual_batch_fold_in_place(variant):
+    @keras.saving.register_keras_serializable(package="kbn_test_variant")
+    class Block(L.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = L.Dense(4, name="dense")
+            self.bn = variant(-1)
+
+        def build(self, input_shape):
+            self.dense.build(input_shape)
+            self.bn.build((*input_shape[:-1], 4))
+
+        def call(self, x):
+            return keras.activations.relu(self.bn(self.dense(x)))
+
+    x = keras.Input((5,))
+    model = randomize_biases(randomize_bn(_trained(keras.Model(x, Block(name="block")(x)), (5,))))
+    result = kerasbn.fold(model)
+    (finding,) = result.report.folded
+    assert finding.how == "in_place" and finding.direction == "backward"
+    assert_same_outputs(model, result.model)
+    bn = result.model.get_layer("block").bn
+    # The identity BN's training statistics agree with it: σ = √(σ² + ε) = 1, mean 0.
+    for name, value in (("moving_stddev", 1.0), ("renorm_mean", 0.0), ("renorm_stddev", 1.0)):
+        if hasattr(bn, name):
+            np.testing.assert_array_equal(np.asarray(getattr(bn, name)), value)
+
+
 def test_kerasbn_layer_folds_and_original_is_untouched():
     x = keras.Input((6,))
     y = kerasbn.BatchNormalization(momentum=None, name="bn")(L.Dense(4, name="d")(x))
@@ -179,18 +249,61 @@ def test_shared_nested_model_is_not_folded():
     assert result.report.not_folded[0].code == "shared_bn"
 
 
-def test_dtype_policy_is_kept():
-    x = keras.Input((5,))
-    y = L.BatchNormalization(dtype="mixed_float16")(L.Dense(4, dtype="mixed_float16", name="d")(x))
-    model = keras.Model(x, L.Activation("linear", dtype="float32")(y))
-    randomize_bn(model)
+def _mixed_model(policy: str, bn: type, in_place: bool) -> keras.Model:
+    """Conv → BN → ReLU → Dense → BN → float32 output under ``policy``; the first pair inside a custom layer if ``in_place``."""
+
+    @keras.saving.register_keras_serializable(package="kbn_test_mixed")
+    class ConvBN(L.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = L.Conv2D(4, 3, name="conv", dtype=self.dtype_policy)
+            self.bn = bn(name="bn", dtype=self.dtype_policy)
+
+        def build(self, input_shape):
+            self.conv.build(input_shape)
+            self.bn.build((*input_shape[:-1], 4))
+
+        def call(self, x):
+            return self.bn(self.conv(x))
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        x = keras.Input((7, 7, 3))
+        h = ConvBN(name="block")(x) if in_place else bn(name="bn")(L.Conv2D(4, 3, name="conv")(x))
+        h = L.GlobalAveragePooling2D()(L.ReLU()(h))
+        y = L.Activation("linear", dtype="float32", name="out")(bn(name="head_bn")(L.Dense(5, name="d")(h)))
+        model = keras.Model(x, y)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return randomize_biases(randomize_bn(model))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["removed", "in_place"])
+@pytest.mark.parametrize("bn", [L.BatchNormalization, kerasbn.BatchNormalization], ids=["keras", "kerasbn"])
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_fold_keeps_policies_and_passes_the_check(policy, bn, in_place):
+    model = _mixed_model(policy, bn, in_place)
     result = kerasbn.fold(model)
-    dense = result.model.get_layer("d")
-    assert dense.dtype_policy.name == "mixed_float16"
-    assert dense.kernel.dtype == "float32"
-    ref = np.asarray(model(np.ones((2, 5), "float32")))
-    got = np.asarray(result.model(np.ones((2, 5), "float32")))
-    assert np.max(np.abs(ref - got)) <= 1e-2 * np.max(np.abs(ref))
+    assert len(result.report.folded) == 2
+    assert {f.how for f in result.report.folded} == ({"in_place", "removed"} if in_place else {"removed"})
+    # An InputLayer computes nothing; its config holds only its tensor dtype.
+    before, after = (
+        {
+            la.name: la.dtype_policy.name
+            for la in m._flatten_layers(include_self=False)
+            if not isinstance(la, L.InputLayer)
+        }
+        for m in (model, result.model)
+    )
+    assert after["d"] == policy and after["out"] == "float32"
+    assert {path: name for path, name in after.items() if path in before} == {
+        path: before[path] for path in after if path in before
+    }
+    partner = result.model.get_layer("block").conv if in_place else result.model.get_layer("conv")
+    assert partner.dtype_policy.name == policy and partner.kernel.dtype == "float32"
+    check = kerasbn.verify(model, result.model)
+    assert check.passed and check.reference == "float64" and check.dtype == policy.removeprefix("mixed_"), check
 
 
 def test_folded_model_still_trains():
