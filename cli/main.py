@@ -185,6 +185,12 @@ def strip_biases(settings: Settings, checking: Checking, model: Path, output: Pa
 )
 @click.option("--fold/--no-fold", default=True, show_default=True, help="Fold BatchNormalization before converting.")
 @click.option("--opset", type=click.IntRange(min=7), metavar="N", help="ONNX opset [default: tf2onnx's].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    help="Float type of the file [default: float32, also for a mixed-precision model: its weights computed in "
+    "float32]. float16: ONNX computes in float16, LiteRT stores float16 weights; checked with float16's rounding.",
+)
 @click.option("--int8", is_flag=True, help="Quantize to int8 after the fold (static, calibrated on --calibration).")
 @click.option(
     "--calibration",
@@ -212,6 +218,7 @@ def export(
     to: str | None,
     fold: bool,
     opset: int | None,
+    dtype: str | None,
     int8: bool,
     calibration: Path | None,
     min_agreement: float,
@@ -232,6 +239,7 @@ def export(
       kerasbn export resnet.keras -o resnet.onnx --opset 17
       kerasbn export deep.keras --atol 1e-4 --rtol 1e-3
       kerasbn export net.keras -o net.tflite
+      kerasbn export mixed.keras -o net.fp16.onnx --dtype float16
       kerasbn export net.keras -o net.int8.tflite --int8 --calibration calib.npz --inputs test.npz
     """
     from kerasbn_cli import render
@@ -268,6 +276,7 @@ def export(
                 int8=rows,
                 checks=checking.checks(inputs, export=True),
                 fold=fold,
+                dtype=dtype,
                 opset=opset,
                 min_agreement=min_agreement,
                 inputs_label=checking.inputs_file.name if checking.inputs_file is not None else "inputs",

@@ -94,6 +94,11 @@ def print_export(settings: Any, result: Any, fmt: str) -> None:
 
 def _print_float_export(out: Any, result: Any) -> None:
     out.print(result)
+    if result.model_dtype != result.dtype:
+        out.print(
+            f"The model computes in {result.model_dtype}; the file holds the same weights computed in {result.dtype}"
+            + (" (--dtype float16 for a float16 file)." if result.dtype == "float32" else ".")
+        )
     runtime = getattr(result, "runtime", "ONNX Runtime")
     if result.passes:
         out.print(f"Graph passes that changed it: {', '.join(result.passes)}")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kerasbn.deploy import exact
 from kerasbn.deploy.files import atomic_output, check_output_path
 from kerasbn.deploy.quantize import DEFAULT_MIN_AGREEMENT, int8_report
 from kerasbn.deploy.target import Target, target_for, targets
@@ -33,6 +34,9 @@ from kerasbn.deploy.verify import Checks, Reference, VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
 from kerasbn.model_signature import Signature, signature
 from kerasbn.report import Int8Report, export_table, op_table
+
+# The float types a file can compute in; int8 is its own step.
+PRECISIONS = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class ExportResult:
         size_unfolded: Bytes of the unfolded model's file (with ``op_counts_unfolded``).
         passes: The graph passes that changed the graph, in order.
         format: The target's name (``"onnx"``, ``"litert"``).
+        dtype: The float type the file computes in (``"float32"`` or ``"float16"``).
+        model_dtype: The float type the Keras model computes in (``"float16"`` for
+            ``mixed_float16``); a float32 file of a mixed-precision model holds the
+            same weights computed in float32.
     """
 
     path: Path
@@ -63,6 +71,8 @@ class ExportResult:
     size_unfolded: int | None = None
     passes: tuple[str, ...] = ()
     format: str = "onnx"
+    dtype: str = "float32"
+    model_dtype: str = "float32"
 
     @property
     def target(self) -> Target:
@@ -95,6 +105,8 @@ class ExportResult:
             "size": self.size,
             "size_unfolded": self.size_unfolded,
             "passes": list(self.passes),
+            "dtype": self.dtype,
+            "model_dtype": self.model_dtype,
         }
 
     def __rich__(self) -> Any:
@@ -125,6 +137,7 @@ def export(
     fold: bool = True,
     optimize: bool = True,
     compare_unfolded: bool = True,
+    dtype: str | None = None,
     opset: int | None = None,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     inputs_label: str = "inputs",
@@ -147,6 +160,10 @@ def export(
         optimize: Run the target's graph passes (ONNX: `kerasbn.deploy.onnx_passes`).
         compare_unfolded: Also convert the unfolded model, for the op table's
             "Before fold" column: a second conversion, the one optional cost.
+        dtype: The float type of the file: ``"float32"`` (default, also for a
+            mixed-precision model: its weights computed in float32) or
+            ``"float16"`` (ONNX: float16 weights and arithmetic; LiteRT: float16
+            weights), judged against Keras with float16's rounding.
         opset: The ONNX opset (ONNX only); tf2onnx's default when None.
         min_agreement: With `int8`: the top-1 agreement with the float Keras
             model each classification output must reach on every input set.
@@ -175,9 +192,15 @@ def export(
     step = on_step or (lambda _message: None)
     path = Path(path)
     target = target_for(path, to)
-    options = {} if opset is None else {"opset": opset}
-    if set(options) - target.options:
+    own = {} if opset is None else {"opset": opset}
+    if set(own) - target.options:
         raise KerasbnError(f"opset applies to ONNX only, not {target.title}")
+    precision = dtype or "float32"
+    if precision not in PRECISIONS:
+        raise KerasbnError(f"dtype must be one of {', '.join(PRECISIONS)}, not {dtype!r}")
+    if int8 is not None and dtype is not None:
+        raise KerasbnError("dtype and int8 exclude each other: int8 quantizes the float32 file")
+    options = {"dtype": precision, **own}
     if int8 is not None and not 0.0 <= min_agreement <= 1.0:
         raise KerasbnError(f"min_agreement must be between 0 and 1, not {min_agreement}")
     check_output_path(path, overwrite)
@@ -187,7 +210,7 @@ def export(
         checks = replace(checks, inputs=sig.pack(sig.conform(checks.inputs, inputs_label)))
     rows = None if int8 is None else sig.conform(int8, "calibration data")
 
-    reference = Reference(model, checks) if checks.verify else None
+    reference = Reference(model, checks, precision) if checks.verify else None
     subject, fold_report = model, None
     if fold:
         from kerasbn.folding.fold import fold as fold_model
@@ -195,17 +218,27 @@ def export(
         step("Folding BatchNormalization")
         folded = fold_model(model)
         subject, fold_report = folded.model, folded.report
+    model_dtype = exact.compute_dtype(model)
+    subject = _in_float32(subject)
     before = size_before = None
     if fold and compare_unfolded:
         step("Converting the unfolded model (for the op table)")
-        unfolded = target.convert(model, sig, **options)
+        unfolded = target.convert(_in_float32(model), sig, **options)
         before, size_before = target.op_counts(unfolded), len(target.serialize(unfolded))
         del unfolded
     step(f"Converting to {target.title}")
     graph, passes = _passes(target, target.convert(subject, sig, **options), optimize, step)
     content = target.serialize(graph)
     result = ExportResult(path, target.version(graph), target.op_counts(graph), before, fold_report)
-    result = replace(result, size=len(content), size_unfolded=size_before, passes=passes, format=target.name)
+    result = replace(
+        result,
+        size=len(content),
+        size_unfolded=size_before,
+        passes=passes,
+        format=target.name,
+        dtype=precision,
+        model_dtype=model_dtype,
+    )
     del graph
 
     if rows is None:
@@ -230,6 +263,22 @@ def export(
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_bytes(quantized)
     return report
+
+
+def _in_float32(model: Any) -> Any:
+    """``model`` computing in float32: itself, or for a mixed-precision model its float32 twin (the same weights).
+
+    Converters write what the model computes; a float16 or bfloat16 graph is
+    not what ONNX Runtime or LiteRT's builtin kernels run on a CPU.
+    """
+    if exact.compute_dtype(model) == "float32":
+        return model
+    try:
+        return exact.twin(model, "float32")
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(
+            f"'{model.name}' computes in {exact.compute_dtype(model)} and has no float32 copy to convert: {exc}"
+        ) from exc
 
 
 def _passes(target: Target, graph: Any, optimize: bool, step: Callable[[str], None]) -> tuple[Any, tuple[str, ...]]:

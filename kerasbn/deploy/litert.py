@@ -35,8 +35,8 @@ class LiteRTTarget(Target):
     runtime = "LiteRT"
     suffix = ".tflite"
 
-    def convert(self, model: Any, sig: Any) -> bytes:
-        return to_litert(model, sig)
+    def convert(self, model: Any, sig: Any, *, dtype: str = "float32") -> bytes:
+        return to_litert(model, sig, float16=dtype == "float16")
 
     def serialize(self, graph: bytes) -> bytes:
         return graph
@@ -67,13 +67,22 @@ class LiteRTTarget(Target):
 TARGET = LiteRTTarget()
 
 
-def to_litert(model: Any, sig: Any = None, *, representative: Iterable[Sequence[np.ndarray]] | None = None) -> bytes:
+def to_litert(
+    model: Any,
+    sig: Any = None,
+    *,
+    float16: bool = False,
+    representative: Iterable[Sequence[np.ndarray]] | None = None,
+) -> bytes:
     """Convert `model` to a LiteRT flatbuffer with a dynamic batch dimension.
 
     Args:
         model: the Keras model (TensorFlow backend).
         sig: its `kerasbn.model_signature.Signature` (the model's own when None): the
             signature's input names.
+        float16: store the weights in float16 (the converter's float16
+            quantization: half the size; GPU delegates compute in float16, the
+            CPU dequantizes to float32 once); inputs and outputs stay float32.
         representative: for full-integer (int8) quantization, an iterable of
             calibration samples, each a list of arrays in the model's flattened
             input order with a batch of one. Weights and activations become
@@ -104,6 +113,9 @@ def to_litert(model: Any, sig: Any = None, *, representative: Iterable[Sequence[
     # The trackable object selects the converter path that writes a signature.
     converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], model)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if float16:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
     if representative is not None:
         samples = list(representative)
 

@@ -42,8 +42,15 @@ class OnnxTarget(Target):
     suffix = ".onnx"
     options = frozenset({"opset"})
 
-    def convert(self, model: Any, sig: Any, *, opset: int | None = None) -> Any:
-        return to_onnx(model, sig, opset=opset)
+    def convert(self, model: Any, sig: Any, *, dtype: str = "float32", opset: int | None = None) -> Any:
+        graph = to_onnx(model, sig, opset=opset)
+        if dtype == "float16":
+            # ONNX Runtime's converter: float16 weights and arithmetic, float32 inputs and outputs
+            # (a drop-in for the float32 file); ops without float16 kernels stay float32 behind Casts.
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            graph = convert_float_to_float16(graph, keep_io_types=True)
+        return graph
 
     def passes(self) -> Sequence[tuple[str, Callable[[Any], Any]]]:
         from kerasbn.deploy.onnx_passes import PASSES

@@ -343,3 +343,19 @@ def test_a_saved_sequential_model_exports(fmt, int8, sequential_file, tmp_path):
         eps = float(np.finfo(np.float32).eps)
         # Two float32 evaluations of a depth-3 network: within a few hundred ulps of max|y|.
         assert float(np.max(np.abs(got - expected))) <= 256 * eps * scale
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"], ids=["default", "float16"])
+@pytest.mark.parametrize("fmt", sorted(SUFFIXES))
+def test_a_saved_mixed_precision_model_exports(fmt, dtype, tmp_path):
+    from tests.deploy.test_export import _small_cnn
+
+    source = tmp_path / "mixed.keras"
+    _small_cnn("mixed_float16").save(source)
+    output = tmp_path / f"out{SUFFIXES[fmt]}"
+    result = invoke("export", source, "-o", output, *(("--dtype", dtype) if dtype else ()), "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["verified"] and data["model_dtype"] == "float16" and data["dtype"] == (dtype or "float32")
+    table = invoke("export", source, "-o", output, "--force")
+    assert "The model computes in float16; the file holds the same weights computed in float32" in table.stdout

@@ -86,3 +86,69 @@ def test_legacy_names_are_the_pipeline(tmp_path):
     new = kerasbn.export(model, tmp_path / "b.onnx", checks=Checks(batch_sizes=(2,), seed=1))
     assert old.op_counts == new.op_counts and [c.to_dict() for c in old.checks] == [c.to_dict() for c in new.checks]
     assert old.size == new.size and old.op_counts_unfolded == new.op_counts_unfolded
+
+
+def _small_cnn(policy: str, weights: list | None = None) -> keras.Model:
+    """Conv → BN → ReLU → Flatten → Dense → BN under ``policy``, its outputs float32 (as Keras's guide advises)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        x = keras.Input((8, 8, 3), name="image")
+        y = keras.layers.Conv2D(8, 3, use_bias=False)(x)
+        y = keras.layers.ReLU()(keras.layers.BatchNormalization()(y))
+        y = keras.layers.BatchNormalization()(keras.layers.Dense(4)(keras.layers.Flatten()(y)))
+        model = keras.Model(x, keras.layers.Activation("linear", dtype="float32")(y))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    if weights is None:
+        return randomize_bn(model)
+    model.set_weights(weights)
+    return model
+
+
+# Unit roundoff of the float type the file computes in.
+ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11}
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"], ids=["default", "float16"])
+@pytest.mark.parametrize("fmt", sorted(RUNTIMES))
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_exports_float32_or_float16(policy, fmt, dtype, tmp_path):
+    model = _small_cnn(policy)
+    path = tmp_path / f"m{targets()[fmt].suffix}"
+    result = kerasbn.export(model, path, dtype=dtype)
+    written = dtype or "float32"
+    assert result.verified and result.dtype == written
+    assert (
+        result.model_dtype == {"float32": "float32", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}[policy]
+    )
+
+    # Judged here against the same network built in float64 (an independent reference, not the exporter's).
+    exact = _small_cnn("float64", [w.astype("float64") for w in model.get_weights()])
+    x = np.random.default_rng(11).normal(size=(5, 8, 8, 3)).astype("float32")
+    truth = np.asarray(exact.predict_on_batch(x.astype("float64")), np.float64)
+    got = np.asarray(targets()[fmt].runner(path, kerasbn.signature(model))([x])[0], np.float64)
+    scale = float(np.max(np.abs(truth)))
+    # Three layers, reductions over at most 8·36 + 288 terms: a few hundred roundings of the file's float type
+    # (float16 weights: 16 roundings of each weight's relative size, far below a wrong fold's 1e-3).
+    bound = (256 if written == "float32" else 16) * ROUNDOFF[written]
+    assert float(np.max(np.abs(got - truth))) <= bound * scale
+
+
+def test_dtype_and_int8_exclude_each_other(tmp_path):
+    with pytest.raises(KerasbnError, match="exclude each other"):
+        kerasbn.export(_dense_bn(), tmp_path / "m.onnx", int8=np.zeros((4, 5), "float32"), dtype="float16")
+    with pytest.raises(KerasbnError, match="dtype must be one of"):
+        kerasbn.export(_dense_bn(), tmp_path / "m.onnx", dtype="bfloat16")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", sorted(RUNTIMES))
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_int8_from_a_mixed_precision_model(policy, fmt, tmp_path):
+    model = _small_cnn(policy)
+    rows = np.random.default_rng(2).normal(size=(64, 8, 8, 3)).astype("float32")
+    report = kerasbn.export(model, tmp_path / f"m{targets()[fmt].suffix}", int8=rows, min_agreement=0.0)
+    assert report.float_export.dtype == "float32" and report.float_export.verified
+    # int8 activations over three layers: within a few steps of 2·max|y|/255 of the float model.
+    assert all(a.max_rel_error <= 0.1 for a in report.agreements)
