@@ -257,8 +257,11 @@ def export(
         sets = [("calibration", rows)]
         if checks.inputs is not None:
             sets.append((inputs_label, sig.flatten(checks.inputs)))
-        report = int8_report(
-            model, sig, target, path, float_export, target.runner(float_path, sig), quantized, sets, min_agreement
+        report = _run_guarded(
+            target,
+            lambda: int8_report(
+                model, sig, target, path, float_export, target.runner(float_path, sig), quantized, sets, min_agreement
+            ),
         )
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_bytes(quantized)
@@ -311,7 +314,7 @@ def _checked(
     if reference is None:
         return result
     step(f"Checking with {target.runtime}")
-    result = replace(result, checks=reference.judge(target.runner(file, sig)))
+    result = replace(result, checks=_run_guarded(target, lambda: reference.judge(target.runner(file, sig))))
     failed = [c for c in result.checks if not c.passed]
     if not failed:
         return result
@@ -324,6 +327,23 @@ def _checked(
         f"{worst.max_abs_error:.3g} exceeds {worst.tolerance}; nothing written",
         result,
     )
+
+
+def _run_guarded(target: Target, body: Callable[[], Any]) -> Any:
+    """``body()``, with a runtime's failure to load or run a file as one `UnsupportedModelError` line.
+
+    ONNX Runtime and the LiteRT interpreter raise their own exception types
+    for a graph they cannot load (a type without a kernel, an unknown op) or
+    run; either means the model does not deploy to this target as converted.
+    """
+    try:
+        return body()
+    except (KerasbnError, VerificationError):
+        raise
+    except Exception as exc:  # the runtimes' own errors (InvalidGraph, RuntimeError, ValueError...)
+        raise UnsupportedModelError(
+            f"{target.runtime} cannot run the converted {target.title} file: {_first_line(exc)}; nothing written"
+        ) from exc
 
 
 def _blame_pass(

@@ -152,3 +152,16 @@ def test_int8_from_a_mixed_precision_model(policy, fmt, tmp_path):
     assert report.float_export.dtype == "float32" and report.float_export.verified
     # int8 activations over three layers: within a few steps of 2·max|y|/255 of the float model.
     assert all(a.max_rel_error <= 0.1 for a in report.agreements)
+
+
+@pytest.mark.parametrize("fmt", sorted(RUNTIMES))
+def test_a_file_the_runtime_cannot_run_is_one_clear_refusal(fmt, tmp_path, monkeypatch):
+    target = targets()[fmt]
+
+    def refuses(source, sig):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Type 'tensor(bfloat16)' of input parameter\nmore")
+
+    monkeypatch.setattr(type(target), "runner", lambda self, source, sig: refuses(source, sig))
+    with pytest.raises(kerasbn.errors.UnsupportedModelError, match=f"{target.runtime} cannot run.*INVALID_GRAPH"):
+        kerasbn.export(_dense_bn(), tmp_path / f"m{target.suffix}", compare_unfolded=False)
+    assert list(tmp_path.iterdir()) == []
