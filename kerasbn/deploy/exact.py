@@ -78,6 +78,12 @@ def weights_dtype(model: keras.Model) -> str:
 
 
 def _create(model: keras.Model, dtype: str) -> keras.Model:
+    if dtype == "float64" and keras.backend.backend() == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            # JAX would truncate every float64 array to float32, with a warning each time.
+            raise UnsupportedModelError("JAX computes in float64 only with jax_enable_x64 (JAX_ENABLE_X64=1)")
     try:
         config = _switch(keras.saving.serialize_keras_object(model), dtype)
     except Exception as exc:  # noqa: BLE001 (any failure means: no twin)

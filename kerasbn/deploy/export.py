@@ -192,6 +192,7 @@ def export(
     step = on_step or (lambda _message: None)
     path = Path(path)
     target = target_for(path, to)
+    target.check_backend()
     own = {} if opset is None else {"opset": opset}
     if set(own) - target.options:
         raise KerasbnError(f"opset applies to ONNX only, not {target.title}")

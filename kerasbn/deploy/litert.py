@@ -38,6 +38,9 @@ class LiteRTTarget(Target):
     def convert(self, model: Any, sig: Any, *, dtype: str = "float32") -> bytes:
         return to_litert(model, sig, float16=dtype == "float16")
 
+    def check_backend(self) -> None:
+        require_tensorflow("LiteRT export goes through TensorFlow's converter")
+
     def serialize(self, graph: bytes) -> bytes:
         return graph
 

@@ -52,6 +52,9 @@ class OnnxTarget(Target):
             graph = convert_float_to_float16(graph, keep_io_types=True)
         return graph
 
+    def check_backend(self) -> None:
+        require_tensorflow("ONNX export goes through tf2onnx")
+
     def passes(self) -> Sequence[tuple[str, Callable[[Any], Any]]]:
         from kerasbn.deploy.onnx_passes import PASSES
 

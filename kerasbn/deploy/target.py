@@ -55,6 +55,10 @@ class Target(abc.ABC):
     def convert(self, model: Any, sig: Any, **options: Any) -> Any:
         """``model`` → graph, its inputs as the `kerasbn.model_signature.Signature` ``sig`` names them, batch dynamic."""
 
+    @abc.abstractmethod
+    def check_backend(self) -> None:
+        """Raise `UnsupportedModelError` if the format cannot be written on this Keras backend."""
+
     def passes(self) -> Sequence[tuple[str, Callable[[Any], Any]]]:
         """The format's graph passes in order, (name, graph → graph); none by default."""
         return ()
