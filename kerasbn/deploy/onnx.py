@@ -20,6 +20,7 @@ seconds, which `import kerasbn` should not pay.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -228,12 +229,49 @@ def to_onnx(model: Any, *, opset: int | None = None) -> Any:
     function = tf.function(forward, input_signature=specs, autograph=False)
     with _tf2onnx() as tf2onnx, _graph_mode_grouped_conv():
         try:
-            proto, _ = tf2onnx.convert.from_function(
-                function, input_signature=specs, opset=opset, custom_op_handlers={"Erfc": (_erfc, [])}
-            )
+            try:
+                with _optimizer_without_copies():
+                    proto, _ = tf2onnx.convert.from_function(
+                        function, input_signature=specs, opset=opset, custom_op_handlers={"Erfc": (_erfc, [])}
+                    )
+            except Exception:  # noqa: BLE001 (an optimizer tf2onnx would have skipped: convert its own way)
+                gc.collect()
+                proto, _ = tf2onnx.convert.from_function(
+                    function, input_signature=specs, opset=opset, custom_op_handlers={"Erfc": (_erfc, [])}
+                )
         except Exception as exc:  # tf2onnx raises bare Exceptions for unsupported ops
             raise UnsupportedModelError(f"tf2onnx cannot convert the model: {_first_line(exc)}") from exc
+        finally:
+            del function
+            # tf2onnx's graphs hold reference cycles; unreleased, they stay resident
+            # through the passes and the checks (gigabytes for ResNet50).
+            gc.collect()
     return proto
+
+
+@contextlib.contextmanager
+def _optimizer_without_copies() -> Iterator[None]:
+    """tf2onnx's ONNX optimizers run on its graph in place instead of on a deep copy each.
+
+    By default tf2onnx deep-copies the whole graph, weights included, before
+    each of its optimizers (a dozen, repeated until nothing changes) so that
+    one that raises can be skipped: for ResNet50 that is over 5 GB of copies
+    and most of the conversion's time. Its ``TF2ONNX_CATCH_ERRORS`` switch
+    (read as "set", whatever its value) turns that off; `to_onnx` converts
+    again tf2onnx's default way if an optimizer then raises.
+    """
+    from tf2onnx import constants
+
+    name = constants.ENV_TF2ONNX_CATCH_ERRORS
+    saved = os.environ.get(name)
+    os.environ[name] = "FALSE"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
 
 
 def _require_tensorflow_backend() -> None:
