@@ -112,6 +112,24 @@ PIECES = [
     ("tf.import_graph_def", "tensorflow", "import_graph_def"),
     ("tf2onnx process_tf_graph", "tf2onnx.convert", "process_tf_graph"),
     ("tf2onnx optimize_graph", "tf2onnx.optimizer", "optimize_graph"),
+    *(
+        (f"tf2onnx {cls}", f"tf2onnx.optimizer.{module}", f"{cls}._optimize")
+        for module, cls in (
+            ("transpose_optimizer", "TransposeOptimizer"),
+            ("upsample_optimizer", "UpsampleOptimizer"),
+            ("const_fold_optimizer", "ConstFoldOptimizer"),
+            ("const_dequantize_optimizer", "ConstDequantizeOptimizer"),
+            ("loop_optimizer", "LoopOptimizer"),
+            ("merge_duplicated_nodes_optimizer", "MergeDuplicatedNodesOptimizer"),
+            ("reshape_optimizer", "ReshapeOptimizer"),
+            ("global_pool_optimizer", "GlobalPoolOptimizer"),
+            ("q_dq_optimizer", "QDQOptimizer"),
+            ("identity_optimizer", "IdentityOptimizer"),
+            ("back_to_back_optimizer", "BackToBackOptimizer"),
+            ("einsum_optimizer", "EinsumOptimizer"),
+        )
+    ),
+    ("tf2onnx topological_sort", "tf2onnx.graph", "Graph.topological_sort"),
     ("tf2onnx make_model", "tf2onnx.graph", "Graph.make_model"),
     ("run_passes", "kerasbn.deploy.onnx_passes", "run_passes"),
     ("pass: onnxslim", "kerasbn.deploy.onnx_passes", "slim"),

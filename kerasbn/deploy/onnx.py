@@ -251,23 +251,38 @@ def to_onnx(model: Any, *, opset: int | None = None) -> Any:
 
 @contextlib.contextmanager
 def _optimizer_without_copies() -> Iterator[None]:
-    """tf2onnx's ONNX optimizers run on its graph in place instead of on a deep copy each.
+    """tf2onnx's ONNX optimizers run on its graph in place, and write the graph's protos once, at the end.
 
     By default tf2onnx deep-copies the whole graph, weights included, before
     each of its optimizers (a dozen, repeated until nothing changes) so that
-    one that raises can be skipped: for ResNet50 that is over 5 GB of copies
-    and most of the conversion's time. Its ``TF2ONNX_CATCH_ERRORS`` switch
-    (read as "set", whatever its value) turns that off; `to_onnx` converts
-    again tf2onnx's default way if an optimizer then raises.
+    one that raises can be skipped; its ``TF2ONNX_CATCH_ERRORS`` switch (read
+    as "set", whatever its value) turns that off. After each optimizer it
+    also rewrites every node's protobuf from its Python attributes: with
+    protobuf's upb backend the replaced attributes stay in the node's arena,
+    so every rewrite keeps one more copy of the weights. The optimizers read
+    the Python attributes only, and ``make_graph`` rewrites the protos before
+    the model is built, so here each optimizer skips that rewrite (and its
+    logging-only node statistics). For ResNet50 the two cost over 7 GB and
+    most of the conversion's time. `to_onnx` converts again tf2onnx's default
+    way if an optimizer then raises; ONNX Runtime checks the result either way.
     """
     from tf2onnx import constants
+    from tf2onnx.optimizer.optimizer_base import GraphOptimizerBase
+
+    def optimize(self: Any, graph: Any, iteration: int) -> Any:
+        self.opt_iteration = iteration
+        graph = self._optimize(graph)
+        graph.delete_unused_nodes(graph.outputs)
+        return graph
 
     name = constants.ENV_TF2ONNX_CATCH_ERRORS
-    saved = os.environ.get(name)
+    saved, original = os.environ.get(name), GraphOptimizerBase.optimize
     os.environ[name] = "FALSE"
+    GraphOptimizerBase.optimize = optimize
     try:
         yield
     finally:
+        GraphOptimizerBase.optimize = original
         if saved is None:
             del os.environ[name]
         else:
