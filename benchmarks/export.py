@@ -122,8 +122,8 @@ def command(variant: str, model: Path, calibration: Path, out: Path) -> list[str
     return line
 
 
-def measure(line: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one child process."""
+def measure(line: list[str], env: dict[str, str]) -> tuple[float, float] | None:
+    """(wall seconds, peak RSS in GB) of one child process; None (its output's tail printed) when it fails."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as log:
         child = subprocess.Popen(line, env=env, stdout=log, stderr=log)
@@ -133,7 +133,8 @@ def measure(line: list[str], env: dict[str, str]) -> tuple[float, float]:
         if child.returncode != 0:
             log.seek(0)
             tail = log.read().decode(errors="replace").strip().splitlines()[-5:]
-            raise SystemExit(f"{' '.join(line[:6])}... exited {child.returncode}:\n" + "\n".join(tail))
+            print(f"  {' '.join(line[3:6])} ... exited {child.returncode}:\n    " + "\n    ".join(tail), flush=True)
+            return None
     return seconds, usage.ru_maxrss / 1024**2  # kB → GB
 
 
@@ -146,9 +147,14 @@ def run(cases: list[tuple[str, str]], runs: int, work: Path, tree: Path) -> dict
     out.mkdir(exist_ok=True)
     for round_ in range(runs):
         for model, variant in cases:
-            seconds, peak = measure(command(variant, *files[model], out), env)
-            results[model, variant].append((seconds, peak))
-            print(f"  round {round_ + 1}: {model:<16} {variant:<20} {seconds:6.1f} s {peak:6.2f} GB", flush=True)
+            measured = measure(command(variant, *files[model], out), env)
+            if measured is None:
+                continue
+            results[model, variant].append(measured)
+            print(
+                f"  round {round_ + 1}: {model:<16} {variant:<20} {measured[0]:6.1f} s {measured[1]:6.2f} GB",
+                flush=True,
+            )
     return results
 
 
@@ -156,6 +162,7 @@ def table(results: dict[tuple[str, str], list], work: Path) -> str:
     medians = {
         case: (statistics.median(s for s, _ in rows), statistics.median(g for _, g in rows))
         for case, rows in results.items()
+        if rows
     }
     lines = [
         "| model (.keras MB) | export | time (s) | peak memory (GB) | time ÷ Keras | memory ÷ Keras |",
