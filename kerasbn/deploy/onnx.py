@@ -17,6 +17,7 @@ seconds, which `import kerasbn` should not pay.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import tempfile
@@ -112,12 +113,64 @@ def to_onnx(model: Any, sig: Any = None, *, opset: int | None = None) -> Any:
     function = tf.function(forward, input_signature=specs, autograph=False)
     with _tf2onnx() as tf2onnx, _graph_mode_grouped_conv():
         try:
-            proto, _ = tf2onnx.convert.from_function(
-                function, input_signature=specs, opset=opset, custom_op_handlers={"Erfc": (_erfc, [])}
-            )
+            try:
+                with _optimizer_without_copies():
+                    proto, _ = tf2onnx.convert.from_function(
+                        function, input_signature=specs, opset=opset, custom_op_handlers={"Erfc": (_erfc, [])}
+                    )
+            except Exception:  # noqa: BLE001 (an optimizer tf2onnx would have skipped: convert its own way)
+                gc.collect()
+                proto, _ = tf2onnx.convert.from_function(
+                    function, input_signature=specs, opset=opset, custom_op_handlers={"Erfc": (_erfc, [])}
+                )
         except Exception as exc:  # tf2onnx raises bare Exceptions for unsupported ops
             raise UnsupportedModelError(f"tf2onnx cannot convert the model: {_first_line(exc)}") from exc
+        finally:
+            del function
+            # tf2onnx's graphs hold reference cycles; unreleased, they stay resident
+            # through the passes and the checks (gigabytes for ResNet50).
+            gc.collect()
     return proto
+
+
+@contextlib.contextmanager
+def _optimizer_without_copies() -> Iterator[None]:
+    """tf2onnx's ONNX optimizers run on its graph in place, and write the graph's protos once, at the end.
+
+    By default tf2onnx deep-copies the whole graph, weights included, before
+    each of its optimizers (a dozen, repeated until nothing changes) so that
+    one that raises can be skipped; its ``TF2ONNX_CATCH_ERRORS`` switch (read
+    as "set", whatever its value) turns that off. After each optimizer it
+    also rewrites every node's protobuf from its Python attributes: with
+    protobuf's upb backend the replaced attributes stay in the node's arena,
+    so every rewrite keeps one more copy of the weights. The optimizers read
+    the Python attributes only, and ``make_graph`` rewrites the protos before
+    the model is built, so here each optimizer skips that rewrite (and its
+    logging-only node statistics). For ResNet50 the two cost over 7 GB and
+    most of the conversion's time. `to_onnx` converts again tf2onnx's default
+    way if an optimizer then raises; ONNX Runtime checks the result either way.
+    """
+    from tf2onnx import constants
+    from tf2onnx.optimizer.optimizer_base import GraphOptimizerBase
+
+    def optimize(self: Any, graph: Any, iteration: int) -> Any:
+        self.opt_iteration = iteration
+        graph = self._optimize(graph)
+        graph.delete_unused_nodes(graph.outputs)
+        return graph
+
+    name = constants.ENV_TF2ONNX_CATCH_ERRORS
+    saved, original = os.environ.get(name), GraphOptimizerBase.optimize
+    os.environ[name] = "FALSE"
+    GraphOptimizerBase.optimize = optimize
+    try:
+        yield
+    finally:
+        GraphOptimizerBase.optimize = original
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
 
 
 def quantize_onnx(source: str | os.PathLike, destination: str | os.PathLike, calibration: Sequence[np.ndarray]) -> None:
