@@ -156,7 +156,7 @@ def evaluate(model: keras.Model, inputs: Any, dtype: str = "float64") -> list[np
         return a.astype(dtype) if np.issubdtype(a.dtype, np.floating) else a
 
     try:
-        outputs = _inference(copy)(keras.tree.map_structure(cast, inputs))
+        outputs = inference(copy)(keras.tree.map_structure(cast, inputs))
     except Exception as exc:  # noqa: BLE001 (any failure means: no float64 evaluation)
         raise UnsupportedModelError(f"its evaluation in {dtype} fails: {_first_line(exc)}") from exc
     outputs = keras.tree.flatten(outputs)
@@ -170,14 +170,16 @@ def evaluate(model: keras.Model, inputs: Any, dtype: str = "float64") -> list[np
 _CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _inference(model: keras.Model) -> Any:
-    """A compiled inference call of ``model``, one per twin.
+def inference(model: keras.Model) -> Any:
+    """A compiled inference call of ``model`` (structured inputs → outputs as NumPy arrays), one per model.
 
     On TensorFlow a graph function like ``predict_on_batch``'s (not eager,
     not XLA: both add a channels_first Conv's bias along the wrong axis when
-    the channel count equals the width), but kerasbn's own: each twin traces
-    it once, which TensorFlow would otherwise count against Keras's predict
-    function and warn about as retracing on stderr.
+    the channel count equals the width), but kerasbn's own, traced once for
+    every batch size (the signature's dynamic batch axis): a check at two
+    batch sizes would otherwise trace a large model twice, and TensorFlow
+    would count the traces against Keras's predict function and warn about
+    retracing on stderr.
     """
     if keras.backend.backend() != "tensorflow":
         return model.predict_on_batch
@@ -185,10 +187,16 @@ def _inference(model: keras.Model) -> Any:
     if call is None:
         import tensorflow as tf
 
-        # The function holds the twin weakly, or the cache would keep it alive.
+        from kerasbn.model_signature import signature
+
+        # The function holds the model weakly, or the cache would keep it alive.
         ref = weakref.ref(model)
-        call = tf.function(lambda x: ref()(x, training=False))
-        # One trace per twin is by design; TensorFlow reads this flag (private, absent in other versions: harmless).
+        try:
+            specs = [signature(model).tf_structure()]
+        except UnsupportedModelError:
+            specs = None
+        call = tf.function(lambda x: ref()(x, training=False), input_signature=specs, autograph=False)
+        # One trace per model is by design; TensorFlow reads this flag (private, absent in other versions: harmless).
         call._omit_frequent_tracing_warning = True
         _CALLS[model] = call
     return lambda x: keras.tree.map_structure(np.asarray, call(x))

@@ -371,7 +371,7 @@ _XLA_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def noise(model: keras.Model, inputs: Any, outputs: Sequence[np.ndarray] | None = None) -> list[float] | None:
     """How far ``model``'s own outputs move between two valid float32 evaluations, per output.
 
-    The reference evaluation is `keras_outputs` (``predict_on_batch``); the
+    The reference evaluation is `keras_outputs` (a graph function); the
     other is one XLA-compiled call of the same model, which fuses and orders
     the arithmetic differently. Their difference, relative to each output's
     ``max|y|``, is what float32 rounding alone does to this model on these
@@ -412,11 +412,8 @@ def random_inputs(model: keras.Model, batch_size: int = 8, seed: int = 0) -> Any
 
 
 def keras_outputs(model: keras.Model, inputs: Any) -> list[np.ndarray]:
-    """``model``'s inference outputs, flattened, as float64 arrays."""
-    # The compiled predict path, not an eager call: on TensorFlow's CPU
-    # kernels an eager channels_first Conv1D/Conv2D adds its bias along the
-    # wrong axis when the channel count equals the width.
-    outputs = model.predict_on_batch(inputs)
+    """``model``'s inference outputs, flattened, as float64 arrays (`kerasbn.deploy.exact.inference`)."""
+    outputs = exact.inference(model)(inputs)
     return [np.asarray(y, np.float64) for y in keras.tree.flatten(outputs)]
 
 
