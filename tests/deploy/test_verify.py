@@ -87,6 +87,7 @@ BN_CLASSES = {"keras": L.BatchNormalization, "kerasbn": kerasbn.BatchNormalizati
 
 def _conv_chain(blocks: int, policy: str = "float32", bn: type = L.BatchNormalization) -> keras.Model:
     """``blocks`` × (Conv 3×3 → BN → ReLU) with residual sums: deep enough to amplify rounding."""
+    keras.utils.set_random_seed(blocks)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
     try:
