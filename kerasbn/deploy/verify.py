@@ -31,6 +31,7 @@ import numpy as np
 from kerasbn.deploy import exact
 from kerasbn.deploy.tolerances import (
     ATOL,
+    EXACT_CEILING,
     EXACT_FACTOR,
     NOISE_FACTOR,
     RELATIVE_CEILING,
@@ -304,7 +305,9 @@ def judge(
 
     Per output, ``max|Δ|/max|y64|`` must stay within `allowed_error` of the
     original's own error in ``dtype``; the float64 evaluation within that of
-    its error in ``weights_dtype``. A NaN, or a count or shape mismatch, fails.
+    its error in ``weights_dtype``. A NaN, or a count or shape mismatch, fails;
+    so does an original too far from the exact answer for the bound to stay
+    below `~kerasbn.deploy.tolerances.EXACT_CEILING` (the check could not fail).
     """
     truth = reference.outputs
     checks = [(list(candidate), dtype)]
@@ -313,6 +316,7 @@ def judge(
     passed = True
     margin = 0.0
     allowed_at_worst = None
+    hopeless = False
     errors: list[list[float]] = []
     for outputs, kind in checks:
         if len(outputs) != len(truth):
@@ -323,7 +327,9 @@ def judge(
         errors.append(rel)
         for err, own in zip(rel, reference.own[kind]):
             allowed = allowed_error(own, kind)
-            out_margin = _ratio(err, allowed)
+            # Past the ceiling the check could not fail: an infinite margin says it cannot judge.
+            out_margin = _ratio(err, allowed) if allowed < EXACT_CEILING else float("inf")
+            hopeless = hopeless or allowed >= EXACT_CEILING
             if out_margin >= margin:
                 margin, allowed_at_worst = out_margin, allowed
     passed = passed and margin <= 1.0
@@ -340,6 +346,11 @@ def judge(
         f"against the model in float64: max|Δ|/max|y| per output ≤ {EXACT_FACTOR:g} × the original's {dtype} "
         f"error {own:.2g} + {ROUNDING_FLOOR:g} u({dtype})"
     )
+    if hopeless:
+        tolerance = (
+            f"cannot judge: the original's own error allows {EXACT_FACTOR:g} × {own:.2g} ≥ {EXACT_CEILING:g} of max|y|, "
+            "so any output would pass; give atol/rtol to accept this model knowingly; " + tolerance
+        )
     if float64 is not None:
         tolerance += (
             f", and evaluated in float64 ≤ {EXACT_FACTOR:g} × its {weights_dtype} error "

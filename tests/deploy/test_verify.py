@@ -87,6 +87,7 @@ BN_CLASSES = {"keras": L.BatchNormalization, "kerasbn": kerasbn.BatchNormalizati
 
 def _conv_chain(blocks: int, policy: str = "float32", bn: type = L.BatchNormalization) -> keras.Model:
     """``blocks`` × (Conv 3×3 → BN → ReLU) with residual sums: deep enough to amplify rounding."""
+    keras.utils.set_random_seed(blocks)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
     try:
@@ -231,6 +232,22 @@ def test_check_runtime_judges_a_float32_file_of_a_mixed_model(policy):
     assert not verify_module.check_runtime(model, wrong_file, [4], dtype="float32")[0].passed
     # ...which its own half-precision error would hide.
     assert verify_module.check_runtime(model, wrong_file, [4])[0].passed
+
+
+def test_judge_by_the_exact_answer_scales_with_the_original_error():
+    truth = [np.array([1.0, -2.0, 4.0])]
+    reference = verify_module.ExactReference(truth, {"float16": [1e-3], "float32": [1e-7]})
+    near = [truth[0] * (1 + 3e-3)]
+    result = verify_module.judge(reference, near, dtype="float16", batch_size=1)
+    # 4 × 1e-3 + 4 u(float16): a 0.3 % error is within the original's own float16 error.
+    assert result.passed and result.allowed == pytest.approx(4e-3 + 4 * 2.0**-11)
+    assert result.margin == pytest.approx(3e-3 / result.allowed)
+    # The same candidate evaluated in float64 must be as close as float32 weights allow.
+    assert not verify_module.judge(reference, near, dtype="float16", batch_size=1, float64=near).passed
+    # An original whose own error lets anything pass cannot judge anything.
+    hopeless = verify_module.ExactReference(truth, {"float32": [0.3]})
+    result = verify_module.judge(hopeless, truth, dtype="float32", batch_size=1)
+    assert not result.passed and result.margin == float("inf") and "cannot judge" in result.tolerance
 
 
 def test_noise_is_measured_relative_to_each_output():
