@@ -12,8 +12,14 @@ gives one.
 # float32, 2^-11 float16, 2^-8 bfloat16) for an original whose own error is by
 # chance near zero. A correct rewrite reorders the roundings; the factor covers
 # how far the worst element of a few thousand moves when they are reordered.
+# The floor covers another runtime's kernels on a shallow network, whose own
+# error is a few u: LiteRT's XNNPACK and ONNX Runtime's MLAS block their
+# reductions (and pick convolution algorithms) differently from Keras, which
+# on a 3-layer CNN put a correct float32 file at 0.66 of a 4 u floor over 8
+# seeds, and past it in a random test order. 16 u (1e-6 of max|y| in float32)
+# is still three orders below a 0.1 % wrong fold.
 EXACT_FACTOR = 4.0
-ROUNDING_FLOOR = 4.0
+ROUNDING_FLOOR = 16.0
 # An allowance of max|y64| itself would accept any output of the right scale:
 # where the original's own error makes the allowance reach it (a random-weight
 # 477-layer EfficientNet with arbitrary BN statistics is 62 % from its float64

@@ -11,7 +11,7 @@ import pytest
 import kerasbn
 from kerasbn.deploy import exact
 from kerasbn.deploy import verify as verify_module
-from kerasbn.deploy.tolerances import RELATIVE_CEILING, ROUNDING_FLOOR
+from kerasbn.deploy.tolerances import EXACT_FACTOR, RELATIVE_CEILING, ROUNDING_FLOOR
 from kerasbn.deploy.verify import compare, random_inputs
 from kerasbn.errors import UnsupportedModelError
 from tests.helpers import randomize_biases, randomize_bn
@@ -239,8 +239,8 @@ def test_judge_by_the_exact_answer_scales_with_the_original_error():
     reference = verify_module.ExactReference(truth, {"float16": [1e-3], "float32": [1e-7]})
     near = [truth[0] * (1 + 3e-3)]
     result = verify_module.judge(reference, near, dtype="float16", batch_size=1)
-    # 4 × 1e-3 + 4 u(float16): a 0.3 % error is within the original's own float16 error.
-    assert result.passed and result.allowed == pytest.approx(4e-3 + 4 * 2.0**-11)
+    # EXACT_FACTOR × 1e-3 + ROUNDING_FLOOR u(float16): a 0.3 % error is within the original's own float16 error.
+    assert result.passed and result.allowed == pytest.approx(EXACT_FACTOR * 1e-3 + ROUNDING_FLOOR * 2.0**-11)
     assert result.margin == pytest.approx(3e-3 / result.allowed)
     # The same candidate evaluated in float64 must be as close as float32 weights allow.
     assert not verify_module.judge(reference, near, dtype="float16", batch_size=1, float64=near).passed
