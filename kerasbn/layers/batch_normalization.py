@@ -313,7 +313,9 @@ class BatchNormalization(keras.layers.Layer):
         if dispatch.fused_available(raw, self._axes, synchronized=False):
             # One kernel instead of TensorFlow's three elementwise passes;
             # it subtracts the mean first, like the form below.
-            return dispatch.fused_inference(raw, self.moving_mean, self.moving_variance, gamma, beta, self.epsilon)
+            mean = self._bcast(self.moving_mean, "float32")
+            variance = self._bcast(self.moving_variance, "float32")
+            return dispatch.fused_inference(raw, mean, variance, gamma, beta, self.epsilon)
         a = ops.rsqrt(self._bcast(self.moving_variance, x.dtype) + self.epsilon)
         if gamma is not None:
             a = a * gamma
