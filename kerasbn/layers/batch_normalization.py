@@ -107,12 +107,12 @@ class BatchNormalization(keras.layers.Layer):
 
     Example:
 
-    >>> import numpy as np, kerasbn
+    >>> import numpy as np, keras, kerasbn
     >>> x = np.array([[1.0, 10.0], [3.0, 30.0]], dtype="float32")
     >>> bn = kerasbn.BatchNormalization(momentum=None, epsilon=0.0)
-    >>> np.round(np.asarray(bn(x, training=True)), 4).tolist()
+    >>> np.round(keras.ops.convert_to_numpy(bn(x, training=True)), 4).tolist()
     [[-1.0, -1.0], [1.0, 1.0]]
-    >>> np.asarray(bn.moving_variance).tolist()  # unbiased: 2/1 · σ²_B
+    >>> keras.ops.convert_to_numpy(bn.moving_variance).tolist()  # unbiased: 2/1 · σ²_B
     [2.0, 200.0]
 
     Reference:

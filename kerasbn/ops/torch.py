@@ -90,17 +90,18 @@ def all_reduce_moments(shift, s1, s2, count):
     if size == 1:
         return shift, s1, s2, count
     f64 = torch.float64
-    common = shift.detach().to(f64).clone()
-    dist.all_reduce(common)
-    common = common / size
-    move = shift.detach().to(f64) - common
+    total = shift.detach().to(f64).clone()
+    dist.all_reduce(total)
+    # The common shift in the shift's own dtype, and the sums moved to exactly that value.
+    common = (total / size).to(shift.dtype)
+    move = shift.detach().to(f64) - common.to(f64)
     s1, s2 = s1.detach().to(f64), s2.detach().to(f64)
     count = torch.as_tensor(count, dtype=f64) * torch.ones_like(s1)
     s2 = s2 + 2.0 * move * s1 + count * move * move
     s1 = s1 + count * move
     packed = torch.stack([s1, s2, count])
     dist.all_reduce(packed)
-    return common.to(shift.dtype), packed[0], packed[1], packed[2]
+    return common, packed[0], packed[1], packed[2]
 
 
 # --------------------------------------------------------------------------- fused kernels
