@@ -43,7 +43,13 @@ CPU_JSON = ROOT / "docs" / "layer-benchmarks.json"
 GPU_JSON = ROOT / "docs" / "layer-benchmarks-gpu.json"
 BEFORE_AFTER_JSON = ROOT / "docs" / "layer-benchmarks-before-after.json"
 # The processes of a full CPU run: (backend, mode, with the model.fit comparison).
-PROCESSES = (("tensorflow", "graph", False), ("tensorflow", "xla", True), ("jax", "jit", True))
+PROCESSES = (
+    ("tensorflow", "graph", False),
+    ("tensorflow", "xla", True),
+    ("jax", "jit", True),
+    ("torch", "eager", False),
+    ("torch", "compile", False),
+)
 SHAPES = [(32, 56, 56, 64), (256, 1024), (8, 28, 28, 256)]
 DTYPES = ["float32", "bfloat16"]
 TRAIN_PASSES = 8
@@ -70,7 +76,7 @@ SAMPLE_S = 0.02
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=["all", "tensorflow", "jax"], default="all")
+    parser.add_argument("--backend", choices=["all", "tensorflow", "jax", "torch"], default="all")
     parser.add_argument("--quick", action="store_true", help="one shape in float32, few repeats")
     parser.add_argument(
         "--shape", action="append", default=None, help="only this shape, e.g. 256x1024 (repeatable; default: all)"
@@ -82,7 +88,7 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only rebuild the Markdown from the JSON files")
     parser.add_argument(
         "--mode",
-        choices=["graph", "xla", "jit"],
+        choices=["graph", "xla", "jit", "eager", "compile"],
         default=None,
         help="only this execution mode (default: all of the backend's)",
     )
@@ -117,7 +123,7 @@ def main() -> None:
         # (32, 56, 56, 64) took 10.5 or 16 ms after a TF graph run, 10.5 ms
         # always without one). The model.fit comparison compiles with XLA.
         results = []
-        for name, mode, fit in PROCESSES:
+        for name, mode, fit in [p for p in PROCESSES if args.mode is None or p[1] == args.mode]:
             out = ROOT / "build" / f"layer-{name}-{mode}.json"
             out.parent.mkdir(exist_ok=True)
             cmd = [sys.executable, __file__, "--backend", name, "--mode", mode, "--json", str(out), "--no-markdown"]
@@ -260,7 +266,7 @@ def run_backend(
 
     if keras.backend.backend() != name:
         raise SystemExit(f"Keras was imported with the {keras.backend.backend()} backend, not {name}.")
-    bench = TFBench() if name == "tensorflow" else JaxBench(steps_per_call)
+    bench = {"tensorflow": TFBench, "torch": TorchBench}.get(name, lambda: JaxBench(steps_per_call))()
     repeats = repeats or (5 if quick else 21)
     shapes = only_shapes or (SHAPES[:1] if quick else SHAPES)
     dtypes = DTYPES[:1] if quick else DTYPES
@@ -496,6 +502,80 @@ class JaxBench:
         return [_fit_ratio("jax", quick)]
 
 
+class TorchBench:
+    """torch as Keras runs it: eagerly, and under `torch.compile` (Keras's ``jit_compile=True`` on torch).
+
+    The step is the layer's forward and `torch.autograd.grad` to x, γ and β
+    for a given upstream gradient; under `torch.compile` the forward is
+    compiled (with its backward), as in Keras's compiled torch train step.
+    """
+
+    modes = ("eager", "compile")
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+
+    def machine(self) -> dict:
+        return {
+            "device": "cpu",
+            "name": _cpu_name(),
+            "cores": os.cpu_count(),
+            "torch": self.torch.__version__,
+            "keras": _keras_version(),
+            "python": platform.python_version(),
+        }
+
+    def steps(self, x32, dy32, dtype, mode) -> dict:
+        import keras
+
+        torch = self.torch
+        dt = getattr(torch, dtype)
+        x = torch.tensor(x32).to(dt)
+        dy = torch.tensor(dy32).to(dt)
+        zero = torch.zeros((), dtype=dt)
+
+        def compiled(fn):
+            return torch.compile(fn, dynamic=False) if mode == "compile" else fn
+
+        def wrap(fn, *a):
+            def call(block=True):
+                # torch on CPU runs synchronously: nothing to wait on.
+                fn(*a)
+
+            return call
+
+        def copy(t, c):
+            return t + c
+
+        fns = {"copy": wrap(compiled(copy), x, zero)}
+        for impl, layer in _layers(keras, dtype, x.shape).items():
+            weights = [layer.gamma.value, layer.beta.value]
+
+            forward = compiled(lambda t, layer=layer: layer(t, training=True))
+
+            def train(t, g, weights=weights, forward=forward):
+                # Compiled, the forward and its backward are one AOTAutograd
+                # graph; `autograd.grad` runs the compiled backward, as the
+                # `loss.backward()` of Keras's compiled torch train step does.
+                t = t.detach().requires_grad_(True)
+                y = forward(t)
+                return [y, *torch.autograd.grad(y, [t] + weights, g.to(y.dtype))]
+
+            def infer(t, layer=layer):
+                # Keras's torch predict step runs without autograd.
+                with torch.no_grad():
+                    return layer(t, training=False)
+
+            fns[f"{impl}/train"] = wrap(train, x, dy)
+            fns[f"{impl}/infer"] = wrap(compiled(infer), x)
+        return fns
+
+    def fit_ratio(self, quick: bool) -> list:
+        return []
+
+
 def _fit_ratio(backend: str, quick: bool) -> dict:
     """Epoch time of a small CNN with `model.fit(jit_compile=True)`, kerasbn vs Keras BN.
 
@@ -574,7 +654,13 @@ def _keras_version() -> str:
 
 # --------------------------------------------------------------------------- Markdown
 
-TARGETS = {("tensorflow", "graph"): 0.5, ("tensorflow", "xla"): 0.5, ("jax", "jit"): 0.8}
+TARGETS = {
+    ("tensorflow", "graph"): 0.5,
+    ("tensorflow", "xla"): 0.5,
+    ("jax", "jit"): 0.8,
+    ("torch", "eager"): 0.6,
+    ("torch", "compile"): 0.8,
+}
 
 
 def _table(result: dict, gpu: bool) -> list[str]:
@@ -588,8 +674,7 @@ def _table(result: dict, gpu: bool) -> list[str]:
     keys = sorted(
         {k[:5] for k in by},
         key=lambda k: (
-            k[0] != "tensorflow",
-            k[1] != "graph",
+            [p[:2] for p in PROCESSES].index(k[:2]) if k[:2] in [p[:2] for p in PROCESSES] else 9,
             SHAPES.index(k[2]) if k[2] in SHAPES else 9,
             k[3],
             k[4] != "train",
@@ -622,7 +707,7 @@ def _machine_line(machine: dict) -> str:
         what = f"CPU: {machine['name']}, {machine['cores']} cores visible"
     else:
         what = f"GPU: {machine['name']}"
-    versions = ", ".join(f"{k} {machine[k]}" for k in ("tensorflow", "jax", "keras", "python") if k in machine)
+    versions = ", ".join(f"{k} {machine[k]}" for k in ("tensorflow", "jax", "torch", "keras", "python") if k in machine)
     loop = machine.get("steps_per_call", 1)
     timing = (
         f" JAX times are per step of {loop} run back to back in one jitted `fori_loop` (one dispatch), "

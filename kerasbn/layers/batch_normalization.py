@@ -232,6 +232,8 @@ class BatchNormalization(keras.layers.Layer):
             self.renorm_mean = self._param("renorm_mean", _clone(self.moving_mean_initializer), False)
             self.renorm_stddev = self._param("renorm_stddev", stddev_init, False)
         self.input_spec = InputSpec(ndim=ndim, axes={a: input_shape[a] for a in self._axes})
+        # The backend's arrangements imported now, outside any torch.compile trace.
+        dispatch.module()
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:

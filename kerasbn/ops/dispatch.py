@@ -20,9 +20,20 @@ from keras import backend
 _MODULES = {"tensorflow": "kerasbn.ops.tensorflow", "jax": "kerasbn.ops.jax", "torch": "kerasbn.ops.torch"}
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def module() -> ModuleType:
-    """`kerasbn.ops.tensorflow`, `kerasbn.ops.jax`, `kerasbn.ops.torch` or `kerasbn.ops.generic`."""
-    return importlib.import_module(_MODULES.get(backend.backend(), "kerasbn.ops.generic"))
+    """`kerasbn.ops.tensorflow`, `kerasbn.ops.jax`, `kerasbn.ops.torch` or `kerasbn.ops.generic`.
+
+    Looked up in a dict once imported: `torch.compile` cannot trace
+    `importlib` and would split the layer's graph at every call.
+    """
+    name = _MODULES.get(backend.backend(), "kerasbn.ops.generic")
+    loaded = _LOADED.get(name)
+    if loaded is None:
+        loaded = _LOADED[name] = importlib.import_module(name)
+    return loaded
 
 
 def sums(values: Sequence, axes: Sequence[int], exact: bool = True) -> list:
