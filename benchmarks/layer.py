@@ -302,12 +302,19 @@ def run_backend(
                                 "ratio_to_keras": to_keras,
                                 "bound_fraction": passes / 2 / to_copy,
                                 "ratio_to_copy": to_copy,
+                                **(
+                                    {"temp_bytes": bench.memory[(dtype, impl)]}
+                                    if op == "train" and (dtype, impl) in getattr(bench, "memory", {})
+                                    else {}
+                                ),
                             }
                         )
+                        temp = runs[-1].get("temp_bytes")
                         print(
                             f"{name:10s} {mode:5s} {str(shape):18s} {dtype:8s} {op:5s} {impl:8s} "
                             f"{t * 1e3:8.3f} ms  ×Keras {to_keras:5.2f}  ×copy {to_copy:5.2f}  "
-                            f"bound {passes / 2 / to_copy:5.1%}",
+                            f"bound {passes / 2 / to_copy:5.1%}"
+                            + ("" if temp is None else f"  temp {temp / 2**20:.1f} MiB"),
                             flush=True,
                         )
     fits = bench.fit_ratio(quick) if fit else []
@@ -433,6 +440,7 @@ class JaxBench:
 
         self.jax = jax
         self.loop = steps_per_call or (1 if jax.devices()[0].platform == "cpu" else self.LOOP)
+        self.memory: dict = {}
 
     def machine(self) -> dict:
         dev = self.jax.devices()[0]
@@ -496,6 +504,12 @@ class JaxBench:
 
             fns[f"{impl}/train"] = wrap(train, trainable, non_trainable, x, dy)
             fns[f"{impl}/infer"] = wrap(infer, trainable, non_trainable, x)
+            # XLA's buffer assignment of the compiled step: its temporaries are
+            # what the step holds beyond its arguments and outputs (the
+            # residuals kept from the forward pass for the backward among them).
+            memory = train.lower(trainable, non_trainable, x, dy).compile().memory_analysis()
+            if memory is not None:
+                self.memory[(dtype, impl)] = memory.temp_size_in_bytes
         return fns
 
     def fit_ratio(self, quick: bool) -> list:
@@ -718,6 +732,31 @@ def _machine_line(machine: dict) -> str:
     return f"{what} ({versions}).{timing}"
 
 
+def _memory_lines(result: dict) -> list[str]:
+    rows = [r for r in result["runs"] if "temp_bytes" in r]
+    if not rows:
+        return []
+    by = {(tuple(r["shape"]), r["dtype"], r["impl"]): r["temp_bytes"] for r in rows}
+    lines = [
+        "",
+        "Memory of the jitted JAX training step (`compiled.memory_analysis()`): XLA's temporaries beyond the "
+        "step's arguments and outputs (both the same for the two layers), which hold any residual kept for "
+        "the backward pass:",
+        "",
+        "| shape | dtype | one activation MiB | kerasbn temp MiB | Keras temp MiB |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for (shape, dtype, impl), temp in sorted(by.items()):
+        if impl != "kerasbn" or (shape, dtype, "keras") not in by:
+            continue
+        size = math.prod(shape) * (4 if dtype == "float32" else 2) / 2**20
+        lines.append(
+            f"| {'×'.join(map(str, shape))} | {dtype} | {size:.1f} | {temp / 2**20:.1f} | "
+            f"{by[(shape, dtype, 'keras')] / 2**20:.1f} |"
+        )
+    return lines
+
+
 def _fit_lines(result: dict) -> list[str]:
     if not result.get("fit"):
         return []
@@ -829,7 +868,7 @@ def write_markdown() -> None:
             _machine_line(result["machine"]) + (" Quick run (`--quick`)." if result.get("quick") else ""),
             "",
         ]
-        body += _table(result, gpu) + _fit_lines(result)
+        body += _table(result, gpu) + _fit_lines(result) + _memory_lines(result)
     body += _before_after_lines() + _design_lines()
     section = "\n".join(body) + "\n"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
