@@ -4,16 +4,24 @@ For ResNet50 (``weights=None``, 96×96, batch 32, 10 classes) and a keras-hub
 ResNet built from config (the small basic-block configuration of keras-hub's
 own tests; skipped if keras-hub is not installed), the model with Keras's
 BatchNormalization and the same model after ``kerasbn.swap`` (weights equal)
-are compiled with SGD and timed on ``train_on_batch``, on TensorFlow as a
-graph, TensorFlow with XLA (``jit_compile=True``) and JAX (a subprocess
-with ``KERAS_BACKEND=jax``). In each process the two variants run
-alternately after a warm-up, so a noisy neighbour hits both alike, and the
-medians are reported with their ratio. On JAX the variant compiled second in
-a process ran up to 2× slower, whichever it was: there two processes run,
-one each way round, and the geometric means are reported.
+are compiled with SGD and timed on ``train_on_batch`` as users run it:
+TensorFlow as a graph, TensorFlow with XLA (``jit_compile=True``), JAX with
+Keras's default (``jit_compile="auto"``: the step is jitted), torch eagerly
+(Keras's default there) and torch with ``jit_compile=True``
+(``torch.compile``). Eager JAX (``jit_compile=False``) is Keras's debugging
+mode and is its own row. Each backend runs in a subprocess with its
+``KERAS_BACKEND``. In each process the variants run alternately after a
+warm-up, so a noisy neighbour hits them alike; the ratio is the median of
+the per-step ratios. A third variant, the model with every BN replaced by
+an identity layer, gives BN's share of Keras's step, ``1 − t(no BN) ÷
+t(Keras BN)``: the most that any BN implementation can save. On JAX the
+variant compiled first in a process once ran up to 2× faster, whichever it
+was: there two processes run, one each way round, and the geometric means
+are reported.
 
-Run: ``.venv/bin/python benchmarks/swap.py [--steps 7]`` (writes the
-``## Swap: training step`` section of ``docs/benchmarks.md``).
+Run: ``.venv/bin/python benchmarks/swap.py [--steps 7] [--only JAX]
+[--model ResNet50]`` (writes the ``## Swap: training step`` section of
+``docs/benchmarks.md`` when every setup runs).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -30,9 +39,12 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Swap: training step, Keras's BN vs kerasbn"
-BATCH = 32
-SIZE = 96
+# --quick (passed on to the workers through the environment): 64×64, batch 16.
+QUICK = os.environ.get("KERASBN_SWAP_QUICK") == "1"
+BATCH = 16 if QUICK else 32
+SIZE = 64 if QUICK else 96
 WARMUP = 2
+MODELS = ("ResNet50", "keras-hub ResNet")
 
 
 def build(name: str):
@@ -55,8 +67,29 @@ def build(name: str):
     return keras.Model(backbone.input, keras.layers.Dense(10, activation="softmax")(x), name="keras_hub_resnet")
 
 
-def worker(model_name: str, xla: bool, steps: int, only: str | None = None) -> dict:
-    """Median seconds per training step of both variants (or ``only`` one), in this process's backend."""
+def without_bn(model):
+    """``model`` with every BatchNormalization replaced by an identity layer (weights of the rest shared)."""
+    import keras
+
+    class NoBN(keras.layers.Layer):
+        # Takes what a BN call is given (keras-hub passes the mask along).
+        def call(self, inputs, training=None, mask=None):
+            return inputs
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return NoBN(name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in copy.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return copy
+
+
+def worker(model_name: str, jit, steps: int, only: str | None = None) -> dict:
+    """Per-step seconds of the variants (``only`` compiled first), in this process's backend."""
     import keras
     import numpy as np
 
@@ -64,14 +97,14 @@ def worker(model_name: str, xla: bool, steps: int, only: str | None = None) -> d
 
     keras.utils.set_random_seed(0)
     original = build(model_name)
-    variants = {"keras": original, "kerasbn": kerasbn.swap(original).model}
+    variants = {"keras": original, "kerasbn": kerasbn.swap(original).model, "no BN": without_bn(original)}
     if only is not None:  # the variant compiled and warmed up first
         variants = {only: variants[only], **{k: v for k, v in variants.items() if k != only}}
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype("float32")
     y = rng.integers(0, 10, size=(BATCH,))
     for model in variants.values():
-        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", jit_compile=xla)
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", jit_compile=jit)
         for _ in range(WARMUP):
             model.train_on_batch(x, y)
     times = {k: [] for k in variants}
@@ -80,13 +113,24 @@ def worker(model_name: str, xla: bool, steps: int, only: str | None = None) -> d
             start = time.perf_counter()
             model.train_on_batch(x, y)
             times[k].append(time.perf_counter() - start)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return times
 
 
-def run_worker(backend: str, model_name: str, xla: bool, steps: int) -> dict:
+# (label, backend, jit_compile): as users run each backend, and eager JAX, Keras's debugging mode.
+SETUPS = [
+    ("TF graph", "tensorflow", False),
+    ("TF-XLA", "tensorflow", True),
+    ("JAX", "jax", "auto"),
+    ("torch eager", "torch", "auto"),
+    ("torch.compile", "torch", True),
+    ("JAX eager (debugging mode)", "jax", False),
+]
+
+
+def run_worker(backend: str, model_name: str, jit, steps: int) -> dict:
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    args = [sys.executable, __file__, "--worker", model_name, "--steps", str(steps)] + (["--xla"] if xla else [])
-    # On JAX the variant compiled second in a process ran up to 2x slower, whichever it was;
+    args = [sys.executable, __file__, "--worker", model_name, "--steps", str(steps), "--jit", json.dumps(jit)]
+    # On JAX the variant compiled first in a process once ran up to 2x faster, whichever it was;
     # one process per way round there, and the geometric mean of the two.
     runs = [["--variant", "keras"], ["--variant", "kerasbn"]] if backend == "jax" else [[]]
     results = []
@@ -95,42 +139,54 @@ def run_worker(backend: str, model_name: str, xla: bool, steps: int) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"{backend} {model_name}: {done.stderr.strip().splitlines()[-1:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        if extra:
-            print(f"  {model_name}, {extra[1]} compiled first: {results[-1]}")
-    return {k: math.prod(r[k] for r in results) ** (1 / len(results)) for k in results[0]}
+    median = {k: math.prod(statistics.median(r[k]) for r in results) ** (1 / len(results)) for k in results[0]}
+    ratios = [statistics.median(a / b for a, b in zip(r["kerasbn"], r["keras"])) for r in results]
+    shares = [1 - statistics.median(a / b for a, b in zip(r["no BN"], r["keras"])) for r in results]
+    return {
+        **median,
+        "ratio": math.prod(ratios) ** (1 / len(ratios)),
+        "bn_share": sum(shares) / len(shares),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--xla", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--jit", default="false", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["keras", "kerasbn"], help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="Print only; leave docs/benchmarks.md alone.")
-    parser.add_argument("--only", choices=["TF graph", "TF-XLA", "JAX"], help="Run one backend setup (print only).")
+    labels = [label for label, _, _ in SETUPS]
+    parser.add_argument("--only", action="append", choices=labels, help="Run this setup (repeatable; print only).")
+    parser.add_argument("--model", choices=MODELS, help="Only this model (print only).")
+    parser.add_argument("--quick", action="store_true", help="64×64 inputs, batch 16 (print only).")
     args = parser.parse_args()
+    if args.quick:
+        os.environ["KERASBN_SWAP_QUICK"] = "1"
+        args.no_write = True
     if args.worker:
-        print(json.dumps(worker(args.worker, args.xla, args.steps, args.variant)))
+        print(json.dumps(worker(args.worker, json.loads(args.jit), args.steps, args.variant)))
         return
-    models = ["ResNet50"]
+    models = list(MODELS)
     try:
         import keras_hub  # noqa: F401
-
-        models.append("keras-hub ResNet")
     except ImportError:
         print("keras-hub is not installed: its ResNet is skipped")
-    setups = [("TF graph", "tensorflow", False), ("TF-XLA", "tensorflow", True), ("JAX", "jax", False)]
-    if args.only:
-        setups = [s for s in setups if s[0] == args.only]
+        models.remove("keras-hub ResNet")
+    setups = SETUPS
+    if args.only or args.model:
+        setups = [s for s in SETUPS if not args.only or s[0] in args.only]
+        models = [m for m in models if not args.model or m == args.model]
         args.no_write = True
     rows = []
     for model_name in models:
-        for label, backend, xla in setups:
-            result = run_worker(backend, model_name, xla, args.steps)
-            ratio = result["kerasbn"] / result["keras"]
-            rows.append((model_name, label, result["keras"] * 1e3, result["kerasbn"] * 1e3, ratio))
+        for label, backend, jit in setups:
+            r = run_worker(backend, model_name, jit, args.steps)
+            rows.append((model_name, label, r["keras"] * 1e3, r["kerasbn"] * 1e3, r["ratio"], r["bn_share"]))
             print(
-                f"{model_name:18} {label:9} Keras BN {rows[-1][2]:8.1f} ms  kerasbn {rows[-1][3]:8.1f} ms  ×{ratio:.2f}"
+                f"{model_name:18} {label:28} Keras BN {rows[-1][2]:8.1f} ms  kerasbn {rows[-1][3]:8.1f} ms  "
+                f"×{r['ratio']:.2f}  BN share of Keras's step {r['bn_share']:.0%}",
+                flush=True,
             )
     if not args.no_write:
         write(rows, args.steps)
@@ -144,15 +200,22 @@ def write(rows: list[tuple], steps: int) -> None:
         "",
         f"One `train_on_batch` step (SGD, batch {BATCH}, {SIZE}×{SIZE}×3, 10 classes), the model with Keras's "
         "BatchNormalization vs the same model after `kerasbn.swap` (same weights; `unbiased=False`, Keras's "
-        f"training behaviour). Median of {steps} steps after {WARMUP} warm-up steps, the two variants "
-        f"alternating in one process per backend; `benchmarks/swap.py`, {os.cpu_count()} shared CPU cores "
-        f"({platform.machine()}), TensorFlow CPU and JAX CPU. keras-hub ResNet: `ResNetBackbone` from config "
+        f"training behaviour). {steps} steps of each variant after {WARMUP} warm-up steps, the variants "
+        "alternating in one process per backend; the ratio is the median of the per-step ratios. "
+        "BN's share = 1 − (the model with every BN replaced by an identity) ÷ (Keras's BN), per step: the most "
+        'any BN can save. JAX runs with Keras\'s default `jit_compile="auto"` (jitted), torch eagerly '
+        "(Keras's default there) and with `jit_compile=True` (`torch.compile`); eager JAX "
+        "(`jit_compile=False`) is Keras's debugging mode. "
+        f"`benchmarks/swap.py`, {os.cpu_count()} shared CPU cores ({platform.machine()}), CPU builds of "
+        "TensorFlow, JAX and torch. keras-hub ResNet: `ResNetBackbone` from config "
         "(64 filters, basic blocks 2-2-2) + pooling + Dense.",
         "",
-        "| model | backend | Keras BN (ms) | kerasbn (ms) | kerasbn / Keras |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| model | backend | Keras BN (ms) | kerasbn (ms) | kerasbn ÷ Keras | target | BN's share of Keras's step |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: |",
     ]
-    lines += [f"| {m} | {b} | {k:.0f} | {n:.0f} | {r:.2f} |" for m, b, k, n, r in rows]
+    for m, b, k, n, r, share in rows:
+        target = "–" if "debugging" in b else f"≤ 1.0: {'met' if r <= 1.0 else 'missed'}"
+        lines.append(f"| {m} | {b} | {k:.0f} | {n:.0f} | {r:.2f} | {target} | {share:.0%} |")
     text = DOCS.read_text()
     section = "\n".join(lines) + "\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)

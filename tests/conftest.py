@@ -17,8 +17,42 @@ import pytest  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
-# The execution modes a user can run the layer in on the active backend.
-MODES = ("eager", "function", "xla") if BACKEND == "tensorflow" else ("eager", "jit")
+# The execution modes a user can run the layer in on the active backend:
+# "compile" is torch.compile, what Keras's jit_compile=True runs on torch.
+MODES = {"tensorflow": ("eager", "function", "xla"), "jax": ("eager", "jit"), "torch": ("eager", "compile")}[BACKEND]
+
+
+def in_mode(fn, mode: str):
+    """``fn`` as the active backend runs it in ``mode`` (a tf.function, jax.jit, torch.compile or as is)."""
+    if mode == "eager":
+        return fn
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=(mode == "xla"))
+    if BACKEND == "jax":
+        import jax
+
+        return jax.jit(fn)
+    import torch
+
+    # A fresh compilation per call site; dynamic shapes off, as a fixed batch trains.
+    return torch.compile(fn, dynamic=False)
+
+
+def tensor(x):
+    """A NumPy array (or None) as the active backend's tensor."""
+    return None if x is None else keras.ops.convert_to_tensor(x)
+
+
+def torch_gradients(fn, x, weights, dy):
+    """(∂/∂x, [∂/∂w]) of ``Σ fn(x)·dy`` with torch autograd; ``fn`` may be compiled."""
+    import torch
+
+    t = torch.as_tensor(x).requires_grad_(True)
+    y = fn(t)
+    grads = torch.autograd.grad(y, [t] + [w.value for w in weights], torch.as_tensor(dy).to(y.dtype))
+    return list(grads)
 
 
 def run(layer, x, *, training: bool, mode: str, mask=None):
@@ -34,6 +68,9 @@ def run(layer, x, *, training: bool, mode: str, mask=None):
             fn = tf.function(lambda t, m: layer(t, training=training, mask=m), jit_compile=(mode == "xla"))
             out = fn(tf.constant(x), mask)
         return keras.ops.convert_to_numpy(out)
+    if BACKEND == "torch":
+        fn = in_mode(lambda t, m: layer(t, training=training, mask=m), mode)
+        return keras.ops.convert_to_numpy(fn(tensor(x), tensor(mask)))
     import jax
 
     if mode == "eager":
@@ -64,6 +101,8 @@ def gradients(layer, x, dy):
             tape.watch(xt)
             loss = tf.reduce_sum(tf.cast(layer(xt, training=True), tf.float64) * dy)
         grads = tape.gradient(loss, [xt] + [w.value for w in weights])
+    elif BACKEND == "torch":
+        grads = torch_gradients(lambda t: layer(t, training=True), x, weights, dy)
     else:
         import jax
         import jax.numpy as jnp

@@ -106,12 +106,12 @@ class BatchNormalization(keras.layers.Layer):
     unchanged for that batch (never NaN) and the output is ``beta``.
 
     Examples:
-        >>> import numpy as np, kerasbn
+        >>> import numpy as np, keras, kerasbn
         >>> x = np.array([[1.0, 10.0], [3.0, 30.0]], dtype="float32")
         >>> bn = kerasbn.BatchNormalization(momentum=None, epsilon=0.0)
-        >>> np.round(np.asarray(bn(x, training=True)), 4).tolist()
+        >>> np.round(keras.ops.convert_to_numpy(bn(x, training=True)), 4).tolist()
         [[-1.0, -1.0], [1.0, 1.0]]
-        >>> np.asarray(bn.moving_variance).tolist()  # unbiased: 2/1 · σ²_B
+        >>> keras.ops.convert_to_numpy(bn.moving_variance).tolist()  # unbiased: 2/1 · σ²_B
         [2.0, 200.0]
 
     Reference:
@@ -231,6 +231,8 @@ class BatchNormalization(keras.layers.Layer):
             self.renorm_mean = self._param("renorm_mean", _clone(self.moving_mean_initializer), False)
             self.renorm_stddev = self._param("renorm_stddev", stddev_init, False)
         self.input_spec = InputSpec(ndim=ndim, axes={a: input_shape[a] for a in self._axes})
+        # The backend's arrangements imported now, outside any torch.compile trace.
+        dispatch.module()
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
@@ -312,7 +314,9 @@ class BatchNormalization(keras.layers.Layer):
         if dispatch.fused_available(raw, self._axes, synchronized=False):
             # One kernel instead of TensorFlow's three elementwise passes;
             # it subtracts the mean first, like the form below.
-            return dispatch.fused_inference(raw, self.moving_mean, self.moving_variance, gamma, beta, self.epsilon)
+            mean = self._bcast(self.moving_mean, "float32")
+            variance = self._bcast(self.moving_variance, "float32")
+            return dispatch.fused_inference(raw, mean, variance, gamma, beta, self.epsilon)
         a = ops.rsqrt(self._bcast(self.moving_variance, x.dtype) + self.epsilon)
         if gamma is not None:
             a = a * gamma

@@ -3,7 +3,8 @@
 The paper's arithmetic (`kerasbn.ops.moments`, `kerasbn.ops.normalize`) is
 written once in Keras ops; what a compiler or a runtime needs besides
 (the order of the sums, fused kernels, cross-replica reductions) lives in
-`kerasbn.ops.tensorflow` or `kerasbn.ops.jax`, with `kerasbn.ops.generic`
+`kerasbn.ops.tensorflow`, `kerasbn.ops.jax` or `kerasbn.ops.torch`, with
+`kerasbn.ops.generic`
 for any other backend. Only the active backend's module is imported, so the
 layer never imports TensorFlow on JAX.
 """
@@ -16,12 +17,23 @@ from types import ModuleType
 
 from keras import backend
 
-_MODULES = {"tensorflow": "kerasbn.ops.tensorflow", "jax": "kerasbn.ops.jax"}
+_MODULES = {"tensorflow": "kerasbn.ops.tensorflow", "jax": "kerasbn.ops.jax", "torch": "kerasbn.ops.torch"}
+
+
+_LOADED: dict[str, ModuleType] = {}
 
 
 def module() -> ModuleType:
-    """`kerasbn.ops.tensorflow`, `kerasbn.ops.jax` or `kerasbn.ops.generic`."""
-    return importlib.import_module(_MODULES.get(backend.backend(), "kerasbn.ops.generic"))
+    """`kerasbn.ops.tensorflow`, `kerasbn.ops.jax`, `kerasbn.ops.torch` or `kerasbn.ops.generic`.
+
+    Looked up in a dict once imported: `torch.compile` cannot trace
+    `importlib` and would split the layer's graph at every call.
+    """
+    name = _MODULES.get(backend.backend(), "kerasbn.ops.generic")
+    loaded = _LOADED.get(name)
+    if loaded is None:
+        loaded = _LOADED[name] = importlib.import_module(name)
+    return loaded
 
 
 def sums(values: Sequence, axes: Sequence[int], exact: bool = True) -> list:
@@ -35,7 +47,7 @@ def materialize(x):
 
 
 def all_reduce_sums(*sums):
-    """Per-replica sums added over all replicas of a `tf.distribute` strategy."""
+    """Per-replica sums added over all replicas (`tf.distribute`, `torch.distributed`)."""
     return module().all_reduce_sums(*sums)
 
 
@@ -55,5 +67,8 @@ def fused_normalize(x, stats, gamma, beta, epsilon: float):
 
 
 def fused_inference(x, mean, variance, gamma, beta, epsilon: float):
-    """``(x − mean)·γ/√(var + ε) + β`` as one fused kernel, where `fused_available` says so."""
+    """``(x − mean)·γ/√(var + ε) + β`` through the backend's kernels, where `fused_available` says so.
+
+    ``mean`` and ``variance`` are float32 and broadcastable against ``x``.
+    """
     return module().fused_inference(x, mean, variance, gamma, beta, epsilon)

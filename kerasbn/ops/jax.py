@@ -17,7 +17,7 @@ cross-replica functions are the generic ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
+from functools import cache, partial
 
 import jax
 from jax import lax
@@ -31,10 +31,23 @@ fused_available = generic.fused_available
 
 
 def sums(values: Sequence, axes: Sequence[int], exact: bool = True) -> list:
-    """``[Σ v over axes (keepdims) for v in values]``, arranged for the device (see the module doc)."""
-    axes = sorted(axes)
+    """``[Σ v over axes (keepdims) for v in values]``, arranged for the device (see the module doc).
+
+    One jitted function (compiled once per shape): run eagerly (Keras's
+    ``jit_compile=False``), the blocked sums' dozen small ops were each a
+    dispatch; inside an outer `jax.jit` it is inlined.
+    """
     if len(values) == 1 or jax.default_backend() != "cpu":
-        return generic.sums(values, axes)
+        return generic.sums(values, sorted(axes))
+    return list(_cpu_sums(tuple(values), tuple(sorted(axes)), exact))
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _cpu_sums(values: tuple, axes: tuple, exact: bool) -> tuple:
+    return tuple(_arranged_sums(list(values), list(axes), exact))
+
+
+def _arranged_sums(values: Sequence, axes: Sequence[int], exact: bool) -> list:
     if not exact:
         inner = reduce.inner_block_sums(values, axes, variadic_sums)
         if inner is not None:
@@ -68,10 +81,12 @@ def _compensated_sums(values: Sequence, axis: int) -> list:
     return [ops.reshape(o, keep) for o in out]
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _compensated_sum(values, axis):
-    n = len(values)
-
+# One reducer function per arity, made once: `lax.reduce` caches its traced
+# reducer by the function object, and eagerly (Keras's `jit_compile=False`)
+# a new closure per call compiled a new XLA computation per call (a training
+# step took 7× Keras's eager step).
+@cache
+def _compensated_adder(n: int):
     def add(a, b):
         sums, errors = [], []
         for i in range(n):
@@ -81,8 +96,22 @@ def _compensated_sum(values, axis):
             errors.append(a[n + i] + b[n + i] + ((a[i] - (s - bp)) + (b[i] - bp)))
         return tuple(sums + errors)
 
+    return add
+
+
+@cache
+def _adder(n: int):
+    def add(a, b):
+        return tuple(u + v for u, v in zip(a, b, strict=True))
+
+    return add
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _compensated_sum(values, axis):
+    n = len(values)
     zeros = tuple(lax.full((), 0, v.dtype) for v in values)
-    out = lax.reduce(values + tuple(lax.full_like(v, 0) for v in values), zeros + zeros, add, (axis,))
+    out = lax.reduce(values + tuple(lax.full_like(v, 0) for v in values), zeros + zeros, _compensated_adder(n), (axis,))
     return tuple(s + e for s, e in zip(out[:n], out[n:], strict=True))
 
 
@@ -115,7 +144,7 @@ def variadic_sums(values: Sequence, axes: Sequence[int]) -> list:
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _variadic_sum(values, axes):
     zeros = tuple(lax.full((), 0, v.dtype) for v in values)
-    return lax.reduce(values, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), axes)
+    return lax.reduce(values, zeros, _adder(len(values)), axes)
 
 
 @_variadic_sum.defjvp

@@ -9,12 +9,13 @@ differences of a float64 layer.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
 import kerasbn
 from tests import reference
-from tests.conftest import BACKEND, MODES
+from tests.conftest import BACKEND, MODES, in_mode, tensor, torch_gradients
 
 CASES = [((16, 6, 5, 4), -1), ((12, 4, 5, 3), 1), ((64, 10), -1), ((6, 7, 5), [1, 2])]
 CASE_IDS = ["nhwc", "nchw", "dense", "two-feature-axes"]
@@ -37,6 +38,9 @@ def layer_gradients(layer, x, dy, mode, mask=None):
         if mode != "eager":
             grad = tf.function(grad, jit_compile=(mode == "xla"))
         out = grad(tf.constant(x), tf.constant(dy))
+    elif BACKEND == "torch":
+        fn = in_mode(lambda t, m: layer(t, training=True, mask=m), mode)
+        out = torch_gradients(lambda t: fn(t, tensor(mask)), x, weights, dy)
     else:
         import jax
         import jax.numpy as jnp
@@ -52,7 +56,7 @@ def layer_gradients(layer, x, dy, mode, mask=None):
             grad = jax.jit(grad)
         gx, gw = grad(jnp.asarray(x), [w.value for w in weights])
         out = [gx] + list(gw)
-    out = [np.asarray(o, np.float64) for o in out]
+    out = [np.asarray(keras.ops.convert_to_numpy(o), np.float64) for o in out]
     return out[0], {w.name: g for w, g in zip(weights, out[1:], strict=True)}
 
 

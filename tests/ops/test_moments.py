@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from kerasbn.ops.moments import moments
 from tests import reference
-from tests.conftest import BACKEND, MODES
+from tests.conftest import BACKEND, MODES, in_mode, tensor
 
 OFFSETS = [0.0, 1.0, -1.0, 1e3, -1e3, 1e5]
 SCALES = [1e-3, 1.0, 10.0, 1e3]
@@ -30,18 +30,7 @@ def run_moments(x, axes, mode, mask=None):
         stats = moments(t, axes, mask=w)
         return stats.shift, stats.mean, stats.variance
 
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        if mode != "eager":
-            fn = tf.function(fn, jit_compile=(mode == "xla"))
-        out = fn(tf.constant(x), None if mask is None else tf.constant(mask))
-    else:
-        import jax
-
-        if mode == "jit":
-            fn = jax.jit(fn)
-        out = fn(x, mask)
+    out = in_mode(fn, mode)(tensor(x), tensor(mask))
     return [np.asarray(keras.ops.convert_to_numpy(o), np.float64) for o in out]
 
 

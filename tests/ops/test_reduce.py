@@ -11,11 +11,12 @@ of the statistics of few values per feature.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
 from kerasbn.ops.dispatch import sums
-from tests.conftest import BACKEND, MODES
+from tests.conftest import MODES, in_mode, tensor
 
 CASES = {
     "nhwc": ((16, 12, 12, 8), (0, 1, 2)),
@@ -28,22 +29,9 @@ CASES = {
 
 def run_sums(values, axes, exact, mode):
     """``sums`` of NumPy arrays in ``mode``, returned as float64 NumPy."""
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        fn = lambda *v: sums(list(v), axes, exact=exact)  # noqa: E731
-        if mode != "eager":
-            fn = tf.function(fn, jit_compile=(mode == "xla"))
-        out = fn(*[tf.constant(v) for v in values])
-    else:
-        import jax
-        import jax.numpy as jnp
-
-        fn = lambda *v: sums(list(v), axes, exact=exact)  # noqa: E731
-        if mode == "jit":
-            fn = jax.jit(fn)
-        out = fn(*[jnp.asarray(v) for v in values])
-    return [np.asarray(o, np.float64) for o in out]
+    fn = in_mode(lambda *v: sums(list(v), axes, exact=exact), mode)
+    out = fn(*[tensor(v) for v in values])
+    return [np.asarray(keras.ops.convert_to_numpy(o), np.float64) for o in out]
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["statistics", "gradient"])

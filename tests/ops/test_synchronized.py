@@ -2,7 +2,9 @@
 
 Each backend fixes its devices when it starts, so every check runs in a fresh
 subprocess: TensorFlow with 2 logical CPU devices under MirroredStrategy, JAX
-with 2 host devices under `keras.distribution.DataParallel`. The worker prints
+with 2 host devices under `keras.distribution.DataParallel`, torch as two
+processes in a gloo process group over the loopback interface (one process
+per replica, as DistributedDataParallel runs). The worker prints
 the per-replica results joined into global ones (outputs and ∂/∂x
 concatenated, ∂/∂γ and ∂/∂β summed over replicas as the optimizer's
 all-reduce does) next to the same step on one device over the whole batch;
@@ -14,12 +16,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import BACKEND
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,6 +113,32 @@ report(run(layer, xs, dys), ref)
 )
 
 
+TORCH = (
+    COMMON
+    + """
+import datetime, torch, torch.distributed as dist, keras, kerasbn
+rank = int(os.environ["RANK"])
+
+def run(layer, xa, dya):
+    t = torch.tensor(xa, requires_grad=True)
+    y = layer(t, training=True)
+    gx, gg, gb = torch.autograd.grad(y, [t, layer.gamma.value, layer.beta.value], torch.tensor(dya))
+    return [y, gx, gg, gb, layer.moving_mean, layer.moving_variance]
+
+numpy = lambda out: [keras.ops.convert_to_numpy(a) for a in out]
+dist.init_process_group("gloo", init_method=os.environ["INIT"], rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+layer = kerasbn.BatchNormalization(synchronized=True, momentum=0.5)
+layer.build((8, 5, 3))
+got = numpy(run(layer, x[8 * rank : 8 * (rank + 1)], dy[8 * rank : 8 * (rank + 1)]))
+dist.destroy_process_group()
+single = kerasbn.BatchNormalization(momentum=0.5)
+single.build(x.shape)
+report(got, numpy(run(single, x, dy)))
+"""
+)
+
+
 def run_worker(backend: str, code: str, env: dict | None = None) -> tuple[list, list]:
     environment = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     proc = subprocess.run(
@@ -135,3 +166,51 @@ def test_tensorflow_mirrored_strategy_matches_one_device():
 def test_jax_data_parallel_matches_one_device():
     flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
     check(*run_worker("jax", JAX, {"XLA_FLAGS": flags}))
+
+
+@pytest.mark.slow
+def test_torch_gloo_process_group_matches_one_process():
+    """Two processes, 8 samples each, against one process over all 16."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {**os.environ, "KERAS_BACKEND": "torch", "INIT": f"tcp://127.0.0.1:{port}"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TORCH],
+            cwd=ROOT,
+            env={**environment, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    local = [[np.asarray(a) for a in r["got"]] for r in results]
+    got = [
+        np.concatenate([local[0][0], local[1][0]]),
+        np.concatenate([local[0][1], local[1][1]]),
+        local[0][2] + local[1][2],
+        local[0][3] + local[1][3],
+    ]
+    # Both processes hold the same global moving statistics.
+    for i in (4, 5):
+        np.testing.assert_array_equal(local[0][i], local[1][i])
+    check(got + local[0][4:], [np.asarray(a) for a in results[0]["ref"]])
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed")
+def test_torch_synchronized_without_a_process_group_is_refused():
+    import kerasbn
+
+    layer = kerasbn.BatchNormalization(synchronized=True)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        layer(np.ones((4, 3), "float32"), training=True)
