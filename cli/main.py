@@ -184,6 +184,11 @@ def strip_biases(settings: Settings, checking: Checking, model: Path, output: Pa
     help="File format: onnx or litert (TFLite) [default: from OUT's suffix, .onnx or .tflite].",
 )
 @click.option("--fold/--no-fold", default=True, show_default=True, help="Fold BatchNormalization before converting.")
+@click.option(
+    "--compare-unfolded",
+    is_flag=True,
+    help="Also convert the unfolded model, for a 'Before fold' column in the op table (a second conversion).",
+)
 @click.option("--opset", type=click.IntRange(min=7), metavar="N", help="ONNX opset [default: tf2onnx's].")
 @click.option(
     "--dtype",
@@ -217,6 +222,7 @@ def export(
     output: Path | None,
     to: str | None,
     fold: bool,
+    compare_unfolded: bool,
     opset: int | None,
     dtype: str | None,
     int8: bool,
@@ -226,8 +232,9 @@ def export(
 ) -> int:
     """Export MODEL to ONNX or LiteRT with a dynamic batch dimension, BN folded away.
 
-    Prints the op counts before and after the fold. Nothing is written if
-    ONNX Runtime (or the LiteRT interpreter) disagrees with Keras.
+    Prints the op counts of the written graph (with --compare-unfolded, before
+    and after the fold) and what the fold did. Nothing is written if ONNX
+    Runtime (or the LiteRT interpreter) disagrees with Keras.
 
     With --int8 the verified float model is quantized with the --calibration
     rows (ONNX: ONNX Runtime's QDQ, per-channel weights; LiteRT: full-integer)
@@ -237,6 +244,7 @@ def export(
     \b
     Example:
       kerasbn export resnet.keras -o resnet.onnx --opset 17
+      kerasbn export resnet.keras -o resnet.onnx --compare-unfolded
       kerasbn export deep.keras --atol 1e-4 --rtol 1e-3
       kerasbn export net.keras -o net.tflite
       kerasbn export mixed.keras -o net.fp16.onnx --dtype float16
@@ -276,6 +284,7 @@ def export(
                 int8=rows,
                 checks=checking.checks(inputs, export=True),
                 fold=fold,
+                compare_unfolded=compare_unfolded,
                 dtype=dtype,
                 opset=opset,
                 min_agreement=min_agreement,

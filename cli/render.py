@@ -94,6 +94,13 @@ def print_export(settings: Any, result: Any, fmt: str) -> None:
 
 def _print_float_export(out: Any, result: Any) -> None:
     out.print(result)
+    if result.fold_report is not None:
+        totals = result.fold_report.to_dict()["totals"]
+        out.print(
+            f"Folded {totals['folded']} of {totals['bn_layers']} BatchNormalization layer(s) first"
+            + ("" if result.op_counts_unfolded is not None else " (--compare-unfolded: the ops before the fold)")
+            + "."
+        )
     if result.model_dtype != result.dtype:
         out.print(
             f"The model computes in {result.model_dtype}; the file holds the same weights computed in {result.dtype}"

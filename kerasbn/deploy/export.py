@@ -136,7 +136,7 @@ def export(
     checks: Checks | None = None,
     fold: bool = True,
     optimize: bool = True,
-    compare_unfolded: bool = True,
+    compare_unfolded: bool = False,
     dtype: str | None = None,
     opset: int | None = None,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
@@ -159,7 +159,8 @@ def export(
             per-channel arithmetic left over from one, reaches the graph.
         optimize: Run the target's graph passes (ONNX: `kerasbn.deploy.onnx_passes`).
         compare_unfolded: Also convert the unfolded model, for the op table's
-            "Before fold" column: a second conversion, the one optional cost.
+            "Before fold" column: a second conversion, so off by default (an
+            export costs one conversion plus its checks).
         dtype: The float type of the file: ``"float32"`` (default, also for a
             mixed-precision model: its weights computed in float32) or
             ``"float16"`` (ONNX: float16 weights and arithmetic; LiteRT: float16

@@ -20,7 +20,7 @@ from tests.cli.conftest import assert_clean_error, invoke, listing, run_script
 
 def test_export_prints_the_op_table_and_writes_beside_the_input(model_files, copy_of):
     source = copy_of(model_files["keras"])
-    result = invoke("export", source)
+    result = invoke("export", source, "--compare-unfolded")
     assert result.exit_code == 0, result.stderr
     output = source.with_name("tiny.onnx")
     assert listing(source.parent) == {"tiny.keras", "tiny.onnx"}
@@ -28,6 +28,13 @@ def test_export_prints_the_op_table_and_writes_beside_the_input(model_files, cop
         assert text in result.stdout
     ops = {node.op_type for node in onnx.load(str(output)).graph.node}
     assert "BatchNormalization" not in ops
+
+
+def test_export_says_what_the_fold_did_in_one_conversion(model_files, tmp_path):
+    result = invoke("export", model_files["keras"], "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.stderr
+    assert "Before fold" not in result.stdout and "Count" in result.stdout
+    assert "Folded 2 of 2 BatchNormalization layer(s) first (--compare-unfolded" in result.stdout
 
 
 def test_export_without_fold_and_verify(model_files, tmp_path):
@@ -70,7 +77,17 @@ def test_export_checks_at_the_given_batch_and_tolerances(model_files, tmp_path, 
 
 
 def test_export_json_and_batch_one_checks_batch_one_only(model_files, tmp_path):
-    result = invoke("export", model_files["keras"], "-o", tmp_path / "m.onnx", "--batch", "1", "--format", "json")
+    result = invoke(
+        "export",
+        model_files["keras"],
+        "-o",
+        tmp_path / "m.onnx",
+        "--batch",
+        "1",
+        "--format",
+        "json",
+        "--compare-unfolded",
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert [c["batch_size"] for c in data["checks"]] == [1]
@@ -93,7 +110,7 @@ def test_installed_script_exports(model_files, tmp_path):
     done = run_script("export", model_files["keras"], "-o", tmp_path / "m.onnx")
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-    assert "After fold" in done.stdout
+    assert "Folded 2 of 2" in done.stdout and "ONNX Runtime vs Keras" in done.stdout
 
 
 @pytest.mark.slow
@@ -154,7 +171,7 @@ def rows(tmp_path_factory):
 @pytest.mark.parametrize("fmt", sorted(SUFFIXES))
 def test_export_picks_the_format_from_the_suffix(fmt, model_files, tmp_path):
     output = tmp_path / f"m{SUFFIXES[fmt]}"
-    result = invoke("export", model_files["keras"], "-o", output)
+    result = invoke("export", model_files["keras"], "-o", output, "--compare-unfolded")
     assert result.exit_code == 0, result.stderr
     for text in ("Before fold", "After fold", f"{RUNTIMES[fmt]}, batch 1", f"{RUNTIMES[fmt]}, batch 8"):
         assert text in result.stdout
@@ -179,7 +196,7 @@ def test_int8_export_reports_and_writes(fmt, model_files, rows, tmp_path):
     result = invoke("export", model_files["keras"], "-o", output, *args)
     assert result.exit_code == 0, result.stderr
     for text in (
-        "After fold",
+        "Folded 2 of 2",
         RUNTIMES[fmt],
         "top-1 agreement",
         "calibration",

@@ -41,7 +41,7 @@ def test_failed_check_writes_nothing(fmt, tmp_path, monkeypatch):
     monkeypatch.setattr(Reference, "judge", pessimist)
     path = tmp_path / f"m{targets()[fmt].suffix}"
     with pytest.raises(ExportVerificationError, match=f"{RUNTIMES[fmt]}.*nothing written") as failure:
-        kerasbn.export(_dense_bn(), path, compare_unfolded=False)
+        kerasbn.export(_dense_bn(), path)
     assert not failure.value.result.verified
     assert list(tmp_path.iterdir()) == []
 
@@ -164,5 +164,26 @@ def test_a_file_the_runtime_cannot_run_is_one_clear_refusal(fmt, tmp_path, monke
 
     monkeypatch.setattr(type(target), "runner", lambda self, source, sig: refuses(source, sig))
     with pytest.raises(kerasbn.errors.UnsupportedModelError, match=f"{target.runtime} cannot run.*INVALID_GRAPH"):
-        kerasbn.export(_dense_bn(), tmp_path / f"m{target.suffix}", compare_unfolded=False)
+        kerasbn.export(_dense_bn(), tmp_path / f"m{target.suffix}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("compare_unfolded", [False, True])
+@pytest.mark.parametrize("fmt", sorted(RUNTIMES))
+def test_an_export_costs_one_conversion(fmt, compare_unfolded, tmp_path, monkeypatch):
+    target = targets()[fmt]
+    converted = []
+    real = type(target).convert
+
+    def counting(self, model, sig, **options):
+        converted.append(model)
+        return real(self, model, sig, **options)
+
+    monkeypatch.setattr(type(target), "convert", counting)
+    model = _dense_bn()
+    result = kerasbn.export(model, tmp_path / f"m{target.suffix}", compare_unfolded=compare_unfolded)
+    assert result.verified and len(converted) == 1 + compare_unfolded
+    assert (result.op_counts_unfolded is not None) == compare_unfolded
+    if compare_unfolded:
+        # LiteRT's converter fuses a Dense → BN itself: never more ops after the fold.
+        assert converted[0] is model and sum(result.op_counts_unfolded.values()) >= sum(result.op_counts.values())
