@@ -181,7 +181,9 @@ def signature(model: keras.Model) -> Signature:
     if fn is not None:
         structure = fn._inputs_struct
         tensors = keras.tree.flatten(structure)
-        keys = _keys(structure, [t.name for t in tensors])
+        # The input layer's name, which the file keeps: an unnamed keras.Input's tensor is named by a counter
+        # (keras_tensor_138) in the process that built it, by its layer (input_layer) once reloaded.
+        keys = _keys(structure, [_layer_name(t) for t in tensors])
         shapes = [tuple(t.shape) for t in tensors]
         dtypes = [keras.backend.standardize_dtype(t.dtype) for t in tensors]
         outputs = tuple(t.name for t in keras.tree.flatten(fn._outputs_struct))
@@ -210,6 +212,11 @@ def signature(model: keras.Model) -> Signature:
     else:
         packed = _pack_shapes(structure, iter(flat))
     return Signature(tuple(flat), packed, outputs)
+
+
+def _layer_name(tensor: Any) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    return history.operation.name if history is not None else tensor.name
 
 
 def functional_of(model: Any) -> Functional | None:

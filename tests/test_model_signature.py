@@ -129,6 +129,14 @@ def test_signature_of_every_model_kind(kind, where, tmp_path):
     np.testing.assert_array_equal(sig.random(2, 7)[0], sig.random(2, 7)[0])
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_input_names_survive_save_and_load(kind, tmp_path):
+    """A file exported from the model in memory takes the inputs the reloaded model's signature names."""
+    model = KINDS[kind][0]()
+    model.save(tmp_path / "m.keras")
+    assert kerasbn.signature(kerasbn.load_model(tmp_path / "m.keras")).names == kerasbn.signature(model).names
+
+
 def test_an_uncalled_subclassed_model_is_a_clear_error():
     with pytest.raises(UnsupportedModelError, match="no known input shape"):
         kerasbn.signature(TwoTowers())
