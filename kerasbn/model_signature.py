@@ -238,10 +238,18 @@ def _keys(structure: Any, default: list[str], shapes: bool = False) -> list[str]
     return keys
 
 
+# The names Keras makes up for an unnamed input (``input_layer_29``, ``keras_tensor_138``): their number
+# counts the layers created in the process, so the same file loaded twice gets two names.
+_AUTOMATIC = re.compile(r"(input_layer|keras_tensor)(_\d+)?")
+
+
 def _export_names(keys: list[str]) -> list[str]:
-    """One rule for every target: ``[A-Za-z0-9_]``, a leading letter, unique."""
+    """One rule for every target: ``[A-Za-z0-9_]``, a leading letter, unique; ``input`` (``input_<i>``) for a
+    name Keras made up, so that the file's inputs do not depend on what else the process built."""
     names: list[str] = []
     for i, key in enumerate(keys):
+        if key and _AUTOMATIC.fullmatch(key):
+            key = "input" if len(keys) == 1 else f"input_{i}"
         cleaned = re.sub(r"[^A-Za-z0-9_]", "_", key or "")
         name = cleaned if cleaned and cleaned[0].isalpha() else f"input_{i}"
         while name in names:

@@ -137,6 +137,16 @@ def test_input_names_survive_save_and_load(kind, tmp_path):
     assert kerasbn.signature(kerasbn.load_model(tmp_path / "m.keras")).names == kerasbn.signature(model).names
 
 
+def test_names_keras_made_up_do_not_depend_on_the_process(tmp_path):
+    """An unnamed input is ``input`` however many layers the process created before (keras-hub backbones
+    create their keras.Input when loaded)."""
+    model = _sequential_input()
+    model.save(tmp_path / "m.keras")
+    names = {tuple(kerasbn.signature(kerasbn.load_model(tmp_path / "m.keras")).names) for _ in range(2)}
+    assert names == {("input",)}
+    assert kerasbn.signature(_list_io()).names == ["a", "b"]
+
+
 def test_an_uncalled_subclassed_model_is_a_clear_error():
     with pytest.raises(UnsupportedModelError, match="no known input shape"):
         kerasbn.signature(TwoTowers())
