@@ -147,6 +147,19 @@ def test_names_keras_made_up_do_not_depend_on_the_process(tmp_path):
     assert kerasbn.signature(_list_io()).names == ["a", "b"]
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_a_mixed_precision_sequential_built_by_fit_is_fed_float32(policy, tmp_path):
+    """Keras gives it a float16 input layer and casts float32 data; its files take float32."""
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = _sequential_fit()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    model.save(tmp_path / "m.keras")
+    for m in (model, kerasbn.load_model(tmp_path / "m.keras")):
+        assert [s.dtype for s in kerasbn.signature(m).inputs] == ["float32"]
+
+
 def test_an_uncalled_subclassed_model_is_a_clear_error():
     with pytest.raises(UnsupportedModelError, match="no known input shape"):
         kerasbn.signature(TwoTowers())
