@@ -12,8 +12,8 @@ import pytest
 from tests.paths import models
 
 REPO = Path(__file__).resolve().parents[2]
-# The interpreter of the suite's own environment builds the JAX-saved files (JAX is a dev dependency).
-PYTHON = os.environ.get("KERASBN_JAX_PYTHON", sys.executable)
+# The suite's own interpreter builds the JAX-saved files (JAX is a dev dependency).
+PYTHON = sys.executable
 
 
 class ModelFiles:
