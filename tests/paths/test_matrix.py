@@ -21,6 +21,8 @@ the product deterministically:
 
 The diagonal (`DIAGONAL`: every kind, every policy and every operation at least
 once, on the cheapest models) runs in ``make test-fast``; the rest is slow.
+Measured on the shared two-core machine: the whole matrix 3.7 CPU-minutes
+(5.4 min wall, shared with other jobs), the diagonal 32 CPU-seconds.
 """
 
 from __future__ import annotations
