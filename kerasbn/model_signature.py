@@ -181,9 +181,11 @@ def signature(model: keras.Model) -> Signature:
     if fn is not None:
         structure = fn._inputs_struct
         tensors = keras.tree.flatten(structure)
-        keys = _keys(structure, [t.name for t in tensors])
+        # The input layer's name, which the file keeps: an unnamed keras.Input's tensor is named by a counter
+        # (keras_tensor_138) in the process that built it, by its layer (input_layer) once reloaded.
+        keys = _keys(structure, [_layer_name(t) for t in tensors])
         shapes = [tuple(t.shape) for t in tensors]
-        dtypes = [keras.backend.standardize_dtype(t.dtype) for t in tensors]
+        dtypes = [_fed(keras.backend.standardize_dtype(t.dtype), model) for t in tensors]
         outputs = tuple(t.name for t in keras.tree.flatten(fn._outputs_struct))
     else:
         recorded = getattr(model, "_build_shapes_dict", None) or {}
@@ -200,7 +202,7 @@ def signature(model: keras.Model) -> Signature:
         argument = argument.removesuffix("_shape") or "input"
         positional = [argument] if len(shapes) == 1 else [f"{argument}_{i}" for i in range(len(shapes))]
         keys = _keys(structure, positional, shapes=True)
-        dtype = keras.backend.standardize_dtype(getattr(model, "input_dtype", None) or "float32")
+        dtype = _fed(keras.backend.standardize_dtype(getattr(model, "input_dtype", None) or "float32"), model)
         dtypes = [dtype] * len(shapes)
         outputs = None
     names = _export_names(keys)
@@ -210,6 +212,28 @@ def signature(model: keras.Model) -> Signature:
     else:
         packed = _pack_shapes(structure, iter(flat))
     return Signature(tuple(flat), packed, outputs)
+
+
+def _fed(dtype: str, model: keras.Model) -> str:
+    """The dtype an input is fed in: float32 where Keras made a mixed-precision model's input half precision.
+
+    A Sequential built without ``keras.Input`` gets an input layer in its first
+    layer's compute dtype (float16 under ``mixed_float16``) and casts the
+    float32 data it is given, so its files take float32 like every other
+    model of the policy.
+    """
+    if dtype not in ("float16", "bfloat16"):
+        return dtype
+    policies = [getattr(layer, "dtype_policy", None) for layer in [model, *getattr(model, "layers", [])]]
+    mixed = any(
+        getattr(p, "compute_dtype", None) == dtype and getattr(p, "variable_dtype", None) == "float32" for p in policies
+    )
+    return "float32" if mixed else dtype
+
+
+def _layer_name(tensor: Any) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    return history.operation.name if history is not None else tensor.name
 
 
 def functional_of(model: Any) -> Functional | None:
@@ -231,10 +255,18 @@ def _keys(structure: Any, default: list[str], shapes: bool = False) -> list[str]
     return keys
 
 
+# The names Keras makes up for an unnamed input (``input_layer_29``, ``keras_tensor_138``): their number
+# counts the layers created in the process, so the same file loaded twice gets two names.
+_AUTOMATIC = re.compile(r"(input_layer|keras_tensor)(_\d+)?")
+
+
 def _export_names(keys: list[str]) -> list[str]:
-    """One rule for every target: ``[A-Za-z0-9_]``, a leading letter, unique."""
+    """One rule for every target: ``[A-Za-z0-9_]``, a leading letter, unique; ``input`` (``input_<i>``) for a
+    name Keras made up, so that the file's inputs do not depend on what else the process built."""
     names: list[str] = []
     for i, key in enumerate(keys):
+        if key and _AUTOMATIC.fullmatch(key):
+            key = "input" if len(keys) == 1 else f"input_{i}"
         cleaned = re.sub(r"[^A-Za-z0-9_]", "_", key or "")
         name = cleaned if cleaned and cleaned[0].isalpha() else f"input_{i}"
         while name in names:

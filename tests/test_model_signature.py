@@ -129,6 +129,37 @@ def test_signature_of_every_model_kind(kind, where, tmp_path):
     np.testing.assert_array_equal(sig.random(2, 7)[0], sig.random(2, 7)[0])
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_input_names_survive_save_and_load(kind, tmp_path):
+    """A file exported from the model in memory takes the inputs the reloaded model's signature names."""
+    model = KINDS[kind][0]()
+    model.save(tmp_path / "m.keras")
+    assert kerasbn.signature(kerasbn.load_model(tmp_path / "m.keras")).names == kerasbn.signature(model).names
+
+
+def test_names_keras_made_up_do_not_depend_on_the_process(tmp_path):
+    """An unnamed input is ``input`` however many layers the process created before (keras-hub backbones
+    create their keras.Input when loaded)."""
+    model = _sequential_input()
+    model.save(tmp_path / "m.keras")
+    names = {tuple(kerasbn.signature(kerasbn.load_model(tmp_path / "m.keras")).names) for _ in range(2)}
+    assert names == {("input",)}
+    assert kerasbn.signature(_list_io()).names == ["a", "b"]
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_a_mixed_precision_sequential_built_by_fit_is_fed_float32(policy, tmp_path):
+    """Keras gives it a float16 input layer and casts float32 data; its files take float32."""
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = _sequential_fit()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    model.save(tmp_path / "m.keras")
+    for m in (model, kerasbn.load_model(tmp_path / "m.keras")):
+        assert [s.dtype for s in kerasbn.signature(m).inputs] == ["float32"]
+
+
 def test_an_uncalled_subclassed_model_is_a_clear_error():
     with pytest.raises(UnsupportedModelError, match="no known input shape"):
         kerasbn.signature(TwoTowers())

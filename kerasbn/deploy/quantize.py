@@ -143,10 +143,15 @@ def audit_quantization(
 
     result = fold_result if fold_result is not None else fold(model)
     before_layers, after_layers = _layers_by_path(model), _layers_by_path(result.model)
+    if len(before_layers) == len(after_layers) and list(before_layers) != list(after_layers):
+        # A fold in place of a model Keras cannot rebuild (subclassed) works on a copy whose layers
+        # are the same, in the same places, under new names (conv2d_1).
+        after_layers = dict(zip(before_layers, after_layers.values()))
     rows = []
     for finding in result.report.folded:
         prefix = finding.path.rpartition("/")[0]
         partner = f"{prefix}/{finding.partner}" if prefix else finding.partner
+        partner = partner.removeprefix(f"{model.name}/")  # the traced view puts the model's own name first
         before, after = before_layers.get(partner), after_layers.get(partner)
         if before is None or after is None:
             continue

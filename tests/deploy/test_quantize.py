@@ -172,6 +172,21 @@ def test_audit_spread_is_the_spread_of_the_bn_scales(kind):
     assert not kerasbn.audit_quantization(model, threshold=50.0).layers[0].flagged
 
 
+def test_audit_sees_the_in_place_folds_of_a_subclassed_model():
+    """Folded in place on a copy whose layers Keras renames (conv2d_1): the row is still found."""
+    from tests.paths.models import IMAGE, ConvNet
+
+    model = ConvNet()
+    model(np.zeros((1, *IMAGE), "float32"))
+    gamma = np.array([1.0, 2.0, 0.5, 20.0], "float32")
+    model.bn.gamma.assign(gamma)
+    scales = gamma / np.sqrt(1.0 + model.bn.epsilon)
+    ranges = np.abs(np.asarray(model.conv.kernel)).reshape(-1, 4).max(axis=0)
+    (row,) = kerasbn.audit_quantization(model).layers
+    assert row.layer == model.conv.name and row.channels == 4
+    assert row.ratio_after == pytest.approx((ranges * scales).max() / (ranges * scales).min(), rel=1e-5)
+
+
 def test_audit_takes_a_fold_result_and_renders():
     model = randomize_bn(_dense_bn_model())
     result = kerasbn.fold(model)

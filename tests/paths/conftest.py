@@ -1,0 +1,62 @@
+"""Session caches of the user-path matrix: each model kind × policy × backend built and saved once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.paths import models
+
+REPO = Path(__file__).resolve().parents[2]
+# The suite's own interpreter builds the JAX-saved files (JAX is a dev dependency).
+PYTHON = sys.executable
+
+
+class ModelFiles:
+    """``.keras`` files and in-memory TensorFlow models, built on first use, kept for the session."""
+
+    def __init__(self, folder: Path, jax_cells: list[tuple[str, str]]) -> None:
+        self.folder = folder
+        self.jax_cells = jax_cells
+        self.memory: dict[tuple[str, str], object] = {}
+        self.jax_built = False
+
+    def model(self, kind: str, policy: str):
+        """The in-memory model (TensorFlow): the one the library front works on."""
+        if (kind, policy) not in self.memory:
+            self.memory[kind, policy] = models.build(kind, policy)
+        return self.memory[kind, policy]
+
+    def path(self, kind: str, policy: str, backend: str) -> Path:
+        path = self.folder / f"{kind}-{policy}-{backend}.keras"
+        if path.exists():
+            return path
+        if backend == "tensorflow":
+            self.model(kind, policy).save(path)
+            return path
+        if not self.jax_built:  # every JAX file of the session in one process: one JAX start-up
+            cells = [f"{k}:{p}" for k, p in self.jax_cells]
+            env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+            done = subprocess.run(
+                [PYTHON, "-m", "tests.paths.models", str(self.folder), *cells],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            self.jax_built = True
+        assert path.exists(), f"{path.name} is not among the JAX-saved files {self.jax_cells}"
+        return path
+
+
+@pytest.fixture(scope="session")
+def path_models(tmp_path_factory) -> ModelFiles:
+    from tests.paths.test_matrix import JAX_MODELS
+
+    return ModelFiles(tmp_path_factory.mktemp("paths"), list(JAX_MODELS))

@@ -1,0 +1,393 @@
+"""The paths users walk: model kind × dtype policy × where the file was saved × operation × front.
+
+Every cell either passes with its output checked against the original model
+(the folded, stripped, swapped or calibrated model reloaded and run; the
+exported file run in its own runtime), or is refused with the documented
+one-line reason and exit 2 (`REFUSED`); a combination that cannot apply is
+listed in `INAPPLICABLE` with why. No cell prints "unexpected".
+
+Dimensions: 8 model kinds × 3 policies × 2 backends (TensorFlow, JAX-saved)
+× 11 operations × 2 fronts (the library on the model, the CLI on the saved
+file) is 1056 cells, too many for the suite's time budget, so `CELLS` samples
+the product deterministically:
+
+- float32, saved by TensorFlow: every kind × every operation (the
+  keras.applications model: six of them, `APPLICATION_OPERATIONS`), the front
+  alternating between the library and the CLI along each row and column;
+- mixed_float16 and mixed_bfloat16, saved by TensorFlow: every operation on
+  two kinds (functional, Sequential built by fit), fronts alternating;
+- saved by JAX (the suite runs on TensorFlow): every operation on three kinds
+  in float32 and on one in mixed_float16, the CLI (`JAX_MODELS`).
+
+The diagonal (`DIAGONAL`: every kind, every policy and every operation at least
+once, on the cheapest models) runs in ``make test-fast``; the rest is slow.
+Measured on the shared two-core machine: the whole matrix 3.7 CPU-minutes
+(5.4 min wall, shared with other jobs), the diagonal 32 CPU-seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import keras
+import numpy as np
+import pytest
+
+import kerasbn
+from kerasbn.deploy import exact
+from kerasbn.deploy.target import targets
+from kerasbn.errors import KerasbnError
+from kerasbn.folding import plan
+from kerasbn.model_signature import signature
+from tests.cli.conftest import invoke
+from tests.paths import models
+
+OPERATIONS = (
+    "audit",
+    "audit_data",
+    "audit_quantization",
+    "fold",
+    "strip_biases",
+    "export_onnx",
+    "export_litert",
+    "int8_onnx",
+    "int8_litert",
+    "calibrate",
+    "swap",
+)
+CHEAP = ("audit", "fold", "swap")
+FRONTS = ("library", "cli")
+BACKENDS = ("tensorflow", "jax")
+EXPORTS = {"export_onnx": "onnx", "export_litert": "litert", "int8_onnx": "onnx", "int8_litert": "litert"}
+
+
+class Cell(NamedTuple):
+    kind: str
+    policy: str
+    backend: str
+    operation: str
+    front: str
+
+    @property
+    def id(self) -> str:
+        return "-".join(self)
+
+
+def _product() -> list[Cell]:
+    cells = []
+    for i, kind in enumerate(models.KINDS):
+        for j, op in enumerate(OPERATIONS):
+            if kind != "application" or op in APPLICATION_OPERATIONS:
+                cells.append(Cell(kind, "float32", "tensorflow", op, FRONTS[(i + j) % 2]))
+    for policy in models.POLICIES[1:]:
+        for i, kind in enumerate(MIXED_KINDS):
+            cells += [Cell(kind, policy, "tensorflow", op, FRONTS[(i + j) % 2]) for j, op in enumerate(OPERATIONS)]
+    for kind, policy in JAX_MODELS:
+        cells += [Cell(kind, policy, "jax", op, "cli") for op in OPERATIONS]
+    return cells
+
+
+MIXED_KINDS = ("functional", "sequential_fit")
+# MobileNetV2 (52 BN) costs a minute per export or calibration (one pass per BN) on two cores: the
+# operations that differ by model kind, not the whole row.
+APPLICATION_OPERATIONS = ("audit", "audit_quantization", "fold", "export_onnx", "int8_litert", "swap")
+
+# The JAX-saved files: built in one JAX process per session.
+JAX_MODELS = (
+    ("sequential_fit", "float32"),
+    ("dict_io", "float32"),
+    ("subclassed", "float32"),
+    ("functional", "mixed_float16"),
+)
+
+# The cheap cells that cover every kind, policy and operation at least once (`make test-fast`); the front is
+# the one `_product` gives the cell.
+DIAGONAL = {
+    ("sequential_input", "float32", "tensorflow", "export_onnx"),
+    ("sequential_fit", "float32", "tensorflow", "export_litert"),
+    ("functional", "float32", "tensorflow", "int8_onnx"),
+    ("nested", "float32", "tensorflow", "strip_biases"),
+    ("dict_io", "float32", "tensorflow", "calibrate"),
+    ("subclassed", "float32", "tensorflow", "fold"),
+    ("application", "float32", "tensorflow", "audit"),
+    ("keras_hub", "float32", "tensorflow", "audit_quantization"),
+    ("functional", "mixed_float16", "tensorflow", "fold"),
+    ("sequential_fit", "mixed_bfloat16", "tensorflow", "int8_litert"),
+    ("functional", "mixed_bfloat16", "tensorflow", "audit_data"),
+    ("sequential_fit", "mixed_float16", "tensorflow", "swap"),
+}
+
+# Cells refused by design: (kind, policy, backend, operation, front) with None for "any" → the reason's
+# words in the one-line error (exit 2), as docs/limitations.md documents it.
+REFUSED: dict[tuple[str | None, ...], str] = {
+    ("subclassed", None, None, op, None): "is subclassed and has no functional graph"
+    for op in ("audit_data", "strip_biases", "calibrate", "swap")
+}
+
+# Combinations that cannot apply, and why (none of them is in `CELLS`).
+INAPPLICABLE: dict[tuple[str | None, ...], str] = {
+    (None, None, "jax", None, "library"): "the suite runs on TensorFlow: a JAX-saved file reaches the library only "
+    "loaded from disk, which is what the CLI cell does with the same calls",
+}
+
+
+def _matches(cell: Cell, pattern: tuple[str | None, ...]) -> bool:
+    return all(p is None or p == c for p, c in zip(pattern, cell))
+
+
+def _lookup(table: dict, cell: Cell) -> str | None:
+    return next((reason for pattern, reason in table.items() if _matches(cell, pattern)), None)
+
+
+CELLS = [c for c in _product() if _lookup(INAPPLICABLE, c) is None]
+assert len(set(CELLS)) == len(CELLS) and DIAGONAL <= {c[:4] for c in CELLS}
+assert {c[0] for c in DIAGONAL} == set(models.KINDS)
+assert {c[1] for c in DIAGONAL} == set(models.POLICIES)
+assert {c[3] for c in DIAGONAL} == set(OPERATIONS)
+
+
+def _param(cell: Cell):
+    return pytest.param(cell, id=cell.id, marks=() if cell[:4] in DIAGONAL else pytest.mark.slow)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# References: the original model evaluated in float64, and the bound a candidate computing in a float type
+# must meet: 4× the original's own error in that type plus 8 unit roundoffs (relative to max|y|).
+
+ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def _flat(outputs) -> list[np.ndarray]:
+    return [np.asarray(y, np.float64) for y in keras.tree.flatten(outputs)]
+
+
+def _keras(model, x) -> list[np.ndarray]:
+    return _flat(model.predict_on_batch(x))
+
+
+def _relative(y: list[np.ndarray], z: list[np.ndarray]) -> float:
+    assert [a.shape for a in y] == [b.shape for b in z]
+    return max(float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(a))), 1e-30) for a, b in zip(y, z))
+
+
+def assert_matches_original(original, candidate: list[np.ndarray], x, dtype: str) -> float:
+    """``candidate`` (outputs on ``x`` of something computing in ``dtype``) against ``original`` in float64."""
+    exact64 = exact.evaluate(original, x, "float64")
+    own = _relative(exact64, exact.evaluate(original, x, dtype) if dtype != "float64" else exact64)
+    err = _relative(exact64, candidate)
+    bound = 4 * own + 8 * ROUNDOFF[dtype]
+    assert err <= bound, f"max|Δ|/max|y64| = {err:.3g} > {bound:.3g} (the original's own error in {dtype}: {own:.3g})"
+    return err
+
+
+def _bn_layers(model) -> list:
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True) if plan.is_bn(layer)]
+
+
+def _weights(model) -> list[np.ndarray]:
+    return [np.array(w.numpy()) for w in model.weights]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One function per operation: run it through the front, return what it produced (a model, a file or a
+# report); `_check` holds the assertions per operation, shared by both fronts.
+
+
+def _data_files(cell: Cell, folder: Path, rows: int, seed: int) -> Path:
+    arrays = models.data(cell.kind, rows, seed)
+    path = folder / f"data{seed}.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _cli(cell: Cell, path: Path, folder: Path) -> tuple[int, str, str, Path | None]:
+    op = cell.operation
+    out = None
+    if op == "audit":
+        args = ["audit", path, "--format", "json"]
+    elif op == "audit_data":
+        args = ["audit", path, "--format", "json", "--data", _data_files(cell, folder, 64, 1)]
+    elif op == "audit_quantization":
+        args = ["audit", path, "--format", "json", "--quantization"]
+    elif op in ("fold", "strip_biases", "swap"):
+        out = folder / "out.keras"
+        args = [op.replace("_", "-"), path, "-o", out]
+    elif op == "calibrate":
+        out = folder / "out.keras"
+        data = _data_files(cell, folder, CALIBRATION_ROWS, 1)
+        args = ["calibrate", path, "--data", data, "--batch-size", CALIBRATION_ROWS, "-o", out]
+    else:
+        out = folder / f"out{targets()[EXPORTS[op]].suffix}"
+        args = ["export", path, "-o", out]
+        if op.startswith("int8"):
+            args += ["--int8", "--calibration", _data_files(cell, folder, 64, 1), "--min-agreement", MIN_AGREEMENT]
+    result = invoke(*args)
+    return result.exit_code, result.stdout, result.stderr, out
+
+
+CALIBRATION_ROWS = 128
+# The matrix models are random-weight regressors whose largest outputs are near ties on some rows, so an
+# int8 file may flip the top-1 of one row in 64; `_check_int8` judges the file by its error instead.
+MIN_AGREEMENT = 0.9
+
+
+def _library(cell: Cell, model, folder: Path):
+    op = cell.operation
+    if op == "audit":
+        return kerasbn.audit(model)
+    if op == "audit_data":
+        return kerasbn.audit_statistics(model, models.as_model_input(cell.kind, models.data(cell.kind, 64, 1)))
+    if op == "audit_quantization":
+        return kerasbn.audit_quantization(model)
+    if op == "fold":
+        return kerasbn.fold(model).model
+    if op == "strip_biases":
+        return kerasbn.strip_redundant_biases(model).model
+    if op == "swap":
+        return kerasbn.swap(model).model
+    if op == "calibrate":
+        data = models.as_model_input(cell.kind, models.data(cell.kind, CALIBRATION_ROWS, 1))
+        return kerasbn.calibrate(model, data, batch_size=CALIBRATION_ROWS).model
+    out = folder / f"out{targets()[EXPORTS[op]].suffix}"
+    int8 = models.as_model_input(cell.kind, models.data(cell.kind, 64, 1)) if op.startswith("int8") else None
+    kerasbn.export(model, out, int8=int8, min_agreement=MIN_AGREEMENT)
+    return out
+
+
+def _check(cell: Cell, original, produced, x) -> None:
+    """The operation's output against the original model (``x``: seeded inputs in the model's structure)."""
+    op = cell.operation
+    bns = _bn_layers(original)
+    dtype = exact.compute_dtype(original)
+    if op in ("audit", "audit_quantization", "audit_data"):
+        report = produced
+        if op == "audit":
+            assert len(report["batch_norms"]) == len(bns)
+            folds = [f for f in report["batch_norms"] if f["foldable"]]
+            assert folds, "every matrix model has a BN after a Conv or Dense"
+        elif op == "audit_quantization":
+            rows = report["quantization"]["layers"]
+            assert rows and all(r["ratio_after"] >= 1 and np.isfinite(r["ratio_after"]) for r in rows)
+        else:
+            rows = report["statistics"]["batch_norms"]
+            assert len(rows) == len(bns)
+            assert all(np.isfinite(r["mean_shift"]) and r["variance_ratio"] > 0 for r in rows)
+        return
+    if op in EXPORTS:
+        target = targets()[EXPORTS[op]]
+        sig = signature(original)
+        got = target.runner(produced, sig)(sig.flatten(x))
+        if op.startswith("int8"):
+            _check_int8(original, [np.asarray(g, np.float64) for g in got], x)
+        else:
+            assert_matches_original(original, [np.asarray(g, np.float64) for g in got], x, "float32")
+        return
+    candidate = produced
+    if op == "calibrate":
+        _check_calibrated(cell, original, candidate)
+        return
+    assert_matches_original(original, _keras(candidate, x), x, exact.compute_dtype(candidate))
+    assert exact.compute_dtype(candidate) == dtype, "a rewrite keeps the model's dtype policy"
+    if op == "fold":
+        assert len(_bn_layers(candidate)) < len(bns) or _in_place(candidate)
+    if op == "swap":
+        assert all(type(bn) is kerasbn.BatchNormalization for bn in _bn_layers(candidate))
+
+
+def _in_place(model) -> bool:
+    """A fold in place leaves each folded BN as an exact identity (γ = 1, β = 0, μ = 0)."""
+    return any(np.all(np.asarray(bn.moving_mean) == 0) for bn in _bn_layers(model))
+
+
+# An int8 file quantizes every weight and activation to 1/127 of its range; through the few layers of the
+# matrix models the outputs move by a few steps. A file that is wrong (a weight off by 10 %, a lost bias)
+# moves them by far more. RMS relative to the outputs' RMS:
+INT8_RMS = 0.25
+
+
+def _check_int8(original, got: list[np.ndarray], x) -> None:
+    want = _keras(original, x)
+    for y, z in zip(want, got):
+        assert y.shape == z.shape
+        rms = float(np.sqrt(np.mean((y - z) ** 2)) / max(np.sqrt(np.mean(y**2)), 1e-30))
+        assert rms <= INT8_RMS, f"int8 file: RMS error {rms:.3g} of the outputs' RMS > {INT8_RMS}"
+
+
+def _check_calibrated(cell: Cell, original, calibrated) -> None:
+    """Calibrated on one batch of data, the model in inference is the original in training mode on that batch.
+
+    Both normalize each BN's input by the statistics of that batch, through BNs normalized the same way,
+    except that calibration stores the unbiased variance m/(m−1)·σ²_B: each BN's output scales by
+    √((m−1)/m), at most 1/(2(m−1)) relative with m ≥ the number of rows.
+    """
+    data = models.as_model_input(cell.kind, models.data(cell.kind, CALIBRATION_ROWS, 1))
+    fresh = _clone(original)
+    training = _flat(fresh(data, training=True))
+    inference = _keras(calibrated, data)
+    n = len(_bn_layers(original))
+    bound = n / (2 * (CALIBRATION_ROWS - 1)) + 64 * ROUNDOFF[exact.compute_dtype(original)] * n
+    err = _relative(training, inference)
+    assert err <= bound, f"calibrated vs training mode on the data: {err:.3g} > {bound:.3g}"
+
+
+def _clone(model):
+    """A copy to run in training mode (which updates the moving statistics it is given)."""
+    with keras.utils.custom_object_scope({"ConvNet": models.ConvNet}):
+        copy = keras.models.clone_model(model) if not isinstance(model, models.ConvNet) else None
+    if copy is None:
+        copy = models.ConvNet.from_config(model.get_config())
+        copy(keras.ops.zeros((1, *models.IMAGE)))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+@pytest.mark.parametrize("cell", [_param(c) for c in CELLS])
+def test_user_path(cell: Cell, path_models, tmp_path):
+    path = path_models.path(cell.kind, cell.policy, cell.backend)
+    reference = kerasbn.load_model(path)
+    before = _weights(reference)
+    x = models.as_model_input(cell.kind, models.data(cell.kind, 3, 7))
+    refusal = _lookup(REFUSED, cell)
+    if cell.front == "library":
+        model = path_models.model(cell.kind, cell.policy)
+        in_memory = _weights(model)
+        if refusal is not None:
+            with pytest.raises(KerasbnError, match=re.escape(refusal)):
+                _library(cell, model, tmp_path)
+            return
+        produced = _library(cell, model, tmp_path)
+        if cell.operation.startswith("audit"):
+            produced = _report_dict(cell.operation, produced)
+        for a, b in zip(in_memory, _weights(model)):
+            np.testing.assert_array_equal(a, b, err_msg="the library changed its input model")
+    else:
+        code, stdout, stderr, out = _cli(cell, path, tmp_path)
+        assert "unexpected" not in stdout + stderr
+        if refusal is not None:
+            assert code == 2, (code, stdout, stderr)
+            lines = stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("kerasbn: error: ") and refusal in lines[0], stderr
+            assert out is None or not out.exists(), "nothing is written on a refusal"
+            return
+        assert code == 0, (code, stdout, stderr)
+        if cell.operation.startswith("audit"):
+            produced = json.loads(stdout)
+        elif cell.operation in EXPORTS:
+            produced = out
+        else:
+            produced = kerasbn.load_model(out)
+    for a, b in zip(before, _weights(kerasbn.load_model(path))):
+        np.testing.assert_array_equal(a, b, err_msg="the input file changed")
+    _check(cell, reference, produced, x)
+
+
+def _report_dict(op: str, report) -> dict:
+    """The library's report as the CLI's JSON has it."""
+    if op == "audit":
+        return report.to_dict()
+    if op == "audit_quantization":
+        return {"quantization": report.to_dict()}
+    return {"statistics": report.to_dict()}
