@@ -559,6 +559,29 @@ def keras_outputs(model: keras.Model, inputs: Any) -> list[np.ndarray]:
     return [np.asarray(y, np.float64) for y in keras.tree.flatten(outputs)]
 
 
+def outputs_on_random(model: keras.Model, inputs: Any) -> list[np.ndarray]:
+    """`keras_outputs` on random ``inputs``; a model that rejects their made-up sizes is a user error.
+
+    An input dimension the model leaves unknown besides the batch (an image
+    backbone taking any size) gets 8 in `Signature.random`; a model may need
+    more (D-FINE's top-k needs as many positions as it has queries).
+
+    Raises:
+        kerasbn.errors.UnsupportedModelError: The model has such a dimension and fails on these inputs.
+    """
+    sig = signature(model)
+    if all(d is not None for spec in sig.inputs for d in spec.shape[1:]):
+        return keras_outputs(model, inputs)
+    try:
+        return keras_outputs(model, inputs)
+    except Exception as exc:  # noqa: BLE001 (any failure on made-up sizes: the user gives real ones)
+        shapes = ", ".join(str(tuple(a.shape)) for a in keras.tree.flatten(inputs))
+        raise UnsupportedModelError(
+            f"'{model.name}' fails on random inputs of shape {shapes} (its input sizes are not fixed): "
+            f"{exact._first_line(exc)[:160]}; give inputs of the size it takes (--inputs FILE.npz)"
+        ) from exc
+
+
 @dataclass(frozen=True)
 class Checks:
     """How a result is checked against the original model: the options export and the CLI share.
@@ -639,7 +662,10 @@ class Reference:
         self.expected, self.answers, self.noises = [], [], []
         for arrays in self.cases:
             structured = self.sig.pack(arrays)
-            outputs = keras_outputs(self.model, structured)
+            if self.checks.inputs is None:
+                outputs = outputs_on_random(self.model, structured)
+            else:
+                outputs = keras_outputs(self.model, structured)
             self.expected.append(outputs)
             answer = measured = None
             if not self.checks.elementwise and self.note is None:
@@ -806,7 +832,9 @@ def verify(
     """
     if inputs is None:
         inputs = random_inputs(reference, batch_size, seed)
-    ref = keras_outputs(reference, inputs)
+        ref = outputs_on_random(reference, inputs)
+    else:
+        ref = keras_outputs(reference, inputs)
     got = keras_outputs(candidate, inputs)
     if len(ref) != len(got):
         raise ValueError(f"The reference returns {len(ref)} outputs, the candidate {len(got)}.")
