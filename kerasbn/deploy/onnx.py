@@ -235,20 +235,14 @@ def _vectorized_map() -> Iterator[None]:
     original = core.map
 
     def vectorized(f, xs):
-        return tf.vectorized_map(f, keras_tree_map(tf.convert_to_tensor, xs), fallback_to_while_loop=True)
+        # vectorized_map converts xs (a nest of arrays) itself, as Keras's map does.
+        return tf.vectorized_map(f, xs, fallback_to_while_loop=True)
 
     core.map = vectorized
     try:
         yield
     finally:
         core.map = original
-
-
-def keras_tree_map(fn: Callable[[Any], Any], structure: Any) -> Any:
-    """``fn`` over every leaf of ``structure`` (Keras's tree, imported late like the rest of this module)."""
-    import keras
-
-    return keras.tree.map_structure(fn, structure)
 
 
 def _erfc(ctx: Any, node: Any, name: str, args: list) -> None:
