@@ -216,7 +216,7 @@ def check(original: keras.Model, candidate: keras.Model, inputs: Any) -> tuple[l
     changed = []
     for layer in _flat(original):
         other = matched[id(layer)]
-        if id(layer) in in_chains or other is None or functional_like(layer):
+        if id(layer) in in_chains or other is None or _composite(layer):
             continue
         a, b = layer.weights, other.weights
         if len(a) != len(b) or any(
@@ -237,7 +237,6 @@ def check(original: keras.Model, candidate: keras.Model, inputs: Any) -> tuple[l
     own = _evaluate(mine, xs)
     got = _evaluate(theirs, xs)
     got64 = _evaluate([[exact.layer_twin(la, "float64") for la in c] for c in theirs], x64)
-    # A mixed-precision chain's weights are float32: its float64 evaluation is judged by the original in float32.
     own_in_weights = {}
     for i, (d, w) in enumerate(zip(dtypes, weights)):
         if w != d:
@@ -270,6 +269,6 @@ def check(original: keras.Model, candidate: keras.Model, inputs: Any) -> tuple[l
     return results, changed
 
 
-def functional_like(layer: keras.layers.Layer) -> bool:
+def _composite(layer: keras.layers.Layer) -> bool:
     """A model or layer whose weights are its sublayers' (checked there): nested models and custom blocks."""
     return bool(layer._flatten_layers(include_self=False, recursive=False))
