@@ -111,6 +111,8 @@ def _print_float_export(out: Any, result: Any) -> None:
         out.print(f"Graph passes that changed it: {', '.join(result.passes)}")
     for check in result.checks:
         verdict = "ok" if check.passed else "FAILED"
+        if getattr(check, "discontinuous", None):
+            out.print(f"{check.discontinuous}: the outputs before the selection are compared.")
         out.print(
             f"{runtime} vs Keras, batch {check.batch_size}: max |Δ| {error(check.max_abs_error)}, "
             f"max |Δ|/max |y| {error(check.max_rel_error)}: {verdict}"
@@ -182,12 +184,26 @@ def print_calibrate(settings: Any, report: Any, moved: Any, output: Any, fmt: st
 def _check_lines(checks: dict[str, Any]) -> list[str]:
     if not checks:
         return ["Not verified (--no-verify)."]
-    return [
-        f"Largest error, {stage} vs original: max |Δ| {error(r.max_abs_error)} "
-        f"(max |Δ|/max |y| {error(r.max_rel_error)}), batch {r.batch_size}, margin {error(r.margin)} "
-        f"of {_allowed(r)}: {'ok' if r.passed else 'FAILED'}"
-        for stage, r in checks.items()
-    ]
+    lines = []
+    for stage, r in checks.items():
+        if getattr(r, "discontinuous", None):
+            lines.append(f"{stage.capitalize()}: {r.discontinuous}.")
+            if r.layers:
+                worst = max(r.layers, key=lambda c: c.margin)
+                lines.append(
+                    f"  {len(r.layers)} folded layers judged one by one on the inputs they receive, against "
+                    f"themselves in float64: worst '{worst.layer}' max |Δ|/max |y| {error(worst.error)}, "
+                    f"margin {error(worst.margin)}: {'ok' if all(c.passed for c in r.layers) else 'FAILED'}"
+                )
+            label = f"Largest error before the selection, {stage} vs original"
+        else:
+            label = f"Largest error, {stage} vs original"
+        lines.append(
+            f"{label}: max |Δ| {error(r.max_abs_error)} "
+            f"(max |Δ|/max |y| {error(r.max_rel_error)}), batch {r.batch_size}, margin {error(r.margin)} "
+            f"of {_allowed(r)}: {'ok' if r.passed else 'FAILED'}"
+        )
+    return lines
 
 
 def _allowed(r: Any) -> str:

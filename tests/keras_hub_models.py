@@ -169,6 +169,62 @@ def retinanet() -> keras.Model:
     )
 
 
+def d_fine() -> keras.Model:
+    """keras-hub's own D-FINE test config (``d_fine_backbone_test.py``): 49 BN, a top-k query selection.
+
+    Its input size is free (``(None, None, 3)``) and its top-k needs at least
+    ``num_queries`` = 10 positions: check it with `d_fine_batch`, not random 8×8 images.
+    """
+    encoder = _hub().HGNetV2Backbone(
+        stem_channels=[3, 8, 8],
+        stackwise_stage_filters=[[8, 8, 16, 1, 1, 3], [16, 8, 32, 1, 1, 3]],
+        apply_downsample=[False, True],
+        use_lightweight_conv_block=[False, False],
+        depths=[1, 1],
+        hidden_sizes=[16, 32],
+        embedding_size=8,
+        use_learnable_affine_block=True,
+        hidden_act="relu",
+        image_shape=(None, None, 3),
+        out_features=["stage1", "stage2"],
+    )
+    return _hub().DFineBackbone(
+        backbone=encoder,
+        decoder_in_channels=[16, 16],
+        encoder_hidden_dim=16,
+        num_denoising=10,
+        num_labels=4,
+        hidden_dim=16,
+        learn_initial_query=False,
+        num_queries=10,
+        anchor_image_size=(32, 32),
+        feat_strides=[4, 8],
+        num_feature_levels=2,
+        encoder_in_channels=[16, 32],
+        encode_proj_layers=[1],
+        num_attention_heads=2,
+        encoder_ffn_dim=32,
+        num_encoder_layers=1,
+        hidden_expansion=0.5,
+        depth_multiplier=0.5,
+        eval_idx=-1,
+        num_decoder_layers=3,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=32,
+        decoder_n_points=[2, 2],
+        lqe_hidden_dim=16,
+        num_lqe_layers=2,
+        out_features=["stage1", "stage2"],
+        image_shape=(None, None, 3),
+        seed=0,
+    )
+
+
+def d_fine_batch(batch: int = 2, seed: int = 0) -> np.ndarray:
+    """Seeded 32×32 images in [0, 1), the size of D-FINE's test config."""
+    return np.random.default_rng(seed).uniform(0, 1, (batch, 32, 32, 3)).astype("float32")
+
+
 BACKBONES: dict[str, Callable[[], keras.Model]] = {
     "HGNetV2": hgnetv2,
     "MobileNet (v3)": mobilenet_v3,

@@ -140,6 +140,36 @@ def twin(model: keras.Model, dtype: str = "float64") -> keras.Model:
     return entry
 
 
+def layer_twin(layer: keras.layers.Layer, dtype: str) -> keras.layers.Layer:
+    """``layer`` alone re-created to compute in ``dtype`` (built as ``layer`` was), with its weights (cast).
+
+    The per-layer counterpart of `twin`, for the layer-wise check of
+    `kerasbn.deploy.layerwise`; not cached (a check makes a few small layers).
+
+    Raises:
+        kerasbn.errors.UnsupportedModelError: The layer does not re-create
+            from its config, is not built by it, or gets other weights.
+    """
+    try:
+        config = _switch(keras.saving.serialize_keras_object(layer), dtype)
+    except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
+        raise UnsupportedModelError(f"layer '{layer.name}' cannot write its config: {_first_line(exc)}") from exc
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype)
+    try:
+        copy = keras.saving.deserialize_keras_object(config)
+    except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
+        raise UnsupportedModelError(f"layer '{layer.name}' cannot be re-created: {_first_line(exc)}") from exc
+    finally:
+        keras.config.set_dtype_policy(previous)
+    mine, theirs = layer.weights, copy.weights
+    if not copy.built or [tuple(w.shape) for w in mine] != [tuple(w.shape) for w in theirs]:
+        raise UnsupportedModelError(f"layer '{layer.name}' is re-created with other weights")
+    for src, dst in zip(mine, theirs):
+        dst.assign(np.asarray(keras.ops.convert_to_numpy(src.value)).astype(keras.backend.standardize_dtype(dst.dtype)))
+    return copy
+
+
 def evaluate(model: keras.Model, inputs: Any, dtype: str = "float64") -> list[np.ndarray]:
     """``model``'s inference outputs computed in ``dtype`` by its twin, flattened, as float64 arrays.
 

@@ -4,9 +4,10 @@ The conversion goes through `tf2onnx.convert.from_function` on a
 `tf.function` whose input signature has a dynamic batch dimension, the path
 Keras's own ``model.export(format="onnx")`` takes; ``from_keras`` is
 unreliable on Keras 3. While it traces, grouped convolutions are written as
-the plain TensorFlow op (`_graph_mode_grouped_conv`) and ``Erfc`` gets a
-conversion (`_erfc`), so keras-hub's depthwise-as-grouped convolutions and
-exact GELU convert. The passes of `kerasbn.deploy.onnx_passes` then fuse
+the plain TensorFlow op (`_graph_mode_grouped_conv`), ``keras.ops.map`` as a
+vectorized map (`_vectorized_map`) and ``Erfc`` gets a conversion (`_erfc`),
+so keras-hub's depthwise-as-grouped convolutions, D-FINE's per-sample query
+gathers and exact GELU convert. The passes of `kerasbn.deploy.onnx_passes` then fuse
 what a ``Conv``, ``ConvTranspose`` or ``Gemm`` can carry. The pipeline
 (`kerasbn.deploy.export`) runs the file in ONNX Runtime and judges it.
 
@@ -111,7 +112,7 @@ def to_onnx(model: Any, sig: Any = None, *, opset: int | None = None) -> Any:
     forward = sig.forward(model)
 
     function = tf.function(forward, input_signature=specs, autograph=False)
-    with _tf2onnx() as tf2onnx, _graph_mode_grouped_conv():
+    with _tf2onnx() as tf2onnx, _graph_mode_grouped_conv(), _vectorized_map():
         try:
             try:
                 with _optimizer_without_copies():
@@ -271,6 +272,33 @@ def _graph_mode_grouped_conv() -> Iterator[None]:
         yield
     finally:
         nn.conv = original
+
+
+@contextlib.contextmanager
+def _vectorized_map() -> Iterator[None]:
+    """While tracing, ``keras.ops.map`` is TensorFlow's ``vectorized_map``: batched ops instead of a loop.
+
+    Keras traces ``keras.ops.map`` as a ``tf.map_fn``, a while loop over the
+    batch that tf2onnx writes as an ONNX ``Loop`` of per-sample slices.
+    ``vectorized_map`` computes the same values with the batched form of each
+    op (a per-sample gather becomes one ``GatherV2`` with ``batch_dims``: D-FINE's
+    query selection), and falls back to the loop for ops it cannot batch.
+    The batch stays dynamic. Restored afterwards, like `_graph_mode_grouped_conv`.
+    """
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import core
+
+    original = core.map
+
+    def vectorized(f, xs):
+        # vectorized_map converts xs (a nest of arrays) itself, as Keras's map does.
+        return tf.vectorized_map(f, xs, fallback_to_while_loop=True)
+
+    core.map = vectorized
+    try:
+        yield
+    finally:
+        core.map = original
 
 
 def _erfc(ctx: Any, node: Any, name: str, args: list) -> None:

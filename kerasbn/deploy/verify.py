@@ -29,6 +29,7 @@ import keras
 import numpy as np
 
 from kerasbn.deploy import exact
+from kerasbn.deploy.layerwise import LayerCheck
 from kerasbn.deploy.tolerances import (
     ATOL,
     EXACT_CEILING,
@@ -88,6 +89,12 @@ class VerifyResult:
             largest over outputs (``None`` unless ``reference == "float64"``).
         float64_error: The candidate's own ``max|Δ|/max|y_ref|`` evaluated in
             float64 (``None`` when not evaluated: not a Keras model, or no twin).
+        discontinuous: Why the whole-model check did not apply (outputs that
+            follow a top-k, arg-max or NMS), or ``None`` when it did. Then each
+            folded layer is judged on the inputs it receives
+            (`kerasbn.deploy.layerwise`, in ``layers``) and only the outputs
+            computed before any selection are compared whole (the other fields).
+        layers: The per-layer checks of a discontinuous model (empty otherwise).
     """
 
     passed: bool
@@ -106,10 +113,12 @@ class VerifyResult:
     dtype: str | None = None
     own_error: float | None = None
     float64_error: float | None = None
+    discontinuous: str | None = None
+    layers: tuple[LayerCheck, ...] = ()
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of the fields (an infinite margin or error as the string ``"inf"``)."""
-        return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
+        return _json_ready(asdict(self))
 
     def __str__(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
@@ -212,6 +221,14 @@ def compare(
     )
 
 
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return "inf" if isinstance(value, float) and math.isinf(value) else value
+
+
 def _ratio(a: float, b: float) -> float:
     """``a / b`` with ``0/0 = 0`` and ``x/0 = inf``."""
     if b > 0:
@@ -253,11 +270,11 @@ def exact_reference(
             got = list(outputs) if outputs is not None else keras_outputs(model, inputs)
         else:
             got = exact.evaluate(model, inputs, dtype)
-        own[dtype] = [_relative(y, z) for y, z in zip(truth, got)]
+        own[dtype] = [relative_error(y, z) for y, z in zip(truth, got)]
     return ExactReference(truth, own)
 
 
-def _relative(y: np.ndarray, z: np.ndarray) -> float:
+def relative_error(y: np.ndarray, z: np.ndarray) -> float:
     """``max|z − y| / max|y|``, NaN as infinite, a shape mismatch infinite."""
     y = np.asarray(y, np.float64)
     z = np.asarray(z, np.float64)
@@ -323,7 +340,7 @@ def judge(
             passed, margin = False, float("inf")
             errors.append([float("inf")])
             continue
-        rel = [_relative(y, z) for y, z in zip(truth, outputs)]
+        rel = [relative_error(y, z) for y, z in zip(truth, outputs)]
         errors.append(rel)
         for err, own in zip(rel, reference.own[kind]):
             allowed = allowed_error(own, kind)
@@ -373,6 +390,128 @@ def judge(
         dtype,
         own,
         max(errors[1], default=0.0) if float64 is not None else None,
+    )
+
+
+_SELECTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def discontinuity(model: keras.Model, outputs: int) -> tuple[str, list[int]] | None:
+    """Why no whole-model comparison can judge ``model``, and its outputs that can still be compared; or ``None``.
+
+    An output computed from a selection (top-k, arg-max, NMS: the ops of
+    `kerasbn.folding.dataflow.SELECTION_OPS` in the traced inference) jumps
+    when a rounding error reorders the candidates, by as much as the output
+    itself. The outputs computed before any selection (D-FINE's encoder
+    outputs and class scores, which feed its top-k) stay continuous. Found on
+    the TensorFlow backend, by tracing (once per model); elsewhere, or where
+    the model cannot be traced, every output is taken as continuous.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return None
+    found = _SELECTIONS.get(model)
+    if found is None:
+        from kerasbn.folding import dataflow
+
+        try:
+            found = dataflow.selections(model)
+        except UnsupportedModelError:
+            found = ((), ())
+        _SELECTIONS[model] = found
+    ops, flags = found
+    if not ops:
+        return None
+    if len(flags) != outputs:
+        flags = (True,) * outputs
+    if not any(flags):
+        return None
+    why = f"whole-model check not applicable: {sum(flags)} of {outputs} outputs follow {', '.join(ops)} (discontinuous)"
+    return why, [i for i, f in enumerate(flags) if not f]
+
+
+def _subset(reference: ExactReference, keep: Sequence[int]) -> ExactReference:
+    return ExactReference(
+        [reference.outputs[i] for i in keep], {k: [v[i] for i in keep] for k, v in reference.own.items()}
+    )
+
+
+def _discontinuous(
+    why: str,
+    keep: Sequence[int],
+    reference: ExactReference,
+    got: Sequence[np.ndarray],
+    *,
+    dtype: str,
+    batch_size: int,
+    float64: Sequence[np.ndarray] | None = None,
+    weights_dtype: str = "float32",
+    layers: Sequence[LayerCheck] | None = None,
+    changed: Sequence[str] = (),
+    failure: str | None = None,
+) -> VerifyResult:
+    """The verdict on a discontinuous model: its continuous outputs by `judge`, its folded layers one by one.
+
+    ``layers`` is ``None`` for a candidate that is no Keras model (an
+    exported file): then only the continuous outputs are compared, and a
+    file without any fails. ``failure`` says why the layers could not be checked.
+    """
+    whole = None
+    if keep:
+        whole = judge(
+            _subset(reference, keep),
+            [got[i] for i in keep],
+            dtype=dtype,
+            batch_size=batch_size,
+            float64=None if float64 is None else [float64[i] for i in keep],
+            weights_dtype=weights_dtype,
+        )
+    parts = [why]
+    passed = whole is None or whole.passed
+    margin = whole.margin if whole is not None else 0.0
+    allowed = whole.allowed if whole is not None else None
+    if failure is not None:
+        passed, margin = False, float("inf")
+        parts.append(failure)
+    elif layers is None:
+        if whole is None:
+            passed, margin = False, float("inf")
+            parts.append("every output follows a selection: nothing to compare")
+    else:
+        if layers:
+            worst = max(layers, key=lambda c: c.margin)
+            parts.append(
+                f"{len(layers)} folded layer(s) each judged on the inputs it receives against itself in float64 "
+                f"by the same rule (worst '{worst.layer}': max|Δ|/max|y| {worst.error:.2g}, margin {worst.margin:.2g})"
+            )
+            passed = passed and all(c.passed for c in layers)
+            if worst.margin >= margin:
+                margin, allowed = worst.margin, worst.allowed
+        if changed:
+            passed, margin = False, float("inf")
+            parts.append(f"weights changed outside the folds: {', '.join(changed[:3])}")
+        else:
+            parts.append("every other layer holds the original's weights")
+    if whole is not None:
+        parts.append(f"the {len(keep)} output(s) before the selection {whole.tolerance}")
+    return VerifyResult(
+        passed,
+        whole.max_abs_error if whole is not None else 0.0,
+        whole.max_rel_error if whole is not None else 0.0,
+        whole.max_abs_reference if whole is not None else 0.0,
+        None,
+        None,
+        "; ".join(parts),
+        len(reference.outputs),
+        batch_size,
+        allowed,
+        margin,
+        None,
+        "float64",
+        dtype,
+        whole.own_error if whole is not None else None,
+        whole.float64_error if whole is not None else None,
+        why,
+        tuple(layers or ()),
     )
 
 
@@ -426,6 +565,29 @@ def keras_outputs(model: keras.Model, inputs: Any) -> list[np.ndarray]:
     """``model``'s inference outputs, flattened, as float64 arrays (`kerasbn.deploy.exact.inference`)."""
     outputs = exact.inference(model)(inputs)
     return [np.asarray(y, np.float64) for y in keras.tree.flatten(outputs)]
+
+
+def outputs_on_random(model: keras.Model, inputs: Any) -> list[np.ndarray]:
+    """`keras_outputs` on random ``inputs``; a model that rejects their made-up sizes is a user error.
+
+    An input dimension the model leaves unknown besides the batch (an image
+    backbone taking any size) gets 8 in `Signature.random`; a model may need
+    more (D-FINE's top-k needs as many positions as it has queries).
+
+    Raises:
+        kerasbn.errors.UnsupportedModelError: The model has such a dimension and fails on these inputs.
+    """
+    sig = signature(model)
+    if all(d is not None for spec in sig.inputs for d in spec.shape[1:]):
+        return keras_outputs(model, inputs)
+    try:
+        return keras_outputs(model, inputs)
+    except Exception as exc:  # noqa: BLE001 (any failure on made-up sizes: the user gives real ones)
+        shapes = ", ".join(str(tuple(a.shape)) for a in keras.tree.flatten(inputs))
+        raise UnsupportedModelError(
+            f"'{model.name}' fails on random inputs of shape {shapes} (its input sizes are not fixed): "
+            f"{exact._first_line(exc)[:160]}; give inputs of the size it takes (--inputs FILE.npz)"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -498,6 +660,7 @@ class Reference:
     answers: list[ExactReference | None] = field(init=False)
     noises: list[list[float] | None] = field(init=False)
     note: str | None = field(init=False, default=None)
+    discontinuity: tuple[str, list[int]] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.sig = signature(self.model)
@@ -507,7 +670,10 @@ class Reference:
         self.expected, self.answers, self.noises = [], [], []
         for arrays in self.cases:
             structured = self.sig.pack(arrays)
-            outputs = keras_outputs(self.model, structured)
+            if self.checks.inputs is None:
+                outputs = outputs_on_random(self.model, structured)
+            else:
+                outputs = keras_outputs(self.model, structured)
             self.expected.append(outputs)
             answer = measured = None
             if not self.checks.elementwise and self.note is None:
@@ -519,6 +685,8 @@ class Reference:
                 measured = noise(self.model, structured, outputs)
             self.answers.append(answer)
             self.noises.append(measured)
+        if any(a is not None for a in self.answers):
+            self.discontinuity = discontinuity(self.model, len(self.expected[0]))
 
     def judge(self, run: Callable[[list[np.ndarray]], Sequence[np.ndarray]]) -> tuple[VerifyResult, ...]:
         """``run`` (flat input arrays in Keras order → outputs) on every case, each judged once."""
@@ -530,6 +698,9 @@ class Reference:
                 result = compare(expected, got, batch_size=batch, atol=self.checks.atol, rtol=self.checks.rtol)
             elif answer is None:
                 result = compare(expected, got, batch_size=batch, noise=measured, note=self.note)
+            elif self.discontinuity is not None:
+                # An exported graph has no layers to check one by one: its outputs before the selection are judged.
+                result = _discontinuous(*self.discontinuity, answer, got, dtype=self.dtype, batch_size=batch)
             else:
                 result = judge(answer, got, dtype=self.dtype, batch_size=batch, weights_dtype=self.dtype)
             results.append(result)
@@ -591,6 +762,28 @@ def _judged(
         except UnsupportedModelError:
             # The candidate in its own float type is still judged by the exact answer.
             float64 = None
+    found = discontinuity(model, len(expected))
+    if found is not None:
+        from kerasbn.deploy import layerwise
+
+        layers, changed, failure = None, (), None
+        if candidate is not None:
+            try:
+                layers, changed = layerwise.check(model, candidate, inputs)
+            except UnsupportedModelError as exc:
+                failure = f"the folded layers cannot be checked one by one: {exc}"
+        return _discontinuous(
+            *found,
+            reference,
+            got,
+            dtype=dtype,
+            batch_size=batch,
+            float64=float64,
+            weights_dtype=weights,
+            layers=layers,
+            changed=changed,
+            failure=failure,
+        )
     result = judge(reference, got, dtype=dtype, batch_size=batch, float64=float64, weights_dtype=weights)
     if candidate is not None and float64 is None:
         result = dataclasses.replace(result, tolerance=result.tolerance + " (the candidate has no float64 twin)")
@@ -647,7 +840,9 @@ def verify(
     """
     if inputs is None:
         inputs = random_inputs(reference, batch_size, seed)
-    ref = keras_outputs(reference, inputs)
+        ref = outputs_on_random(reference, inputs)
+    else:
+        ref = keras_outputs(reference, inputs)
     got = keras_outputs(candidate, inputs)
     if len(ref) != len(got):
         raise ValueError(f"The reference returns {len(ref)} outputs, the candidate {len(got)}.")

@@ -188,3 +188,89 @@ def _handle(variable: keras.Variable) -> Any:
     """The TensorFlow resource handle behind a Keras variable (what a trace captures)."""
     value = getattr(variable, "_value", None)
     return getattr(value if value is not None else variable.value, "handle", None)
+
+
+# Ops whose outputs jump when their inputs move by a rounding error: which
+# elements a top-k, an arg-max or a non-maximum suppression selects.
+SELECTION_OPS = frozenset(
+    {
+        "TopKV2",
+        "TopK",
+        "ArgMax",
+        "ArgMin",
+        "NonMaxSuppression",
+        "NonMaxSuppressionV2",
+        "NonMaxSuppressionV3",
+        "NonMaxSuppressionV4",
+        "NonMaxSuppressionV5",
+        "NonMaxSuppressionWithOverlaps",
+        "CombinedNonMaxSuppression",
+    }
+)
+
+
+def selections(model: keras.Model) -> tuple[tuple[str, ...], tuple[bool, ...]]:
+    """The selection ops (`SELECTION_OPS`) in ``model``'s traced inference, and which outputs depend on one.
+
+    Returns the op types found (sorted, each once) and, per output in
+    `keras.tree.flatten` order, whether it is computed from a selection: such
+    an output is discontinuous, so comparing it across evaluation orders
+    says nothing about rounding. Ops inside loop bodies and called functions
+    (a ``keras.ops.map``) count for the op that runs them.
+
+    Raises:
+        kerasbn.errors.UnsupportedModelError: The model cannot be traced.
+    """
+    tf_graph = trace(model)
+    library = {f.signature.name: f for f in tf_graph.as_graph_def().library.function}
+    function_selects: dict[str, str | None] = {}
+
+    def called(attrs: Any) -> list[str]:
+        names = []
+        for value in attrs.values():
+            if value.HasField("func"):
+                names.append(value.func.name)
+            names.extend(f.name for f in value.list.func)
+        return names
+
+    def in_function(name: str) -> str | None:
+        if name not in function_selects:
+            function_selects[name] = None  # a recursive call adds nothing
+            found = None
+            for node in getattr(library.get(name), "node_def", ()):
+                found = (
+                    node.op
+                    if node.op in SELECTION_OPS
+                    else next(filter(None, map(in_function, called(node.attr))), None)
+                )
+                if found:
+                    break
+            function_selects[name] = found
+        return function_selects[name]
+
+    def selects(op: Any) -> str | None:
+        if op.type in SELECTION_OPS:
+            return op.type
+        return next(filter(None, map(in_function, called(op.node_def.attr))), None)
+
+    found = {op.name: selects(op) for op in tf_graph.get_operations()}
+    downstream: dict[str, bool] = {}
+
+    def depends(op: Any) -> bool:
+        # Iterative: a deep network's graph would overflow Python's recursion limit.
+        stack = [op]
+        while stack:
+            top = stack[-1]
+            if top.name in downstream:
+                stack.pop()
+                continue
+            pending = [t.op for t in top.inputs if t.op.name not in downstream]
+            if pending:
+                stack.extend(pending)
+                continue
+            downstream[top.name] = bool(found[top.name]) or any(downstream[t.op.name] for t in top.inputs)
+            stack.pop()
+        return downstream[op.name]
+
+    flags = tuple(depends(t.op) for t in tf_graph.outputs)
+    return tuple(sorted({kind for kind in found.values() if kind})), flags

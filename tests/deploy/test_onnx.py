@@ -142,6 +142,26 @@ def test_grouped_convolution_is_one_onnx_conv_with_its_group(groups, tmp_path):
     assert [_attribute(n, "group") for n in convs] == [groups]
 
 
+def test_a_per_sample_map_exports_as_batched_ops_with_a_dynamic_batch(tmp_path):
+    # keras.ops.map traces to a while loop; D-FINE gathers its top-k queries per sample this way.
+    x = keras.Input((6, 3), name="x")
+    scores = L.Dense(1, name="score")(x)[..., 0]
+    picked = keras.ops.top_k(scores, 4)[1]
+    gathered = keras.ops.map(lambda pair: keras.ops.take(pair[0], pair[1], axis=0), (x, picked))
+    model = keras.Model(x, {"gathered": gathered, "scores": scores})
+    data = np.random.default_rng(4).standard_normal((5, 6, 3)).astype("float32")
+    result = kerasbn.export_onnx(model, tmp_path / "map.onnx", fold=False, inputs=data)
+    assert result.verified and "Loop" not in result.op_counts and "TopK" in result.op_counts
+    from kerasbn.deploy.runtime import onnx_runner
+
+    run = onnx_runner(tmp_path / "map.onnx")
+    for batch in (1, 5):
+        got, got_scores = run([data[:batch]])
+        # The rows the file's own scores select, picked in NumPy: a copy, so exactly equal.
+        order = np.argsort(-got_scores, axis=1, kind="stable")[:, :4]
+        np.testing.assert_array_equal(got, np.take_along_axis(data[:batch], order[..., None], axis=1))
+
+
 def test_exact_gelu_matches_a_float64_reference(tmp_path):
     # Keras's exact GELU is 0.5·x·erfc(−x/√2): ONNX has no Erfc.
     model = _model((64,), [lambda: L.Activation(keras.activations.gelu)])

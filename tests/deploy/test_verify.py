@@ -281,3 +281,76 @@ def test_a_model_too_noisy_to_check_fails():
     y, z = np.array([1.0, 2.0]), np.array([1.0, 2.2])
     result = compare([y], [z], batch_size=2, noise=[0.5])
     assert not result.passed and result.allowed == RELATIVE_CEILING
+
+
+# Discontinuous models: a top-k or arg-max after the network; each folded layer is judged on its own inputs.
+
+SELECTIONS = {"argmax": lambda y: keras.ops.argmax(y, -1), "top_k": lambda y: keras.ops.top_k(y, 2)[1]}
+
+
+def _selecting(policy: str, selection: str) -> keras.Model:
+    """Conv → BN → ReLU → pooling → BN → Dense: the logits, and the classes a selection picks from them."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        x = keras.Input((8, 8, 3))
+        h = L.ReLU()(L.BatchNormalization(name="bn0")(L.Conv2D(6, 3, name="conv")(x)))
+        logits = L.Dense(5, name="head")(L.BatchNormalization(name="bn1")(L.GlobalAveragePooling2D()(h)))
+        model = keras.Model(x, {"logits": logits, "picked": SELECTIONS[selection](logits)})
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return randomize_biases(randomize_bn(model))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+def test_a_discontinuous_model_is_judged_layer_by_layer(selection, policy):
+    model = _selecting(policy, selection)
+    folded = kerasbn.fold(model).model
+    good = kerasbn.verify(model, folded, seed=2)
+    op = {"argmax": "ArgMax", "top_k": "TopKV2"}[selection]
+    assert good.passed and good.discontinuous is not None and op in good.discontinuous
+    assert "not applicable" in good.tolerance and "1 of 2 outputs" in good.discontinuous
+    # Both folds checked on their own inputs, each against itself in float64 by the whole-model rule.
+    assert {c.layer for c in good.layers} == {"conv", "head"} and all(c.passed for c in good.layers)
+    assert all(c.margin <= 1 and c.float64_error is not None and c.error > 0 for c in good.layers)
+    assert all(c.dtype == exact.compute_dtype(model) for c in good.layers)
+    assert json.loads(json.dumps(good.to_dict())) == good.to_dict()
+    for layer in ("conv", "head"):
+        for what in ("wrong_axis", "wrong_scale", "wrong_bias"):
+            bad = kerasbn.verify(model, _corrupt(folded, layer, what), seed=2)
+            failed = [c.layer for c in bad.layers if not c.passed]
+            assert not bad.passed and bad.margin > 1 and failed == [layer], (layer, what)
+
+
+def test_a_discontinuous_model_fails_where_a_layer_outside_the_folds_changed():
+    x = keras.Input((8, 8, 3))
+    h = L.ReLU()(L.BatchNormalization(name="bn0")(L.Conv2D(6, 3, name="conv")(x)))
+    h = L.Dense(4, name="extra")(L.GlobalAveragePooling2D()(h))
+    model = randomize_bn(keras.Model(x, {"h": h, "picked": keras.ops.argmax(h, -1)}))
+    folded = kerasbn.fold(model).model
+    assert kerasbn.verify(model, folded).passed
+    extra = folded.get_layer("extra")
+    extra.bias.assign(np.asarray(extra.bias) + 1e-6)
+    bad = kerasbn.verify(model, folded)
+    assert not bad.passed and "weights changed outside the folds: extra" in bad.tolerance
+
+
+def test_an_exported_graph_of_a_discontinuous_model_is_judged_by_its_outputs_before_the_selection():
+    model = _selecting("float32", "top_k")
+    sig = kerasbn.signature(model)
+    order = sorted(["logits", "picked"])  # keras.tree.flatten's order of a dict
+
+    def run(arrays, shift=0.0, permute=False):
+        out = model.predict_on_batch(sig.pack(arrays))
+        logits = np.asarray(out["logits"]) * (1 + shift)
+        picked = np.asarray(out["picked"])[:, ::-1] if permute else np.asarray(out["picked"])
+        return [logits if k == "logits" else picked for k in order]
+
+    (same,) = verify_module.check_runtime(model, run, [4])
+    assert same.passed and same.discontinuous is not None and not same.layers
+    # Another selection (a rounding error can reorder near-ties) is no failure; the continuous outputs are judged.
+    (reordered,) = verify_module.check_runtime(model, lambda a: run(a, permute=True), [4])
+    assert reordered.passed
+    (wrong,) = verify_module.check_runtime(model, lambda a: run(a, shift=DELTA), [4])
+    assert not wrong.passed and wrong.margin > 1

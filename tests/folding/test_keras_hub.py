@@ -66,3 +66,78 @@ def test_efficientnet_test_config_folds_within_its_float32_error():
     conv = [la for la in result.model._flatten_layers(recursive=True) if la.name.endswith("project_conv")][-1]
     conv.kernel.assign(np.asarray(conv.kernel) * 1.001)
     assert not kerasbn.verify(model, result.model, x).passed
+
+
+# D-FINE: its query selection (top-k) makes its outputs discontinuous, so folds are verified layer by layer.
+
+
+@pytest.fixture(scope="module")
+def d_fine_model():
+    from tests.keras_hub_models import d_fine
+
+    return trained_like(d_fine())
+
+
+@pytest.mark.slow
+def test_d_fine_folds_verified_layer_by_layer_library_and_cli(d_fine_model, tmp_path):
+    import json
+
+    import keras
+
+    from tests.cli.conftest import assert_clean_error, invoke
+    from tests.keras_hub_models import d_fine_batch
+
+    model, x = d_fine_model, d_fine_batch(seed=1)
+    result = kerasbn.fold(model)
+    assert len(result.report.folded) == count_bn(model) == 49
+    good = kerasbn.verify(model, result.model, x)
+    assert good.passed and "TopKV2" in good.discontinuous and len(good.layers) == 49
+    assert all(c.passed and c.margin <= 1 for c in good.layers)
+    partner = next(
+        layer
+        for layer in result.model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.Conv2D) and layer.name == "lateral_conv_1_convolution"
+    )
+    partner.kernel.assign(np.asarray(partner.kernel) * np.float32(1.001))  # a 0.1 % wrong scale
+    bad = kerasbn.verify(model, result.model, x)
+    assert not bad.passed and [c.layer.split("/")[-1] for c in bad.layers if not c.passed] == [partner.name]
+
+    kerasbn.save_model(model, tmp_path / "d_fine.keras")
+    np.savez(tmp_path / "x.npz", pixel_values=x)
+    cli = invoke(
+        "fold",
+        tmp_path / "d_fine.keras",
+        "-o",
+        tmp_path / "f.keras",
+        "--inputs",
+        tmp_path / "x.npz",
+        "--format",
+        "json",
+    )
+    assert cli.exit_code == 0, cli.output
+    checks = json.loads(cli.stdout)["verification"]
+    for stage in ("rewritten", "reloaded"):
+        assert (
+            checks[stage]["passed"]
+            and "TopKV2" in checks[stage]["discontinuous"]
+            and len(checks[stage]["layers"]) == 49
+        )
+    # Random 8×8 images are too small for its top-k of 10 queries: one line, exit 2, nothing written.
+    refused = invoke("fold", tmp_path / "d_fine.keras", "-o", tmp_path / "g.keras")
+    assert_clean_error(refused.exit_code, refused.stdout, refused.stderr)
+    assert "--inputs" in refused.stderr and not (tmp_path / "g.keras").exists()
+
+
+@pytest.mark.slow
+def test_d_fine_exports_to_onnx_judged_before_its_selection(d_fine_model, tmp_path):
+    from kerasbn.deploy.verify import Checks
+    from tests.keras_hub_models import d_fine_batch
+
+    result = kerasbn.export(
+        d_fine_model, tmp_path / "d_fine.onnx", checks=Checks(inputs=d_fine_batch(seed=2)), compare_unfolded=False
+    )
+    assert result.verified and "BatchNormalization" not in result.op_counts
+    # keras.ops.map (its per-sample query gathers) is batched, not a Loop; the top-k is ONNX's own.
+    assert "Loop" not in result.op_counts and result.op_counts["TopK"] == 4
+    for check in result.checks:
+        assert check.passed and "TopKV2" in check.discontinuous and check.margin <= 1
