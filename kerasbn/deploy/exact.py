@@ -240,3 +240,17 @@ def _first_line(exc: Exception) -> str:
         told = [ln for ln in lines if not ln.startswith(("[[", "File ", "Detected at node", "Graph execution"))]
         lines = told[-1:] or lines
     return lines[0] if lines else type(exc).__name__
+
+
+def relative_error(y: np.ndarray, z: np.ndarray) -> float:
+    """``max|z − y| / max|y|``, NaN as infinite, a shape mismatch infinite (0/0 = 0, x/0 = inf)."""
+    y = np.asarray(y, np.float64)
+    z = np.asarray(z, np.float64)
+    if y.shape != z.shape:
+        return float("inf")
+    if not y.size:
+        return 0.0
+    err, scale = float(np.max(np.nan_to_num(np.abs(z - y), nan=np.inf))), float(np.max(np.abs(y)))
+    if scale > 0:
+        return err / scale
+    return 0.0 if err == 0 else float("inf")

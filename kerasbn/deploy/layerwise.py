@@ -25,7 +25,7 @@ The candidate's layers are matched to the original's in their flattened order
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,8 +197,13 @@ def _path(layer: keras.layers.Layer) -> str:
     return "/".join(weights[0].path.split("/")[:-1]) if weights else layer.name
 
 
-def check(original: keras.Model, candidate: keras.Model, inputs: Any) -> tuple[list[LayerCheck], list[str]]:
+def check(
+    original: keras.Model, candidate: keras.Model, inputs: Any, judge: Callable[..., Any]
+) -> tuple[list[LayerCheck], list[str]]:
     """Judge every folded layer of ``candidate`` on the inputs it receives in ``original`` (module docstring).
+
+    ``judge`` is `kerasbn.deploy.verify.judge_exact`, the whole-model check's
+    rule (passed in: this module measures, `kerasbn.deploy.verify` judges).
 
     Returns the per-layer checks and the layers outside the folds whose
     weights differ from the original's (there should be none).
@@ -208,8 +213,6 @@ def check(original: keras.Model, candidate: keras.Model, inputs: Any) -> tuple[l
             be matched to the original's, the inputs cannot be captured, or a
             layer has no float64 twin.
     """
-    from kerasbn.deploy.verify import ExactReference, judge, relative_error
-
     chains = _chains(original)
     matched = _match(original, candidate)
     in_chains = {id(layer) for c in chains for layer in c.layers}
@@ -246,19 +249,24 @@ def check(original: keras.Model, candidate: keras.Model, inputs: Any) -> tuple[l
             own_in_weights[i] = _evaluate([twins], _cast([xs[i]], w))[0]
     results = []
     for i, chain in enumerate(chains):
-        errors = {dtypes[i]: [relative_error(truth[i], own[i])]}
+        errors = {dtypes[i]: [exact.relative_error(truth[i], own[i])]}
         if i in own_in_weights:
-            errors[weights[i]] = [relative_error(truth[i], own_in_weights[i])]
-        reference = ExactReference([truth[i]], errors)
+            errors[weights[i]] = [exact.relative_error(truth[i], own_in_weights[i])]
         result = judge(
-            reference, [got[i]], dtype=dtypes[i], batch_size=len(xs[i]), float64=[got64[i]], weights_dtype=weights[i]
+            [truth[i]],
+            errors,
+            [got[i]],
+            dtype=dtypes[i],
+            batch_size=len(xs[i]),
+            float64=[got64[i]],
+            weights_dtype=weights[i],
         )
         results.append(
             LayerCheck(
                 _path(chain.partner),
                 tuple(_path(bn) for bn in chain.bns),
                 result.passed,
-                relative_error(truth[i], got[i]),
+                exact.relative_error(truth[i], got[i]),
                 errors[dtypes[i]][0],
                 result.float64_error,
                 result.allowed,

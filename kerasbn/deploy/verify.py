@@ -270,19 +270,8 @@ def exact_reference(
             got = list(outputs) if outputs is not None else keras_outputs(model, inputs)
         else:
             got = exact.evaluate(model, inputs, dtype)
-        own[dtype] = [relative_error(y, z) for y, z in zip(truth, got)]
+        own[dtype] = [exact.relative_error(y, z) for y, z in zip(truth, got)]
     return ExactReference(truth, own)
-
-
-def relative_error(y: np.ndarray, z: np.ndarray) -> float:
-    """``max|z − y| / max|y|``, NaN as infinite, a shape mismatch infinite."""
-    y = np.asarray(y, np.float64)
-    z = np.asarray(z, np.float64)
-    if y.shape != z.shape:
-        return float("inf")
-    if not y.size:
-        return 0.0
-    return _ratio(float(np.max(np.nan_to_num(np.abs(z - y), nan=np.inf))), float(np.max(np.abs(y))))
 
 
 def allowed_error(own: float, dtype: str) -> float:
@@ -340,7 +329,7 @@ def judge(
             passed, margin = False, float("inf")
             errors.append([float("inf")])
             continue
-        rel = [relative_error(y, z) for y, z in zip(truth, outputs)]
+        rel = [exact.relative_error(y, z) for y, z in zip(truth, outputs)]
         errors.append(rel)
         for err, own in zip(rel, reference.own[kind]):
             allowed = allowed_error(own, kind)
@@ -394,6 +383,13 @@ def judge(
 
 
 _SELECTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def judge_exact(
+    truth: list[np.ndarray], own: dict[str, list[float]], candidate: Sequence[np.ndarray], **options: Any
+) -> VerifyResult:
+    """`judge` of ``candidate`` against the exact answer ``truth`` and the original's own errors ``own`` by float type."""
+    return judge(ExactReference(truth, own), candidate, **options)
 
 
 def discontinuity(model: keras.Model, outputs: int) -> tuple[str, list[int]] | None:
@@ -769,7 +765,7 @@ def _judged(
         layers, changed, failure = None, (), None
         if candidate is not None:
             try:
-                layers, changed = layerwise.check(model, candidate, inputs)
+                layers, changed = layerwise.check(model, candidate, inputs, judge_exact)
             except UnsupportedModelError as exc:
                 failure = f"the folded layers cannot be checked one by one: {exc}"
         return _discontinuous(
