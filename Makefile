@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install lint format test test-fast test-jax test-torch docs demo bench clean
+.PHONY: install lint format test test-large test-fast test-jax test-torch docs demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,9 +33,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## The whole suite on the TensorFlow backend, then the layer tests on JAX and on torch.
+## The whole suite on the TensorFlow backend, then the layer tests on JAX and on torch (under 20 minutes on
+## 2 cores); the few tests of minutes each (`large`: the biggest keras-hub test configs) run in test-large.
 test: $(STAMP)
-	KERAS_BACKEND=tensorflow $(PYTEST)
+	KERAS_BACKEND=tensorflow $(PYTEST) -m "not large"
 	$(MAKE) --no-print-directory test-jax
 	$(MAKE) --no-print-directory test-torch
 
@@ -44,6 +45,9 @@ test-jax: $(STAMP)
 
 test-torch: $(STAMP)
 	KERAS_BACKEND=torch $(PYTEST) tests/layers tests/ops
+
+test-large: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PYTEST) -m large
 
 ## A quick subset: everything not marked slow, TensorFlow backend.
 test-fast: $(STAMP)

@@ -45,6 +45,7 @@ def test_backbone_audit_fold_reload(name, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.large
 def test_efficientnet_test_config_folds_within_its_float32_error():
     # keras-hub's own 477-layer EfficientNet test config (112 BN), with the
     # statistics of its own activations (as training leaves them): judged
@@ -79,6 +80,7 @@ def d_fine_model():
 
 
 @pytest.mark.slow
+@pytest.mark.large
 def test_d_fine_folds_verified_layer_by_layer_library_and_cli(d_fine_model, tmp_path):
     import json
 
@@ -129,6 +131,7 @@ def test_d_fine_folds_verified_layer_by_layer_library_and_cli(d_fine_model, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.large
 def test_d_fine_exports_to_onnx_judged_before_its_selection(d_fine_model, tmp_path):
     from kerasbn.deploy.verify import Checks
     from tests.keras_hub_models import d_fine_batch
