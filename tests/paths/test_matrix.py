@@ -149,8 +149,16 @@ assert {c[1] for c in DIAGONAL} == set(models.POLICIES)
 assert {c[3] for c in DIAGONAL} == set(OPERATIONS)
 
 
+# MobileNetV2's conversions take a minute each: its export cells run in `make test-large`, its audit, fold and
+# swap cells in `make test` (the row's kind-specific paths).
+LARGE = {("application", op) for op in ("export_onnx", "int8_litert")}
+
+
 def _param(cell: Cell):
-    return pytest.param(cell, id=cell.id, marks=() if cell[:4] in DIAGONAL else pytest.mark.slow)
+    if cell[:4] in DIAGONAL:
+        return pytest.param(cell, id=cell.id)
+    large = (pytest.mark.large,) if (cell[0], cell[3]) in LARGE else ()
+    return pytest.param(cell, id=cell.id, marks=(pytest.mark.slow, *large))
 
 
 # ---------------------------------------------------------------------------------------------------------
