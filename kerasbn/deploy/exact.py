@@ -77,6 +77,29 @@ def weights_dtype(model: keras.Model) -> str:
     return max(dtypes, key=ROUNDOFF.__getitem__)
 
 
+def _recreate(obj: Any, dtype: str, what: str) -> Any:
+    """``obj`` (a model or layer) re-created from its config with float policies switched to ``dtype``.
+
+    Created under ``dtype`` as the global policy (restored afterwards, even on
+    error): layers that build sublayers without an explicit dtype follow it.
+
+    Raises:
+        kerasbn.errors.UnsupportedModelError: Its config cannot be written or re-created ("``what`` ...").
+    """
+    try:
+        config = _switch(keras.saving.serialize_keras_object(obj), dtype)
+    except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
+        raise UnsupportedModelError(f"{what} cannot be written to a config: {_first_line(exc)}") from exc
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype)
+    try:
+        return keras.saving.deserialize_keras_object(config)
+    except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
+        raise UnsupportedModelError(f"{what} cannot be re-created from its config: {_first_line(exc)}") from exc
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def _create(model: keras.Model, dtype: str) -> keras.Model:
     if dtype == "float64" and keras.backend.backend() == "jax":
         import jax
@@ -84,18 +107,7 @@ def _create(model: keras.Model, dtype: str) -> keras.Model:
         if not jax.config.jax_enable_x64:
             # JAX would truncate every float64 array to float32, with a warning each time.
             raise UnsupportedModelError("JAX computes in float64 only with jax_enable_x64 (JAX_ENABLE_X64=1)")
-    try:
-        config = _switch(keras.saving.serialize_keras_object(model), dtype)
-    except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
-        raise UnsupportedModelError(f"its config cannot be written: {_first_line(exc)}") from exc
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(dtype)
-    try:
-        twin = keras.saving.deserialize_keras_object(config)
-    except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
-        raise UnsupportedModelError(f"it cannot be re-created from its config: {_first_line(exc)}") from exc
-    finally:
-        keras.config.set_dtype_policy(previous)
+    twin = _recreate(model, dtype, "it")
     if not twin.built:
         shapes = getattr(model, "_build_shapes_dict", None)
         if not shapes:
@@ -150,18 +162,7 @@ def layer_twin(layer: keras.layers.Layer, dtype: str) -> keras.layers.Layer:
         kerasbn.errors.UnsupportedModelError: The layer does not re-create
             from its config, is not built by it, or gets other weights.
     """
-    try:
-        config = _switch(keras.saving.serialize_keras_object(layer), dtype)
-    except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
-        raise UnsupportedModelError(f"layer '{layer.name}' cannot write its config: {_first_line(exc)}") from exc
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(dtype)
-    try:
-        copy = keras.saving.deserialize_keras_object(config)
-    except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
-        raise UnsupportedModelError(f"layer '{layer.name}' cannot be re-created: {_first_line(exc)}") from exc
-    finally:
-        keras.config.set_dtype_policy(previous)
+    copy = _recreate(layer, dtype, f"layer '{layer.name}'")
     mine, theirs = layer.weights, copy.weights
     if not copy.built or [tuple(w.shape) for w in mine] != [tuple(w.shape) for w in theirs]:
         raise UnsupportedModelError(f"layer '{layer.name}' is re-created with other weights")

@@ -85,7 +85,8 @@ def test_legacy_names_are_the_pipeline(tmp_path):
     old = kerasbn.export_onnx(model, tmp_path / "a.onnx", batch_sizes=(2,), seed=1)
     new = kerasbn.export(model, tmp_path / "b.onnx", checks=Checks(batch_sizes=(2,), seed=1))
     assert old.op_counts == new.op_counts and [c.to_dict() for c in old.checks] == [c.to_dict() for c in new.checks]
-    assert old.size == new.size and old.op_counts_unfolded == new.op_counts_unfolded
+    # (Sizes differ by a few bytes: the two conversions name their nodes after different layer counters.)
+    assert old.op_counts_unfolded == new.op_counts_unfolded and old.passes == new.passes
 
 
 def _small_cnn(policy: str, weights: list | None = None) -> keras.Model:

@@ -207,7 +207,7 @@ def test_torch_gloo_process_group_matches_one_process():
     check(got + local[0][4:], [np.asarray(a) for a in results[0]["ref"]])
 
 
-@pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed")
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed process groups exist only on the torch backend")
 def test_torch_synchronized_without_a_process_group_is_refused():
     import kerasbn
 
