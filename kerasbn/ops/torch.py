@@ -243,30 +243,38 @@ def fused_normalize(x, stats, gamma, beta, epsilon: float):
 def fused_inference(x, mean, variance, gamma, beta, epsilon: float):
     """``(x − mean)·γ/√(var + ε) + β``, the statistics broadcastable against ``x``.
 
-    Eagerly one kernel for half-precision data (it computes in float32) and
-    a subtraction then the kernel for float32, where the kernel's ``x·a``
-    would round at the scale of the offset; under `torch.compile` plain ops
-    that inductor fuses into one pass.
+    Eagerly one kernel for half-precision data (it computes in float32).
+    For float32 the subtraction comes first, since the kernel's own
+    ``x·a + b`` rounds at the scale of the offset: ``d = x − mean``, then
+    ``β + d·a`` written over ``d`` where no gradient is recorded (`predict`,
+    `torch.no_grad`). Each
+    eager op is a pass and each new tensor of this size costs page faults:
+    on (32, 56, 56, 64) the subtraction and torch's kernel took 4.3 ms, the
+    subtraction and an in-place ``addcmul`` 1.8 ms, a copy 1.2 ms. Under
+    `torch.compile` plain ops, which inductor fuses into one pass.
     """
+    a = torch.rsqrt(variance + epsilon)
+    if gamma is not None:
+        a = a * gamma
     if _compiling():
-        a = torch.rsqrt(variance + epsilon)
-        if gamma is not None:
-            a = a * gamma
         y = (x.to(variance.dtype) - mean) * a
         return y if beta is None else y + beta
-    view = _kernel_shape(x, variance)
-    channels = view[1]
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    d = x if half else x - mean
-    y = torch.batch_norm(
-        d.reshape(view),
-        _flat(gamma, channels),
-        _flat(beta, channels),
-        mean.reshape(channels) if half else torch.zeros(channels, dtype=variance.dtype),
-        variance.reshape(channels),
-        False,
-        0.0,
-        epsilon,
-        False,
-    )
-    return y.reshape(x.shape)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        view = _kernel_shape(x, variance)
+        channels = view[1]
+        y = torch.batch_norm(
+            x.reshape(view),
+            _flat(gamma, channels),
+            _flat(beta, channels),
+            mean.reshape(channels),
+            variance.reshape(channels),
+            False,
+            0.0,
+            epsilon,
+            False,
+        )
+        return y.reshape(x.shape)
+    d = x - mean
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (d, a, beta)):
+        return d * a if beta is None else torch.addcmul(beta, d, a)
+    return d.mul_(a) if beta is None else torch.addcmul(beta, d, a, out=d)
