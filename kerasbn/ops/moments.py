@@ -53,12 +53,16 @@ class Moments:
         delta: Mean of ``x − shift``.
         variance: The biased batch variance ``σ²_B`` (never negative).
         count: Number of values reduced per feature, ``m``.
+        centred: ``x − shift`` as the sums read it (None with a mask), for
+            the normalization to reuse where no compiler would share the
+            pass (torch eagerly; TensorFlow's and XLA's graphs share it).
     """
 
     shift: Any
     delta: Any
     variance: Any
     count: Any
+    centred: Any = None
 
     @property
     def mean(self) -> Any:
@@ -181,4 +185,5 @@ def moments(x, axes: Sequence[int], mask=None, synchronized: bool = False) -> Mo
         delta=ops.cast(delta, x.dtype),
         variance=ops.cast(variance, x.dtype),
         count=ops.cast(count, x.dtype),
+        centred=d if mask is None else None,
     )

@@ -164,12 +164,12 @@ def fused_normalize(x, stats, gamma, beta, epsilon: float):
     dtype = variance.dtype
     scale = tf.ones([channels], dtype) if gamma is None else tf.reshape(gamma, [channels])
     offset = tf.zeros([channels], dtype) if beta is None else tf.reshape(beta, [channels])
-    # The very subtraction `moments` made (its shift is already a stopped
-    # gradient), so that Grappler shares one pass between the two.
-    d = x if half else x - stats.shift
+    # The very subtraction `moments` made (`Moments.centred`): one pass for
+    # both. The kernels' gradient with respect to d is the one to x.
+    d = x if half else (x - stats.shift if stats.centred is None else stats.centred)
 
     @tf.custom_gradient
-    def _fused(d, scale, offset):
+    def _fused(x, scale, offset):
         # The kernels take NHWC and every leading axis is reduced: the data
         # are viewed as m images of one pixel, the layout the CPU kernel
         # splits across threads best.
@@ -189,11 +189,11 @@ def fused_normalize(x, stats, gamma, beta, epsilon: float):
                 epsilon=epsilon,
                 is_training=True,
             )[:3]
-            return tf.reshape(dx, tf.shape(d)), dscale, doffset
+            return tf.reshape(dx, tf.shape(x)), dscale, doffset
 
-        return tf.reshape(y, tf.shape(d)), grad
+        return tf.reshape(y, tf.shape(x)), grad
 
-    return _fused(d, scale, offset)
+    return _fused(x, scale, offset)
 
 
 def fused_inference(x, mean, variance, gamma, beta, epsilon: float):

@@ -162,11 +162,12 @@ class _Kernels(torch.autograd.Function):
     """``((x − shift) − delta)·γ/σ + β`` through torch's batch-norm kernels (see the module doc)."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, shift, delta, variance, epsilon, view):
+    def forward(ctx, x, centred, gamma, beta, shift, delta, variance, epsilon, view):
         channels = view[1]
         half = x.dtype in (torch.float16, torch.bfloat16)
         mean = (shift + delta) if half else delta
-        d = x if half else x - shift
+        # The statistics' own x − shift (`Moments.centred`): one pass fewer.
+        d = x if half else (x - shift if centred is None else centred)
         d = d.reshape(view)
         mean, variance = mean.reshape(channels), variance.reshape(channels)
         y = torch.batch_norm(
@@ -195,7 +196,7 @@ class _Kernels(torch.autograd.Function):
         )
         dgamma = None if gamma_shape is None else dgamma.reshape(gamma_shape)
         dbeta = None if beta_shape is None else dbeta.reshape(beta_shape)
-        return dx.reshape(x_shape), dgamma, dbeta, None, None, None, None, None
+        return dx.reshape(x_shape), None, dgamma, dbeta, None, None, None, None, None
 
 
 class _ClosedForm(torch.autograd.Function):
@@ -237,7 +238,8 @@ def fused_normalize(x, stats, gamma, beta, epsilon: float):
     if _compiling():
         return _ClosedForm.apply(x, gamma, beta, shift, delta, variance, epsilon, stats.count.detach())
     view = _kernel_shape(x, variance)
-    return _Kernels.apply(x, gamma, beta, shift, delta, variance, epsilon, view)
+    centred = None if stats.centred is None else stats.centred.detach()
+    return _Kernels.apply(x, centred, gamma, beta, shift, delta, variance, epsilon, view)
 
 
 def fused_inference(x, mean, variance, gamma, beta, epsilon: float):
