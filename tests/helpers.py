@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from kerasbn.deploy import exact
 from kerasbn.deploy.verify import keras_outputs, random_inputs
 from kerasbn.folding import plan
 
@@ -71,3 +72,24 @@ def assert_same_outputs(reference: keras.Model, candidate: keras.Model, inputs=N
 def count_bn(model: keras.Model) -> int:
     """BN layers anywhere in ``model``."""
     return sum(plan.is_bn(layer) for layer in model._flatten_layers(include_self=False, recursive=True))
+
+
+# The original model evaluated in float64 as the reference, and the bound a candidate computing in a float
+# type must meet: 4× the original's own error in that type plus 8 unit roundoffs (relative to max|y|).
+ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def relative_error(y: list[np.ndarray], z: list[np.ndarray]) -> float:
+    """max over outputs of max|y − z| / max|y|."""
+    assert [a.shape for a in y] == [b.shape for b in z]
+    return max(float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(a))), 1e-30) for a, b in zip(y, z))
+
+
+def assert_matches_original(original: keras.Model, candidate: list[np.ndarray], x, dtype: str) -> float:
+    """``candidate`` (outputs on ``x`` of something computing in ``dtype``) against ``original`` in float64."""
+    exact64 = exact.evaluate(original, x, "float64")
+    own = relative_error(exact64, exact.evaluate(original, x, dtype) if dtype != "float64" else exact64)
+    err = relative_error(exact64, candidate)
+    bound = 4 * own + 8 * ROUNDOFF[dtype]
+    assert err <= bound, f"max|Δ|/max|y64| = {err:.3g} > {bound:.3g} (the original's own error in {dtype}: {own:.3g})"
+    return err

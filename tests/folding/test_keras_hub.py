@@ -1,4 +1,4 @@
-"""keras-hub CNN backbones built from config: every BN found, folds exact, reloads, verifies."""
+"""keras-hub backbones built from config: every BN found, folds exact, reloads, verifies, exports."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import kerasbn
+from kerasbn.deploy.target import targets
 from kerasbn.folding import plan
-from tests.helpers import count_bn, outputs
+from kerasbn.model_signature import signature
+from tests.helpers import assert_matches_original, count_bn, outputs
 from tests.keras_hub_models import BACKBONES, efficientnet_test_config, image_batch, trained_like
 
 pytest.importorskip("keras_hub")
@@ -44,18 +46,23 @@ def test_backbone_audit_fold_reload(name, tmp_path):
     assert kerasbn.verify(model, reloaded, x).passed
 
 
-@pytest.mark.slow
-@pytest.mark.large
-def test_efficientnet_test_config_folds_within_its_float32_error():
-    # keras-hub's own 477-layer EfficientNet test config (112 BN), with the
-    # statistics of its own activations (as training leaves them): judged
-    # against the model evaluated in float64, not against its float32 noise.
-    # Seeded weights: a correct fold's margin was 0.71-0.89 over three random
-    # initializations (its bias cancels the BN mean in float32), a 0.1 % wrong one 2.7-3.5.
+@pytest.fixture(scope="module")
+def efficientnet():
+    """keras-hub's own 477-layer EfficientNet test config (112 BN), seeded, with the statistics of its own
+    activations (as training leaves them)."""
     keras.utils.set_random_seed(0)
     model = efficientnet_test_config()
     data = np.random.default_rng(0).standard_normal((4, *model.inputs[0].shape[1:])).astype("float32")
-    model = kerasbn.calibrate(model, data, mode="paper", batch_size=4).model
+    return kerasbn.calibrate(model, data, mode="paper", batch_size=4).model
+
+
+@pytest.mark.slow
+@pytest.mark.large
+def test_efficientnet_test_config_folds_within_its_float32_error(efficientnet):
+    # Judged against the model evaluated in float64, not against its float32 noise. Seeded weights: a
+    # correct fold's margin was 0.71-0.89 over three random initializations (its bias cancels the BN mean
+    # in float32), a 0.1 % wrong one 2.7-3.5.
+    model = efficientnet
     result = kerasbn.fold(model)
     assert len(result.report.folded) == count_bn(model) == 112
     x = image_batch(model, batch=2, seed=1)
@@ -67,6 +74,22 @@ def test_efficientnet_test_config_folds_within_its_float32_error():
     conv = [la for la in result.model._flatten_layers(recursive=True) if la.name.endswith("project_conv")][-1]
     conv.kernel.assign(np.asarray(conv.kernel) * 1.001)
     assert not kerasbn.verify(model, result.model, x).passed
+
+
+@pytest.mark.slow
+@pytest.mark.large
+@pytest.mark.parametrize("fmt", ["onnx", "litert"])
+def test_efficientnet_test_config_exports_within_its_float32_error(efficientnet, fmt, tmp_path):
+    # The folded file in its own runtime, against the model evaluated in float64: no farther from it than
+    # 4× Keras's own float32 outputs are (plus 8 unit roundoffs), on inputs the export's check never saw.
+    target = targets()[fmt]
+    result = kerasbn.export(efficientnet, tmp_path / f"m{target.suffix}", to=fmt)
+    assert result.verified and len(result.fold_report.folded) == 112
+    assert all(c.reference == "float64" for c in result.checks), result.checks
+    x = image_batch(efficientnet, batch=2, seed=3)
+    sig = signature(efficientnet)
+    got = [np.asarray(y, np.float64) for y in target.runner(result.path, sig)(sig.flatten(x))]
+    assert_matches_original(efficientnet, got, x, "float32")
 
 
 # D-FINE: its query selection (top-k) makes its outputs discontinuous, so folds are verified layer by layer.

@@ -7,17 +7,20 @@ one-line reason and exit 2 (`REFUSED`); a combination that cannot apply is
 listed in `INAPPLICABLE` with why. No cell prints "unexpected".
 
 Dimensions: 8 model kinds × 3 policies × 2 backends (TensorFlow, JAX-saved)
-× 11 operations × 2 fronts (the library on the model, the CLI on the saved
-file) is 1056 cells, too many for the suite's time budget, so `CELLS` samples
-the product deterministically:
+× 13 operations × 2 fronts (the library on the model, the CLI on the saved
+file) is 1248 cells (936 once the inapplicable are taken out), too many for
+the suite's time budget, so `CELLS` samples the product deterministically for
+``make test`` and the rest (`REST`) is `large`, run by ``make test-large``:
 
 - float32, saved by TensorFlow: every kind × every operation (the
-  keras.applications model: six of them, `APPLICATION_OPERATIONS`), the front
+  keras.applications model: six of them, `APPLICATION_OPERATIONS`; an export
+  with ``--dtype float16`` on the kinds of `FLOAT16_KINDS`), the front
   alternating between the library and the CLI along each row and column;
 - mixed_float16 and mixed_bfloat16, saved by TensorFlow: every operation on
   two kinds (functional, Sequential built by fit), fronts alternating;
 - saved by JAX (the suite runs on TensorFlow): every operation on three kinds
-  in float32 and on one in mixed_float16, the CLI (`JAX_MODELS`).
+  in float32 (but ``--dtype float16``) and on one in mixed_float16, the CLI
+  (`JAX_MODELS`).
 
 The diagonal (`DIAGONAL`: every kind, every policy and every operation at least
 once, on the cheapest models) runs in ``make test-fast``; the rest is slow.
@@ -43,6 +46,7 @@ from kerasbn.errors import KerasbnError
 from kerasbn.folding import plan
 from kerasbn.model_signature import signature
 from tests.cli.conftest import invoke
+from tests.helpers import ROUNDOFF, assert_matches_original, relative_error
 from tests.paths import models
 
 OPERATIONS = (
@@ -55,13 +59,22 @@ OPERATIONS = (
     "export_litert",
     "int8_onnx",
     "int8_litert",
+    "float16_onnx",
+    "float16_litert",
     "calibrate",
     "swap",
 )
 CHEAP = ("audit", "fold", "swap")
 FRONTS = ("library", "cli")
 BACKENDS = ("tensorflow", "jax")
-EXPORTS = {"export_onnx": "onnx", "export_litert": "litert", "int8_onnx": "onnx", "int8_litert": "litert"}
+EXPORTS = {
+    "export_onnx": "onnx",
+    "export_litert": "litert",
+    "int8_onnx": "onnx",
+    "int8_litert": "litert",
+    "float16_onnx": "onnx",
+    "float16_litert": "litert",
+}
 
 
 class Cell(NamedTuple):
@@ -76,21 +89,35 @@ class Cell(NamedTuple):
         return "-".join(self)
 
 
-def _product() -> list[Cell]:
+def _full_product() -> list[Cell]:
+    fronts = [(backend, front) for backend in BACKENDS for front in FRONTS]
+    return [Cell(k, p, b, op, f) for k in models.KINDS for p in models.POLICIES for b, f in fronts for op in OPERATIONS]
+
+
+def _sampled() -> list[Cell]:
     cells = []
     for i, kind in enumerate(models.KINDS):
         for j, op in enumerate(OPERATIONS):
-            if kind != "application" or op in APPLICATION_OPERATIONS:
+            if _in_float32_row(kind, op):
                 cells.append(Cell(kind, "float32", "tensorflow", op, FRONTS[(i + j) % 2]))
     for policy in models.POLICIES[1:]:
         for i, kind in enumerate(MIXED_KINDS):
             cells += [Cell(kind, policy, "tensorflow", op, FRONTS[(i + j) % 2]) for j, op in enumerate(OPERATIONS)]
     for kind, policy in JAX_MODELS:
-        cells += [Cell(kind, policy, "jax", op, "cli") for op in OPERATIONS]
+        cells += [Cell(kind, policy, "jax", op, "cli") for op in OPERATIONS if policy != "float32" or op not in FLOAT16]
     return cells
 
 
+def _in_float32_row(kind: str, op: str) -> bool:
+    if kind == "application":
+        return op in APPLICATION_OPERATIONS
+    return op not in FLOAT16 or kind in FLOAT16_KINDS
+
+
 MIXED_KINDS = ("functional", "sequential_fit")
+# `--dtype float16` on a float32 model: the kinds whose signatures differ most (the mixed rows have the rest).
+FLOAT16 = ("float16_onnx", "float16_litert")
+FLOAT16_KINDS = ("sequential_input", "nested", "dict_io", "subclassed")
 # MobileNetV2 (52 BN) costs a minute per export or calibration (one pass per BN) on two cores: the
 # operations that differ by model kind, not the whole row.
 APPLICATION_OPERATIONS = ("audit", "audit_quantization", "fold", "export_onnx", "int8_litert", "swap")
@@ -104,7 +131,7 @@ JAX_MODELS = (
 )
 
 # The cheap cells that cover every kind, policy and operation at least once (`make test-fast`); the front is
-# the one `_product` gives the cell.
+# the one `_sampled` gives the cell.
 DIAGONAL = {
     ("sequential_input", "float32", "tensorflow", "export_onnx"),
     ("sequential_fit", "float32", "tensorflow", "export_litert"),
@@ -118,6 +145,8 @@ DIAGONAL = {
     ("sequential_fit", "mixed_bfloat16", "tensorflow", "int8_litert"),
     ("functional", "mixed_bfloat16", "tensorflow", "audit_data"),
     ("sequential_fit", "mixed_float16", "tensorflow", "swap"),
+    ("functional", "mixed_float16", "tensorflow", "float16_onnx"),
+    ("sequential_input", "float32", "tensorflow", "float16_litert"),
 }
 
 # Cells refused by design: (kind, policy, backend, operation, front) with None for "any" → the reason's
@@ -142,7 +171,9 @@ def _lookup(table: dict, cell: Cell) -> str | None:
     return next((reason for pattern, reason in table.items() if _matches(cell, pattern)), None)
 
 
-CELLS = [c for c in _product() if _lookup(INAPPLICABLE, c) is None]
+CELLS = [c for c in _sampled() if _lookup(INAPPLICABLE, c) is None]
+# The rest of the product: `make test-large` (``-m large``).
+REST = [c for c in _full_product() if _lookup(INAPPLICABLE, c) is None and c not in set(CELLS)]
 assert len(set(CELLS)) == len(CELLS) and DIAGONAL <= {c[:4] for c in CELLS}
 assert {c[0] for c in DIAGONAL} == set(models.KINDS)
 assert {c[1] for c in DIAGONAL} == set(models.POLICIES)
@@ -154,18 +185,11 @@ assert {c[3] for c in DIAGONAL} == set(OPERATIONS)
 LARGE = {("application", op) for op in ("export_onnx", "int8_litert")}
 
 
-def _param(cell: Cell):
-    if cell[:4] in DIAGONAL:
+def _param(cell: Cell, rest: bool = False):
+    if cell[:4] in DIAGONAL and not rest:
         return pytest.param(cell, id=cell.id)
-    large = (pytest.mark.large,) if (cell[0], cell[3]) in LARGE else ()
+    large = (pytest.mark.large,) if rest or (cell[0], cell[3]) in LARGE else ()
     return pytest.param(cell, id=cell.id, marks=(pytest.mark.slow, *large))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# References: the original model evaluated in float64, and the bound a candidate computing in a float type
-# must meet: 4× the original's own error in that type plus 8 unit roundoffs (relative to max|y|).
-
-ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 def _flat(outputs) -> list[np.ndarray]:
@@ -174,21 +198,6 @@ def _flat(outputs) -> list[np.ndarray]:
 
 def _keras(model, x) -> list[np.ndarray]:
     return _flat(model.predict_on_batch(x))
-
-
-def _relative(y: list[np.ndarray], z: list[np.ndarray]) -> float:
-    assert [a.shape for a in y] == [b.shape for b in z]
-    return max(float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(a))), 1e-30) for a, b in zip(y, z))
-
-
-def assert_matches_original(original, candidate: list[np.ndarray], x, dtype: str) -> float:
-    """``candidate`` (outputs on ``x`` of something computing in ``dtype``) against ``original`` in float64."""
-    exact64 = exact.evaluate(original, x, "float64")
-    own = _relative(exact64, exact.evaluate(original, x, dtype) if dtype != "float64" else exact64)
-    err = _relative(exact64, candidate)
-    bound = 4 * own + 8 * ROUNDOFF[dtype]
-    assert err <= bound, f"max|Δ|/max|y64| = {err:.3g} > {bound:.3g} (the original's own error in {dtype}: {own:.3g})"
-    return err
 
 
 def _bn_layers(model) -> list:
@@ -232,6 +241,8 @@ def _cli(cell: Cell, path: Path, folder: Path) -> tuple[int, str, str, Path | No
         args = ["export", path, "-o", out]
         if op.startswith("int8"):
             args += ["--int8", "--calibration", _data_files(cell, folder, 64, 1), "--min-agreement", MIN_AGREEMENT]
+        if op.startswith("float16"):
+            args += ["--dtype", "float16"]
     result = invoke(*args)
     return result.exit_code, result.stdout, result.stderr, out
 
@@ -261,7 +272,8 @@ def _library(cell: Cell, model, folder: Path):
         return kerasbn.calibrate(model, data, batch_size=CALIBRATION_ROWS).model
     out = folder / f"out{targets()[EXPORTS[op]].suffix}"
     int8 = models.as_model_input(cell.kind, models.data(cell.kind, 64, 1)) if op.startswith("int8") else None
-    kerasbn.export(model, out, int8=int8, min_agreement=MIN_AGREEMENT)
+    dtype = "float16" if op.startswith("float16") else "float32"
+    kerasbn.export(model, out, int8=int8, min_agreement=MIN_AGREEMENT, dtype=dtype)
     return out
 
 
@@ -288,10 +300,15 @@ def _check(cell: Cell, original, produced, x) -> None:
         target = targets()[EXPORTS[op]]
         sig = signature(original)
         got = target.runner(produced, sig)(sig.flatten(x))
+        got = [np.asarray(g, np.float64) for g in got]
+        if op.startswith("float16"):
+            assert "float16" in _weight_dtypes(produced, target.name), "a --dtype float16 file holds float16 weights"
         if op.startswith("int8"):
-            _check_int8(original, [np.asarray(g, np.float64) for g in got], x)
+            _check_int8(original, got, x)
         else:
-            assert_matches_original(original, [np.asarray(g, np.float64) for g in got], x, "float32")
+            # A float16 file (float16 weights; ONNX: float16 arithmetic) is judged in float16 whatever the
+            # model's policy, a default export in float32 (the float32 twin of a mixed model).
+            assert_matches_original(original, got, x, "float16" if op.startswith("float16") else "float32")
         return
     candidate = produced
     if op == "calibrate":
@@ -303,6 +320,18 @@ def _check(cell: Cell, original, produced, x) -> None:
         assert len(_bn_layers(candidate)) < len(bns) or _in_place(candidate)
     if op == "swap":
         assert all(type(bn) is kerasbn.BatchNormalization for bn in _bn_layers(candidate))
+
+
+def _weight_dtypes(path: Path, fmt: str) -> set[str]:
+    """The dtypes of the file's constant tensors, read by the format's own library."""
+    if fmt == "onnx":
+        import onnx
+
+        return {onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in onnx.load(path).graph.initializer}
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = Interpreter(model_path=str(path)).get_tensor_details()
+    return {np.dtype(d["dtype"]).name for d in details}
 
 
 def _in_place(model) -> bool:
@@ -337,7 +366,7 @@ def _check_calibrated(cell: Cell, original, calibrated) -> None:
     inference = _keras(calibrated, data)
     n = len(_bn_layers(original))
     bound = n / (2 * (CALIBRATION_ROWS - 1)) + 64 * ROUNDOFF[exact.compute_dtype(original)] * n
-    err = _relative(training, inference)
+    err = relative_error(training, inference)
     assert err <= bound, f"calibrated vs training mode on the data: {err:.3g} > {bound:.3g}"
 
 
@@ -352,7 +381,7 @@ def _clone(model):
     return copy
 
 
-@pytest.mark.parametrize("cell", [_param(c) for c in CELLS])
+@pytest.mark.parametrize("cell", [_param(c) for c in CELLS] + [_param(c, rest=True) for c in REST])
 def test_user_path(cell: Cell, path_models, tmp_path):
     path = path_models.path(cell.kind, cell.policy, cell.backend)
     reference = kerasbn.load_model(path)
