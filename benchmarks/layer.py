@@ -133,7 +133,8 @@ def main() -> None:
             subprocess.run(cmd, check=True, env={**MALLOC_ENV, **os.environ, "KERAS_BACKEND": name})
             results.append(json.loads(out.read_text()))
         merged = {
-            "machine": {**results[-1]["machine"], **results[0]["machine"]},
+            # Every process's versions (each backend's), the first process's machine fields.
+            "machine": {k: v for res in reversed(results) for k, v in res["machine"].items()},
             "runs": [r for res in results for r in res["runs"]],
             "fit": [f for res in results for f in res["fit"]],
             "quick": args.quick,
