@@ -34,7 +34,8 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 ## The whole suite on the TensorFlow backend, then the layer tests on JAX and on torch (under 20 minutes on
-## 2 cores); the few tests of minutes each (`large`: the biggest keras-hub test configs) run in test-large.
+## 2 cores); the tests marked `large` (the biggest keras-hub test configs, every keras-hub backbone's export, the
+## user-path matrix beyond its sample: about two hours on 2 cores) run in test-large.
 test: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PYTEST) -m "not large"
 	$(MAKE) --no-print-directory test-jax

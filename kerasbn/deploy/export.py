@@ -200,8 +200,8 @@ def export(
     precision = dtype or "float32"
     if precision not in PRECISIONS:
         raise KerasbnError(f"dtype must be one of {', '.join(PRECISIONS)}, not {dtype!r}")
-    if int8 is not None and dtype is not None:
-        raise KerasbnError("dtype and int8 exclude each other: int8 quantizes the float32 file")
+    if int8 is not None and precision != "float32":
+        raise KerasbnError(f"dtype {precision} and int8 exclude each other: int8 quantizes the float32 file")
     options = {"dtype": precision, **own}
     if int8 is not None and not 0.0 <= min_agreement <= 1.0:
         raise KerasbnError(f"min_agreement must be between 0 and 1, not {min_agreement}")

@@ -46,6 +46,26 @@ def test_backbone_audit_fold_reload(name, tmp_path):
     assert kerasbn.verify(model, reloaded, x).passed
 
 
+@pytest.mark.slow
+@pytest.mark.large
+@pytest.mark.parametrize("fmt", ["onnx", "litert"])
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_exports_within_its_float32_error(name, fmt, tmp_path):
+    # Each small backbone, its BN statistics from its own activations on generated data (a training-mode
+    # pass, as training leaves them), folded and exported; the file in its own runtime against the model
+    # evaluated in float64, on inputs the export's check never saw.
+    keras.utils.set_random_seed(0)
+    model = BACKBONES[name]()
+    model = kerasbn.calibrate(model, image_batch(model, batch=8, seed=0), mode="paper", batch_size=8).model
+    target = targets()[fmt]
+    result = kerasbn.export(model, tmp_path / f"m{target.suffix}", to=fmt)
+    assert result.verified and len(result.fold_report.folded) == kerasbn.audit(model).foldable > 0
+    x = image_batch(model, batch=2, seed=3)
+    sig = signature(model)
+    got = [np.asarray(y, np.float64) for y in target.runner(result.path, sig)(sig.flatten(x))]
+    assert_matches_original(model, got, x, "float32")
+
+
 @pytest.fixture(scope="module")
 def efficientnet():
     """keras-hub's own 477-layer EfficientNet test config (112 BN), seeded, with the statistics of its own
