@@ -356,7 +356,7 @@ def calibrate(
         if checking.verify:
             progress.step("Comparing the outputs")
             inputs = inputs if inputs is not None else batches.first(checking.batch)
-            moved = kerasbn.verify(original, result.model, inputs, atol=checking.atol, rtol=checking.rtol)
+            moved = checking.compare(original, result.model, inputs)
         _save_checked(settings, checking, result.model, inputs, output, progress.step)
     render.print_calibrate(settings, result.report, moved, output, fmt)
     return EXIT_OK
@@ -431,9 +431,7 @@ def _save_checked(
     from kerasbn.errors import VerificationError
 
     def check(reloaded: Any) -> None:
-        result = kerasbn.verify(
-            model, reloaded, inputs, batch_size=checking.batch, atol=checking.atol, rtol=checking.rtol
-        )
+        result = checking.compare(model, reloaded, inputs)
         if not result.passed:
             raise VerificationError(f"the reloaded model differs from the calibrated one: {result}; nothing written")
 
@@ -476,7 +474,7 @@ def _save_verified(
     checks = {}
 
     def compare(candidate, stage: str) -> None:
-        result = kerasbn.verify(original, candidate, inputs, batch_size=checking.batch, **checking.tolerances())
+        result = checking.compare(original, candidate, inputs)
         checks[stage] = result
         if not result.passed:
             raise VerificationError(f"the {stage} model differs from the original: {result}; nothing written")

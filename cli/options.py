@@ -79,9 +79,11 @@ class Checking:
     batch: int
     inputs_file: Path | None
 
-    def tolerances(self) -> dict[str, float]:
-        """``atol``/``rtol`` keyword arguments for the library: only those given on the command line."""
-        return {k: v for k, v in (("atol", self.atol), ("rtol", self.rtol)) if v is not None}
+    def compare(self, reference: Any, candidate: Any, inputs: Any = None) -> Any:
+        """`kerasbn.verify` of ``candidate`` against ``reference`` with these flags (random inputs at ``--batch``)."""
+        import kerasbn
+
+        return kerasbn.verify(reference, candidate, inputs, batch_size=self.batch, atol=self.atol, rtol=self.rtol)
 
     def checks(self, inputs: Any = None, *, export: bool = False) -> Any:
         """The library's `kerasbn.deploy.verify.Checks` for these flags (``inputs``: the loaded ``--inputs``).
