@@ -17,6 +17,7 @@ mini-batches (`Moments`), so memory is one batch of activations.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -219,6 +220,13 @@ def hooked(
             object.__delattr__(layer, "call")
 
 
+def _observe_step(model: keras.Model, sites: Sequence[BNSite], behaviour: str, wanted: set[int], batch: Any) -> dict:
+    captured: dict[int, list] = {}
+    with hooked(sites, behaviour, wanted, captured):
+        model(batch, training=False)
+    return {str(i): captured.get(i, []) for i in wanted}
+
+
 def observe(
     model: keras.Model,
     sites: Sequence[BNSite],
@@ -242,14 +250,11 @@ def observe(
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        def step(batch: Any) -> dict:
-            captured: dict[int, list] = {}
-            with hooked(sites, behaviour, wanted, captured):
-                model(batch, training=False)
-            return {str(i): captured.get(i, []) for i in wanted}
-
-        # One trace per pass: the batch axis is left open, so a last smaller batch reuses it.
+        # One trace per pass: the batch axis is left open, so a last smaller batch reuses it. A partial, not
+        # a closure: TensorFlow counts traces by the function's code object and, after five passes (one
+        # per BN), would warn on stderr of "retracing" that is by design.
         spec = keras.tree.map_structure(lambda a: tf.TensorSpec((None, *a.shape[1:]), a.dtype), batches.first(1))
+        step = functools.partial(_observe_step, model, sites, behaviour, wanted)
         compiled = tf.function(step, input_signature=[spec])
         for batch in batches:
             out = compiled(batch)

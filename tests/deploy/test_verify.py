@@ -248,6 +248,14 @@ def test_judge_by_the_exact_answer_scales_with_the_original_error():
     hopeless = verify_module.ExactReference(truth, {"float32": [0.3]})
     result = verify_module.judge(hopeless, truth, dtype="float32", batch_size=1)
     assert not result.passed and result.margin == float("inf") and "cannot judge" in result.tolerance
+    # ...but for the original's very answer (a reloaded file), bit for bit; one ulp off is judged again.
+    answer = [truth[0] * 1.3]
+    own = verify_module.ExactReference(truth, {"float32": [0.3]}, {"float32": answer})
+    assert own.reproduces(answer, "float32")
+    same = verify_module.judge(own, answer, dtype="float32", batch_size=1)
+    assert same.passed and same.margin <= 1 and "bit for bit" in same.tolerance
+    off = [np.nextafter(answer[0], np.inf)]
+    assert not verify_module.judge(own, off, dtype="float32", batch_size=1).passed
 
 
 def test_noise_is_measured_relative_to_each_output():

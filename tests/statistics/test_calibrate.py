@@ -294,3 +294,26 @@ def test_a_last_batch_of_one_sample_enters_the_mean_only():
 def test_unknown_mode():
     with pytest.raises(KerasbnError, match="unknown calibration mode"):
         kerasbn.calibrate(conv_model(), data(4), mode="moving")
+
+
+@pytest.mark.parametrize("mode", ["sequential", "paper"])
+def test_a_pass_per_bn_logs_no_retracing_warning(mode):
+    # One traced pass per BN is by design; TensorFlow's "retracing" warning (after five traces of one
+    # function) would be noise on every calibration of a real network.
+    import logging
+
+    layers = [keras.Input((6,))]
+    for _ in range(8):
+        layers += [keras.layers.Dense(6), keras.layers.BatchNormalization()]
+    model = randomize_bn(keras.Sequential(layers))
+    data = np.random.default_rng(0).standard_normal((32, 6)).astype("float32")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        kerasbn.calibrate(model, data, mode=mode, batch_size=16)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "retracing" in r.getMessage()]
