@@ -6,8 +6,10 @@ import keras
 import numpy as np
 
 from kerasbn.deploy import exact
+from kerasbn.deploy.target import targets
 from kerasbn.deploy.verify import keras_outputs, random_inputs
 from kerasbn.folding import plan
+from kerasbn.model_signature import signature
 
 FOLD_RTOL = 1e-5  # max|Δ| ≤ 1e-5·max|y|, the peers' float32 fold tolerance
 
@@ -93,3 +95,9 @@ def assert_matches_original(original: keras.Model, candidate: list[np.ndarray], 
     bound = 4 * own + 8 * ROUNDOFF[dtype]
     assert err <= bound, f"max|Δ|/max|y64| = {err:.3g} > {bound:.3g} (the original's own error in {dtype}: {own:.3g})"
     return err
+
+
+def file_outputs(path, fmt: str, model: keras.Model, x) -> list[np.ndarray]:
+    """The written file of format ``fmt`` run in its own runtime on ``x`` (``model``'s input structure), in float64."""
+    sig = signature(model)
+    return [np.asarray(y, np.float64) for y in targets()[fmt].runner(path, sig)(sig.flatten(x))]

@@ -446,9 +446,10 @@ def discontinuity(model: keras.Model, outputs: int) -> tuple[str, list[int]] | N
 
 
 def _subset(reference: ExactReference, keep: Sequence[int]) -> ExactReference:
-    return ExactReference(
-        [reference.outputs[i] for i in keep], {k: [v[i] for i in keep] for k, v in reference.own.items()}
-    )
+    def pick(by_dtype: dict) -> dict:
+        return {k: [v[i] for i in keep] for k, v in by_dtype.items()}
+
+    return ExactReference([reference.outputs[i] for i in keep], pick(reference.own), pick(reference.computed))
 
 
 def _discontinuous(

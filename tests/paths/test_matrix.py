@@ -44,9 +44,8 @@ from kerasbn.deploy import exact
 from kerasbn.deploy.target import targets
 from kerasbn.errors import KerasbnError
 from kerasbn.folding import plan
-from kerasbn.model_signature import signature
 from tests.cli.conftest import invoke
-from tests.helpers import ROUNDOFF, assert_matches_original, relative_error
+from tests.helpers import ROUNDOFF, assert_matches_original, file_outputs, relative_error
 from tests.paths import models
 
 OPERATIONS = (
@@ -297,12 +296,9 @@ def _check(cell: Cell, original, produced, x) -> None:
             assert all(np.isfinite(r["mean_shift"]) and r["variance_ratio"] > 0 for r in rows)
         return
     if op in EXPORTS:
-        target = targets()[EXPORTS[op]]
-        sig = signature(original)
-        got = target.runner(produced, sig)(sig.flatten(x))
-        got = [np.asarray(g, np.float64) for g in got]
+        got = file_outputs(produced, EXPORTS[op], original, x)
         if op.startswith("float16"):
-            assert "float16" in _weight_dtypes(produced, target.name), "a --dtype float16 file holds float16 weights"
+            assert "float16" in _weight_dtypes(produced, EXPORTS[op]), "a --dtype float16 file holds float16 weights"
         if op.startswith("int8"):
             _check_int8(original, got, x)
         else:
