@@ -287,18 +287,31 @@ def _quantization_aware(model: Any) -> bool:
 
 
 def _export_quantization_aware(
-    model: Any, path: Any, to: Any, int8: Any, dtype: Any, checks: Any, opset: Any, optimize: bool, overwrite: bool, step: Any
+    model: Any,
+    path: Any,
+    to: Any,
+    int8: Any,
+    dtype: Any,
+    checks: Any,
+    opset: Any,
+    optimize: bool,
+    overwrite: bool,
+    step: Any,
 ) -> Any:
     """A quantization-aware model is its own int8 model: `kerasbn.qat.export.export_qat`, no calibration."""
     from kerasbn.qat.export import export_qat
 
     if int8 is not None:
-        raise KerasbnError("a quantization-aware model exports as int8 from its learned ranges: give no calibration data")
+        raise KerasbnError(
+            "a quantization-aware model exports as int8 from its learned ranges: give no calibration data"
+        )
     if dtype not in (None, "float32"):
         raise KerasbnError(
             f"a quantization-aware model exports as int8, not {dtype}: kerasbn.qat.convert(model) gives its float model"
         )
-    return export_qat(model, path, to=to, checks=checks, opset=opset, optimize=optimize, overwrite=overwrite, on_step=step)
+    return export_qat(
+        model, path, to=to, checks=checks, opset=opset, optimize=optimize, overwrite=overwrite, on_step=step
+    )
 
 
 def _in_float32(model: Any) -> Any:

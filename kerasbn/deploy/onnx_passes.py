@@ -285,14 +285,15 @@ def _moved_layout(node: Any, q: np.ndarray, axis: int, init: dict) -> tuple[np.n
 
 
 def quantize_conv_bias(model: Any) -> Any:
-    """A float bias of an int8 ``Conv`` → an int32 ``DequantizeLinear`` with scale ``s_x·s_w``.
+    """A float bias of an int8 ``Conv`` or 2-D ``MatMul`` → an int32 ``DequantizeLinear`` with scale ``s_x·s_w``.
 
     An int8 convolution accumulates ``Σ q_x·q_w`` in int32 at scale
     ``s_x·s_w`` (per output channel), and adds its bias there, as
     ``round(b / (s_x·s_w))`` (Jacob et al. 2018, section 2.4; LiteRT
     stores biases so). tf2onnx leaves the bias a float ``Add`` after the Conv
     (or a float third input); ONNX Runtime fuses a quantized Conv
-    (``QLinearConv``) only with no bias or an int32 one. The rounding moves
+    (``QLinearConv``) only with no bias or an int32 one; a 2-D ``MatMul``
+    and its bias ``Add`` become one ``Gemm`` (``QGemm``). The rounding moves
     each output by at most half of ``s_x·s_w``, far below one step of the
     requantized output.
     """
@@ -309,16 +310,30 @@ def quantize_conv_bias(model: Any) -> Any:
             consumers.setdefault(name, []).append(node)
     uses = _uses(graph)
     for conv in list(graph.node):
-        if conv.op_type != "Conv":
+        if conv.op_type not in ("Conv", "MatMul"):
             continue
         scales = [_dequantized_scale(producer.get(name), init) for name in conv.input[:2]]
         if scales[0] is None or scales[1] is None or scales[0].size != 1:
             continue
         if producer[conv.input[1]].input[0] not in init:
             continue
-        channels = numpy_helper.to_array(init[producer[conv.input[1]].input[0]]).shape[0]
+        weight_shape = numpy_helper.to_array(init[producer[conv.input[1]].input[0]]).shape
+        if conv.op_type == "MatMul" and (ranks.get(conv.input[0]) != 2 or len(weight_shape) != 2):
+            continue
+        channels = weight_shape[0] if conv.op_type == "Conv" else weight_shape[1]
         add = None
-        if len(conv.input) > 2 and conv.input[2]:
+        if conv.op_type == "MatMul":
+            readers = consumers.get(conv.output[0], [])
+            if len(readers) != 1 or readers[0].op_type != "Add" or not _single_use(conv.output[0], uses, graph):
+                continue
+            add = readers[0]
+            _, constant = _operand_and_constant(add, producer, init)
+            if constant is None or list(init[constant].dims) not in ([channels], [1, channels]):
+                continue
+            bias = numpy_helper.to_array(init[constant]).reshape(-1)
+            if bias.dtype != np.float32:
+                continue
+        elif len(conv.input) > 2 and conv.input[2]:
             if conv.input[2] not in init:
                 continue
             bias = numpy_helper.to_array(init[conv.input[2]])
@@ -351,6 +366,8 @@ def quantize_conv_bias(model: Any) -> Any:
         )
         del conv.input[2:]
         conv.input.append(bias_name)
+        if conv.op_type == "MatMul":  # A 2-D MatMul with a bias is a Gemm (which takes an int32 bias as C)
+            conv.op_type = "Gemm"
         if add is not None:
             conv.output[0] = add.output[0]
             graph.node.remove(add)
@@ -371,7 +388,7 @@ def _dequantized_scale(node: Any, init: dict) -> np.ndarray | None:
 QDQ_PASSES: tuple[tuple[str, Pass], ...] = (
     ("QuantizeLinear of constants → integer weights", fold_constant_quantize),
     ("Reshape/Transpose → integer weights", move_layout_into_weights),
-    ("float Conv bias → int32 bias", quantize_conv_bias),
+    ("float Conv/MatMul bias → int32 bias", quantize_conv_bias),
 )
 
 
