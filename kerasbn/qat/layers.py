@@ -266,6 +266,18 @@ class QuantizedWeights(keras.layers.Wrapper):
         name = name or self.kernels.main
         return self.kernels.to_grid(name, self.kernels.variable(name)), self.weight_bits, self.per_channel
 
+    def weight_grids(self) -> dict:
+        """Every integer kernel the layer multiplies with: ``{kernel name: weight_grid(self, name)}``.
+
+        With ``weight_bits`` and an activation quantizer's ``bits`` and
+        ``nudged_range()``, the protocol by which `kerasbn.deploy.qat_int8`
+        recognizes and exports a quantization-aware model (`kerasbn.deploy`
+        does not import `kerasbn.qat`). A separable layer has two: its
+        depthwise stage, and its pointwise kernel.
+        """
+        names = ("depthwise_kernel", "pointwise_kernel") if self.kernels.kind == "separable" else ("kernel",)
+        return {name: quantizers.weight_grid(self, name) for name in names}
+
     def _fake_quant(self, name: str, kernel):
         grid = self.kernels.to_grid(name, kernel)
         return self.kernels.from_grid(name, quantizers.fake_quant_weight(grid, self.weight_bits, self.per_channel))

@@ -45,51 +45,11 @@ exporter compares with the integers in the file it writes.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
-
 import keras
 import numpy as np
 from keras import ops
 
-LOWERINGS = ("fake_quant", "qdq", "ops")
-_state = threading.local()
-
-
-@contextlib.contextmanager
-def lowering(name: str) -> Iterator[None]:
-    """Choose, for graphs traced inside the block, the operations fake quantization lowers to.
-
-    Args:
-        name: ``"fake_quant"`` (default: TensorFlow's FakeQuant ops, for
-            LiteRT), ``"qdq"`` (``QuantizeAndDequantizeV3`` for weights, for
-            tf2onnx) or ``"ops"`` (portable `keras.ops`). On JAX and PyTorch
-            every lowering is ``"ops"``.
-
-    Example:
-        >>> from kerasbn.qat import quantizers
-        >>> with quantizers.lowering("qdq"):
-        ...     quantizers.current_lowering()
-        'qdq'
-        >>> quantizers.current_lowering() in ("fake_quant", "ops")
-        True
-    """
-    if name not in LOWERINGS:
-        raise ValueError(f"Unknown lowering {name!r}; choose one of {', '.join(LOWERINGS)}.")
-    previous = getattr(_state, "lowering", None)
-    _state.lowering = name
-    try:
-        yield
-    finally:
-        _state.lowering = previous
-
-
-def current_lowering() -> str:
-    """The lowering in force: the innermost `lowering` block's, else the backend's default."""
-    if keras.backend.backend() != "tensorflow":
-        return "ops"
-    return getattr(_state, "lowering", None) or "fake_quant"
+from kerasbn.ops.fake_quant import LOWERINGS, current_lowering, lowering  # noqa: F401 (this module's API too)
 
 
 def weight_levels(bits: int) -> int:

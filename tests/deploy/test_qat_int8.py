@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from sklearn.datasets import load_digits
 
 import kerasbn
-import kerasbn.qat.export as qat_export
+import kerasbn.deploy.qat_int8 as qat_export
 from kerasbn.deploy.files import load_model
 from kerasbn.deploy.verify import Checks, keras_outputs
 from kerasbn.errors import UnsupportedModelError
@@ -290,7 +290,7 @@ JAX_SCRIPT = textwrap.dedent(
     import sys
     import keras, numpy as np
     import kerasbn
-    from tests.qat.test_export import digits, float_model
+    from tests.deploy.test_qat_int8 import digits, float_model
 
     train, labels, _, _ = digits()
     qat = kerasbn.qat.prepare(float_model(), calibration=train[:256])
