@@ -281,7 +281,7 @@ def export(
 
 
 def _quantization_aware(model: Any) -> bool:
-    from kerasbn.deploy.qat_int8 import is_quantization_aware
+    from kerasbn.ops.fake_quant import is_quantization_aware
 
     return is_quantization_aware(model)
 

@@ -6,17 +6,12 @@ every tensor the int8 graph requantizes has a learned range. `export_qat`
 writes that model, not a re-quantization of it, and checks that it did.
 
 `kerasbn.deploy` sits below `kerasbn.qat` and never imports it: a model is
-recognized (`is_quantization_aware`) and read by a small duck-typed protocol
-that the quantization-aware layers implement:
-
-- a layer with integer kernels has ``weight_bits`` and ``weight_grids()``,
-  ``{kernel name: (q, scale, axis)}``: the integers (channel axis last), one
-  float32 scale per channel (or a 0-d one per tensor) and the axis (None per
-  tensor), such that its fake-quantized kernel is ``q·scale``;
-- an activation quantizer has ``bits`` and ``nudged_range()``,
-  ``(nudged_min, nudged_max, scale)`` as TensorFlow's FakeQuant nudges its range;
-- while a model is traced, `kerasbn.ops.fake_quant.lowering` selects the
-  graph operations the layers emit.
+recognized (`kerasbn.ops.fake_quant.is_quantization_aware`) and read by the
+duck-typed protocol documented in `kerasbn.ops.fake_quant`: a layer's
+``weight_grid(name)`` ``(q, scale, axis)`` (its fake-quantized kernel is
+``q·scale``) and ``weight_bits``, an activation quantizer's ``bits`` and
+``nudged_range()``; while a model is traced, `kerasbn.ops.fake_quant.lowering`
+selects the graph operations the layers emit.
 
 The pipeline:
 
@@ -39,7 +34,7 @@ The pipeline:
 The check (`check_file`) runs before anything is written:
 
 1. Weights: every quantized kernel's integers and scales are in the file,
-   equal to its ``weight_grids()`` (the integers exactly, the scales to float32
+   equal to its ``weight_grid()`` (the integers exactly, the scales to float32
    rounding). A converter that moves a kernel to another grid (LiteRT
    stores 3-bit weights on a 4-bit grid) fails here.
 2. Ranges: every activation quantizer's nudged scale and zero point is a
@@ -273,7 +268,7 @@ def export_qat(
     """Write the int8 file of a quantization-aware model from its learned grids and ranges, checked first.
 
     `kerasbn.export` calls this for a model with quantization-aware layers
-    (`is_quantization_aware`); no calibration data is needed.
+    (`kerasbn.ops.fake_quant.is_quantization_aware`); no calibration data is needed.
 
     Args:
         model: A model from `kerasbn.qat.prepare` (trained, frozen or not), TensorFlow backend.
@@ -492,37 +487,29 @@ def _cases(checks: Any, sig: Any) -> list[tuple[str, list[np.ndarray]]]:
     return [(f"batch {b}", sig.random(b, checks.seed + k)) for k, b in enumerate(checks.batch_sizes)]
 
 
-def is_quantization_aware(model: Any) -> bool:
-    """Whether ``model`` has a layer of the quantization-aware protocol (see the module docstring)."""
-    return bool(weight_quantized(model) or activation_quantizers(model))
-
-
 def weight_quantized(model: Any) -> list[Any]:
-    """Every layer with integer kernels (``weight_grids()`` and ``weight_bits``), at any depth."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if callable(getattr(layer, "weight_grids", None)) and hasattr(layer, "weight_bits")
-    ]
+    """Every layer of the weight fake-quant protocol (`kerasbn.ops.fake_quant.is_weight_quantized`), at any depth."""
+    from kerasbn.ops.fake_quant import is_weight_quantized
+
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True) if is_weight_quantized(layer)]
 
 
 def activation_quantizers(model: Any) -> list[Any]:
-    """Every activation quantizer (``nudged_range()`` and ``bits``), at any depth."""
+    """Every activation quantizer (`kerasbn.ops.fake_quant.is_activation_quantizer`), at any depth."""
+    from kerasbn.ops.fake_quant import is_activation_quantizer
+
     return [
-        layer for layer in model._flatten_layers(include_self=False, recursive=True) if _is_activation_quantizer(layer)
+        layer for layer in model._flatten_layers(include_self=False, recursive=True) if is_activation_quantizer(layer)
     ]
-
-
-def _is_activation_quantizer(layer: Any) -> bool:
-    return callable(getattr(layer, "nudged_range", None)) and hasattr(layer, "bits")
 
 
 def _grids(model: Any) -> list[tuple[str, int, tuple[np.ndarray, np.ndarray, int | None]]]:
     """(label, bits, grid) of every integer kernel, a separable layer's depthwise stage too."""
     out = []
     for layer in weight_quantized(model):
-        for name, grid in layer.weight_grids().items():
-            out.append((f"'{layer.name}' ({name})", layer.weight_bits, grid))
+        out.append((f"'{layer.name}'", layer.weight_bits, layer.weight_grid()))
+        if getattr(layer, "activation_quantizer", None) is not None:  # separable: its depthwise stage too
+            out.append((f"'{layer.name}' (depthwise stage)", layer.weight_bits, layer.weight_grid("depthwise_kernel")))
     return out
 
 
@@ -567,10 +554,12 @@ def _output_steps(model: Any) -> list[float]:
     """
     import keras
 
+    from kerasbn.ops.fake_quant import is_activation_quantizer
+
     steps = []
     for tensor in keras.tree.flatten(model.outputs):
         layer = _producer(tensor)
-        if layer is None or not _is_activation_quantizer(layer):
+        if layer is None or not is_activation_quantizer(layer):
             made_by = "nothing" if layer is None else f"'{layer.name}' ({type(layer).__name__})"
             raise UnsupportedModelError(
                 f"output '{tensor.name}' of '{model.name}' is made by {made_by}, not an activation quantizer: "
