@@ -266,7 +266,11 @@ def export(
             output = model.with_suffix(targets()[to].suffix if to in targets() else ".onnx")
         target = target_for(output, to)
         if int8 != (calibration is not None):
-            raise KerasbnError("--int8 needs --calibration DATA.npz" if int8 else "--calibration goes with --int8")
+            raise KerasbnError(
+                "--int8 needs --calibration DATA.npz (a quantization-aware model needs neither)"
+                if int8
+                else "--calibration goes with --int8"
+            )
         if opset is not None and "opset" not in target.options:
             raise KerasbnError("--opset applies to ONNX only")
         if target.name == "onnx":

@@ -200,6 +200,8 @@ def export(
     """
     step = on_step or (lambda _message: None)
     if _quantization_aware(model):
+        if compare_unfolded:
+            raise KerasbnError("compare_unfolded does not apply to a quantization-aware model: it has no BN to fold")
         return _export_quantization_aware(model, path, to, int8, dtype, checks, opset, optimize, overwrite, step)
     path = Path(path)
     target = target_for(path, to)
@@ -283,7 +285,7 @@ def export(
 def _quantization_aware(model: Any) -> bool:
     from kerasbn.ops.fake_quant import is_quantization_aware
 
-    return is_quantization_aware(model)
+    return hasattr(model, "_flatten_layers") and is_quantization_aware(model)
 
 
 def _export_quantization_aware(
