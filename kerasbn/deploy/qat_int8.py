@@ -342,7 +342,9 @@ def convert(
 
     sig = sig or signature(model)
     if to == "litert":
-        return to_litert_int8(model, sig), ()
+        from kerasbn.deploy.litert import to_litert
+
+        return to_litert(model, sig, learned_ranges=True), ()
     from kerasbn.deploy.onnx import op_counts, to_onnx
     from kerasbn.deploy.onnx_passes import QDQ_PASSES
 
@@ -355,38 +357,6 @@ def convert(
         if op_counts(graph) != before:
             changed.append(name)
     return graph, tuple(changed)
-
-
-def to_litert_int8(model: Any, sig: Any) -> bytes:
-    """The LiteRT flatbuffer of a quantization-aware model: the converter reads every scale from its FakeQuant ranges.
-
-    Through a SavedModel: TensorFlow's converter refuses
-    ``FakeQuantWithMinMaxVarsPerChannel`` from a concrete function (a
-    non-builtin op), and without ``Optimize.DEFAULT`` it leaves the kernels
-    float between QUANTIZE/DEQUANTIZE pairs. Inputs and outputs stay float32.
-    """
-    import keras
-    import tensorflow as tf
-
-    from kerasbn.deploy.litert import SIGNATURE, converter_message
-
-    with tempfile.TemporaryDirectory(prefix="kerasbn-qat-litert-") as folder:
-        try:
-            archive = keras.export.ExportArchive()
-            archive.track(model)
-            forward = tf.function(sig.forward(model), input_signature=sig.tf_specs(), autograph=False)
-            archive.add_endpoint(SIGNATURE, forward)
-            archive.write_out(folder, verbose=False)
-            del archive
-        except Exception as exc:  # tracing raises whatever the layers raise
-            raise UnsupportedModelError(f"cannot trace the model for LiteRT: {_first_line(exc)}") from exc
-        converter = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=[SIGNATURE])
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        try:
-            return bytes(converter.convert())
-        except Exception as exc:  # ConverterError and friends
-            raise UnsupportedModelError(f"the LiteRT converter rejects the model: {converter_message(exc)}") from exc
 
 
 def optimized_op_counts(content: bytes) -> dict[str, int]:
