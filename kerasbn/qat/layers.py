@@ -1,6 +1,6 @@
 """The layers of a quantization-aware model: fused linear+BN, weight fake-quant, activation fake-quant.
 
-A `kerasbn.qat.prepare`d model is made of the original layers plus these:
+A `kerasbn.qat.prepare`-d model is made of the original layers plus these:
 
 * `ConvBatchNorm`, `DepthwiseConvBatchNorm`, `SeparableConvBatchNorm`,
   `DenseBatchNorm`: a linear layer and the BN after it, trained as the one

@@ -389,9 +389,9 @@ def calibrate_ranges(model: keras.Model, data: Any, *, batch_size: int = 32) -> 
     grids), eagerly, once over the data; ranges are those of the
     post-training-quantized model. Returns the number of samples seen.
     """
-    from kerasbn.statistics.data import open_batches
+    from kerasbn.statistics.data import Batches, open_batches
 
-    batches = open_batches(data, model, batch_size=batch_size)
+    batches = data if isinstance(data, Batches) else open_batches(data, model, batch_size=batch_size)
     quantizers = qlayers.activation_quantizers(model)
     for q in quantizers:
         q.initialized.assign(np.zeros((), np.float32))
