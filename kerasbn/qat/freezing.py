@@ -40,7 +40,7 @@ class FreezeBatchNorm(keras.callbacks.Callback):
     Args:
         after_steps: Training steps (batches) from the start of ``fit``.
 
-    Example:
+    Examples:
         >>> import kerasbn
         >>> callback = kerasbn.qat.FreezeBatchNorm(after_steps=100)
     """

@@ -31,7 +31,7 @@ import numpy as np
 from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import plan
 from kerasbn.folding.audit import bn_layers
-from kerasbn.folding.graph import Call, Graph, build_graph
+from kerasbn.folding.graph import Call, Graph, build_graph, input_layers
 from kerasbn.folding.rewrite import Patch, read_weights, rebuild
 from kerasbn.qat import layers as qlayers
 
@@ -260,7 +260,7 @@ class _Decider:
 
 def _input_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """The InputLayers of the model's float inputs (integer inputs such as token ids stay as they are)."""
-    return [kt._keras_history.operation for kt in keras.tree.flatten(model.inputs) if "float" in str(kt.dtype)]
+    return [layer for layer in input_layers(model) if "float" in str(layer.output.dtype)]
 
 
 def prepare(
@@ -295,7 +295,7 @@ def prepare(
         kerasbn.errors.UnsupportedModelError: a subclassed or unbuilt model, a
             dtype policy other than float32, or the PyTorch backend.
 
-    Example:
+    Examples:
         >>> import keras, kerasbn
         >>> x = keras.Input((8, 8, 3))
         >>> y = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x)))
