@@ -29,11 +29,12 @@ from typing import Any
 from kerasbn.deploy import exact
 from kerasbn.deploy.files import atomic_output, check_output_path
 from kerasbn.deploy.quantize import DEFAULT_MIN_AGREEMENT, int8_report
+from kerasbn.deploy.reports import Int8Report
 from kerasbn.deploy.target import Target, target_for, targets
 from kerasbn.deploy.verify import Checks, Reference, VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
 from kerasbn.model_signature import Signature, signature
-from kerasbn.report import Int8Report, export_table, op_table
+from kerasbn.report import export_table, op_table
 
 # The float types a file can compute in; int8 is its own step.
 PRECISIONS = ("float32", "float16")
@@ -173,7 +174,7 @@ def export(
         on_step: Called with a short description before each long step.
 
     Returns:
-        An `ExportResult`, or with `int8` an `kerasbn.report.Int8Report`.
+        An `ExportResult`, or with `int8` an `kerasbn.deploy.reports.Int8Report`.
 
     Raises:
         ExportVerificationError: The runtime disagrees with Keras; nothing is written.

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from kerasbn.deploy.reports import Agreement, Int8Report, QuantizationAudit, WeightRange
 from kerasbn.errors import VerificationError
-from kerasbn.report import Agreement, Int8Report, QuantizationAudit, WeightRange
 
 DEFAULT_MIN_AGREEMENT = 0.99
 # Widest / narrowest channel range above which per-tensor int8 is flagged: the
@@ -65,17 +65,17 @@ def int8_report(
     agreements = tuple(_agreement(model, sig, int8_runner, label, arrays) for label, arrays in sets)
     one_row = [a[:1] for a in sets[0][1]]
     report = Int8Report(
-        path,
-        target.name,
-        agreements,
-        min_agreement,
-        float_export.size,
-        len(quantized),
-        _latency(float_runner, one_row),
-        _latency(int8_runner, one_row),
-        dict(float_export.op_counts),
-        target.op_counts(target.load(quantized)),
-        float_export,
+        path=path,
+        format=target.name,
+        agreements=agreements,
+        min_agreement=min_agreement,
+        size_float=float_export.size,
+        size_int8=len(quantized),
+        latency_float_ms=_latency(float_runner, one_row),
+        latency_int8_ms=_latency(int8_runner, one_row),
+        op_counts_float=dict(float_export.op_counts),
+        op_counts_int8=target.op_counts(target.load(quantized)),
+        float_export=float_export,
     )
     if not report.passed:
         worst = min((a for a in agreements if a.top1 is not None), key=lambda a: a.top1)
@@ -100,12 +100,12 @@ def _agreement(model: Any, sig: Any, run: Callable, label: str, arrays: Sequence
     diffs = np.concatenate([np.abs(z - y).ravel() for y, z in zip(expected, got)])
     reference = max(float(np.max(np.abs(y))) for y in expected)
     return Agreement(
-        label,
-        int(arrays[0].shape[0]),
-        min(top1) if top1 else None,
-        float(np.max(diffs)),
-        float(np.mean(diffs)),
-        reference,
+        dataset=label,
+        samples=int(arrays[0].shape[0]),
+        top1=min(top1) if top1 else None,
+        max_abs_error=float(np.max(diffs)),
+        mean_abs_error=float(np.mean(diffs)),
+        max_abs_reference=reference,
     )
 
 
@@ -164,13 +164,13 @@ def audit_quantization(
             ratio_before, ratio_after = _spread(before, name, old[name]), _spread(before, name, new)
             rows.append(
                 WeightRange(
-                    partner,
-                    finding.layer,
-                    name,
-                    _per_channel(before, name, new).shape[1],
-                    ratio_before,
-                    ratio_after,
-                    ratio_after > threshold,
+                    layer=partner,
+                    bn=finding.layer,
+                    weight=name,
+                    channels=_per_channel(before, name, new).shape[1],
+                    ratio_before=ratio_before,
+                    ratio_after=ratio_after,
+                    flagged=ratio_after > threshold,
                 )
             )
     return QuantizationAudit(model.name, rows, threshold)
