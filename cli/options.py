@@ -235,7 +235,7 @@ def run_guarded(settings: Settings, body: Callable[[], int | None]) -> None:
 
     # First, before `kerasbn` (which imports Keras) is imported anywhere.
     import_frameworks()
-    from kerasbn.errors import KerasbnError, VerificationError
+    from kerasbn.errors import KerasbnError, VerificationError, first_line
 
     try:
         code = body() or EXIT_OK
@@ -253,9 +253,8 @@ def run_guarded(settings: Settings, body: Callable[[], int | None]) -> None:
     except Exception as exc:  # the last guard: a bug must still end in one line
         if settings.verbose:
             traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0]
         hint = "" if settings.verbose else " (rerun with -v for the traceback)"
-        _error(f"unexpected {type(exc).__name__}: {first}{hint}")
+        _error(f"unexpected {type(exc).__name__}: {first_line(exc)}{hint}")
         code = EXIT_ERROR
     sys.stdout.flush()
     raise click.exceptions.Exit(code)

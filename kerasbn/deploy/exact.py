@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerasbn.errors import UnsupportedModelError
+from kerasbn.errors import UnsupportedModelError, first_line
 
 # Unit roundoff u = 2^-p of each float type (p: significand bits, the hidden bit included):
 # one correctly rounded operation has a relative error of at most u.
@@ -89,13 +89,13 @@ def _recreate(obj: Any, dtype: str, what: str) -> Any:
     try:
         config = _switch(keras.saving.serialize_keras_object(obj), dtype)
     except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
-        raise UnsupportedModelError(f"{what} cannot be written to a config: {_first_line(exc)}") from exc
+        raise UnsupportedModelError(f"{what} cannot be written to a config: {first_line(exc)}") from exc
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(dtype)
     try:
         return keras.saving.deserialize_keras_object(config)
     except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
-        raise UnsupportedModelError(f"{what} cannot be re-created from its config: {_first_line(exc)}") from exc
+        raise UnsupportedModelError(f"{what} cannot be re-created from its config: {first_line(exc)}") from exc
     finally:
         keras.config.set_dtype_policy(previous)
 
@@ -189,7 +189,7 @@ def evaluate(model: keras.Model, inputs: Any, dtype: str = "float64") -> list[np
     try:
         outputs = inference(copy)(keras.tree.map_structure(cast, inputs))
     except Exception as exc:  # noqa: BLE001 (any failure means: no float64 evaluation)
-        raise UnsupportedModelError(f"its evaluation in {dtype} fails: {_first_line(exc)}") from exc
+        raise UnsupportedModelError(f"its evaluation in {dtype} fails: {first_line(exc)}") from exc
     outputs = keras.tree.flatten(outputs)
     for y in outputs:
         got = keras.backend.standardize_dtype(y.dtype)
@@ -231,16 +231,6 @@ def inference(model: keras.Model) -> Any:
         call._omit_frequent_tracing_warning = True
         _CALLS[model] = call
     return lambda x: keras.tree.map_structure(np.asarray, call(x))
-
-
-def _first_line(exc: Exception) -> str:
-    """The line of ``exc``'s message that says what is wrong."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if lines and lines[0].startswith("Graph execution error"):
-        # TensorFlow: the op's own message follows the Python traceback, before the node name.
-        told = [ln for ln in lines if not ln.startswith(("[[", "File ", "Detected at node", "Graph execution"))]
-        lines = told[-1:] or lines
-    return lines[0] if lines else type(exc).__name__
 
 
 def relative_error(y: np.ndarray, z: np.ndarray) -> float:

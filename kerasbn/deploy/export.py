@@ -31,7 +31,7 @@ from kerasbn.deploy.files import atomic_output, check_output_path
 from kerasbn.deploy.quantize import DEFAULT_MIN_AGREEMENT, int8_report
 from kerasbn.deploy.target import Target, target_for, targets
 from kerasbn.deploy.verify import Checks, Reference, VerifyResult
-from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
+from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError, first_line
 from kerasbn.model_signature import Signature, signature
 from kerasbn.report import Int8Report, export_table, op_table
 
@@ -297,7 +297,7 @@ def _passes(target: Target, graph: Any, optimize: bool, step: Callable[[str], No
         try:
             graph = transform(graph)
         except Exception as exc:  # the optimizers raise whatever their internals do
-            raise UnsupportedModelError(f"{target.title} pass '{name}' failed: {_first_line(exc)}") from exc
+            raise UnsupportedModelError(f"{target.title} pass '{name}' failed: {first_line(exc)}") from exc
         if target.op_counts(graph) != before:
             changed.append(name)
     return graph, tuple(changed)
@@ -344,7 +344,7 @@ def _run_guarded(target: Target, body: Callable[[], Any]) -> Any:
         raise
     except Exception as exc:  # the runtimes' own errors (InvalidGraph, RuntimeError, ValueError...)
         raise UnsupportedModelError(
-            f"{target.runtime} cannot run the converted {target.title} file: {_first_line(exc)}; nothing written"
+            f"{target.runtime} cannot run the converted {target.title} file: {first_line(exc)}; nothing written"
         ) from exc
 
 
@@ -370,12 +370,6 @@ def _blame_pass(
                 f"{target.title} pass '{name}' changed the outputs: max |error| {worst.max_abs_error:.3g} "
                 f"exceeds {worst.tolerance}; nothing written"
             )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _legacy(options: dict[str, Any]) -> dict[str, Any]:

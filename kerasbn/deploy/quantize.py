@@ -203,9 +203,3 @@ def _spread(layer: Any, name: str, kernel: np.ndarray) -> float:
     ranges = np.max(np.abs(_per_channel(layer, name, np.asarray(kernel, np.float64))), axis=0)
     ranges = ranges[ranges > 0]
     return float(ranges.max() / ranges.min()) if ranges.size else 1.0
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."

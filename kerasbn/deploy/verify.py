@@ -41,7 +41,7 @@ from kerasbn.deploy.tolerances import (
     RTOL,
     UNCALIBRATED_FLOOR,
 )
-from kerasbn.errors import UnsupportedModelError
+from kerasbn.errors import UnsupportedModelError, first_line
 from kerasbn.model_signature import Signature, signature
 
 
@@ -603,7 +603,7 @@ def outputs_on_random(model: keras.Model, inputs: Any) -> list[np.ndarray]:
         shapes = ", ".join(str(tuple(a.shape)) for a in keras.tree.flatten(inputs))
         raise UnsupportedModelError(
             f"'{model.name}' fails on random inputs of shape {shapes} (its input sizes are not fixed): "
-            f"{exact._first_line(exc)[:160]}; give inputs of the size it takes (--inputs FILE.npz)"
+            f"{first_line(exc)}; give inputs of the size it takes (--inputs FILE.npz)"
         ) from exc
 
 
