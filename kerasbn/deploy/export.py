@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kerasbn.deploy import exact
+from kerasbn.deploy import twins
 from kerasbn.deploy.files import atomic_output, check_output_path
 from kerasbn.deploy.quantize import DEFAULT_MIN_AGREEMENT, int8_report
 from kerasbn.deploy.target import Target, target_for, targets
@@ -220,7 +220,7 @@ def export(
         step("Folding BatchNormalization")
         folded = fold_model(model)
         subject, fold_report = folded.model, folded.report
-    model_dtype = exact.compute_dtype(model)
+    model_dtype = twins.compute_dtype(model)
     subject = _in_float32(subject)
     before = size_before = None
     if fold and compare_unfolded:
@@ -276,13 +276,13 @@ def _in_float32(model: Any) -> Any:
     Converters write what the model computes; a float16 or bfloat16 graph is
     not what ONNX Runtime or LiteRT's builtin kernels run on a CPU.
     """
-    if exact.compute_dtype(model) == "float32":
+    if twins.compute_dtype(model) == "float32":
         return model
     try:
-        return exact.twin(model, "float32")
+        return twins.twin(model, "float32")
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(
-            f"'{model.name}' computes in {exact.compute_dtype(model)} and has no float32 copy to convert: {exc}"
+            f"'{model.name}' computes in {twins.compute_dtype(model)} and has no float32 copy to convert: {exc}"
         ) from exc
 
 
