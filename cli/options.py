@@ -94,7 +94,7 @@ class Checking:
         from kerasbn.deploy.verify import Checks
 
         batch_sizes = sorted({1, self.batch}) if export else [self.batch]
-        return Checks(self.verify, tuple(batch_sizes), inputs, self.atol, self.rtol)
+        return Checks(verify=self.verify, batch_sizes=tuple(batch_sizes), inputs=inputs, atol=self.atol, rtol=self.rtol)
 
 
 def verify_options(verify_help: str) -> Callable[[Callable], Callable]:
@@ -108,7 +108,8 @@ def _add_verify_options(fn: Callable, verify_help: str) -> Callable:
     def command(
         *, verify: bool, atol: float | None, rtol: float | None, batch: int, inputs_file: Path | None, **kwargs: Any
     ):
-        return fn(checking=Checking(verify, atol, rtol, batch, inputs_file), **kwargs)
+        checking = Checking(verify=verify, atol=atol, rtol=rtol, batch=batch, inputs_file=inputs_file)
+        return fn(checking=checking, **kwargs)
 
     options = (
         click.option(
@@ -221,7 +222,7 @@ def common_options(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def command(*, imports: tuple[str, ...], unsafe: bool, quiet: bool, verbose: bool, force: bool, **kwargs: Any):
-        settings = Settings(tuple(imports), unsafe, quiet, verbose, force)
+        settings = Settings(imports=tuple(imports), unsafe=unsafe, quiet=quiet, verbose=verbose, force=force)
         return run_guarded(settings, lambda: fn(settings=settings, **kwargs))
 
     for option in reversed(_COMMON):

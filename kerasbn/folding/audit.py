@@ -75,4 +75,10 @@ def audit(model: keras.Model) -> AuditReport:
         RedundantBias(call.layer.name, plan.path(call), bn.layer.name, plan.out_channels(graph, call))
         for call, bn in plan.redundant_biases(graph)
     ]
-    return AuditReport(model.name, findings, biases, int(model.count_params()), int(saved))
+    return AuditReport(
+        model=model.name,
+        batch_norms=findings,
+        redundant_biases=biases,
+        parameters=int(model.count_params()),
+        parameters_saved=int(saved),
+    )

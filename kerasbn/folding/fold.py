@@ -204,13 +204,13 @@ def fold(model: keras.Model) -> FoldResult:
     hows = {f.how for f in folded}
     method = "none" if not hows else (hows.pop() if len(hows) == 1 else "mixed")
     report = FoldReport(
-        model.name,
-        folded,
-        [f for f in findings if not f.foldable],
-        int(model.count_params()),
-        int(new.count_params()),
-        method,
-        notes,
+        model=model.name,
+        folded=folded,
+        not_folded=[f for f in findings if not f.foldable],
+        parameters_before=int(model.count_params()),
+        parameters_after=int(new.count_params()),
+        method=method,
+        notes=notes,
     )
     return FoldResult(new, report)
 

@@ -132,7 +132,14 @@ def calibrate(
     called = set(order)
     missing = [s.path for i, s in enumerate(sites) if i not in called]
     report = CalibrationReport(
-        model.name, mode, batches.description, batches.samples, batches.batch_size, passes, records, missing
+        model=model.name,
+        mode=mode,
+        data=batches.description,
+        samples=batches.samples,
+        batch_size=batches.batch_size,
+        passes=passes,
+        batch_norms=records,
+        not_calibrated=missing,
     )
     return CalibrationResult(new, report)
 

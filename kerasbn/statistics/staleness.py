@@ -118,5 +118,11 @@ def audit_statistics(
         for i in order
     ]
     return StalenessReport(
-        model.name, batches.description, batches.samples, batches.batch_size, max_shift, max_ratio, records
+        model=model.name,
+        data=batches.description,
+        samples=batches.samples,
+        batch_size=batches.batch_size,
+        max_shift=max_shift,
+        max_ratio=max_ratio,
+        batch_norms=records,
     )
