@@ -183,7 +183,7 @@ class Checking:
         from kerasbn.deploy.verify import Checks
 
         batch_sizes = sorted({1, self.batch}) if export else [self.batch]
-        return Checks(self.verify, tuple(batch_sizes), inputs, self.atol, self.rtol)
+        return Checks(verify=self.verify, batch_sizes=tuple(batch_sizes), inputs=inputs, atol=self.atol, rtol=self.rtol)
 
 
 def verify_options(verify_help: str) -> Callable[[Callable], Callable]:
@@ -197,7 +197,8 @@ def _add_verify_options(fn: Callable, verify_help: str) -> Callable:
     def command(
         *, verify: bool, atol: float | None, rtol: float | None, batch: int, inputs_file: Path | None, **kwargs: Any
     ):
-        return fn(checking=Checking(verify, atol, rtol, batch, inputs_file), **kwargs)
+        checking = Checking(verify=verify, atol=atol, rtol=rtol, batch=batch, inputs_file=inputs_file)
+        return fn(checking=checking, **kwargs)
 
     options = (
         click.option(
@@ -310,7 +311,7 @@ def common_options(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def command(*, imports: tuple[str, ...], unsafe: bool, quiet: bool, verbose: bool, force: bool, **kwargs: Any):
-        settings = Settings(tuple(imports), unsafe, quiet, verbose, force)
+        settings = Settings(imports=tuple(imports), unsafe=unsafe, quiet=quiet, verbose=verbose, force=force)
         return run_guarded(settings, lambda: fn(settings=settings, **kwargs))
 
     for option in reversed(_COMMON):
@@ -324,7 +325,7 @@ def run_guarded(settings: Settings, body: Callable[[], int | None]) -> None:
 
     # First, before `kerasbn` (which imports Keras) is imported anywhere.
     import_frameworks()
-    from kerasbn.errors import KerasbnError, VerificationError
+    from kerasbn.errors import KerasbnError, VerificationError, first_line
 
     try:
         code = body() or EXIT_OK
@@ -342,9 +343,8 @@ def run_guarded(settings: Settings, body: Callable[[], int | None]) -> None:
     except Exception as exc:  # the last guard: a bug must still end in one line
         if settings.verbose:
             traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0]
         hint = "" if settings.verbose else " (rerun with -v for the traceback)"
-        _error(f"unexpected {type(exc).__name__}: {first}{hint}")
+        _error(f"unexpected {type(exc).__name__}: {first_line(exc)}{hint}")
         code = EXIT_ERROR
     sys.stdout.flush()
     raise click.exceptions.Exit(code)
