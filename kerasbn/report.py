@@ -38,8 +38,12 @@ def rich(view: Sequence[Any]) -> Any:
 
 
 def text(view: Sequence[Any]) -> str:
-    """A record's view as plain text, 140 columns wide: what ``print(record)`` shows."""
-    return render(rich(view))
+    """A record's view as plain text: what ``print(record)`` shows.
+
+    Tables are drawn 140 columns wide; a line of text stays one line (a
+    `kerasbn.VerifyResult` is one, and it is quoted inside error messages).
+    """
+    return "".join(section + "\n" if isinstance(section, str) else _plain(rich([section])) for section in view).rstrip()
 
 
 def markdown(view: Sequence[Any]) -> str:
@@ -77,15 +81,13 @@ def table(
     return out
 
 
-def render(*renderables: Any) -> str:
-    """Plain text of rich renderables, 140 columns wide, no colour."""
+def _plain(renderable: Any) -> str:
+    """Plain text of a rich renderable, 140 columns wide, no colour."""
     from rich.console import Console
 
     buffer = io.StringIO()
-    console = Console(file=buffer, width=140, color_system=None, force_terminal=False)
-    for r in renderables:
-        console.print(r)
-    return buffer.getvalue().rstrip()
+    Console(file=buffer, width=140, color_system=None, force_terminal=False).print(renderable)
+    return buffer.getvalue()
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -97,35 +99,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def op_table(op_counts: dict[str, int], before: dict[str, int] | None) -> list[tuple[str, int | None, int]]:
-    """Rows (op type, count before the fold or ``None``, count after), onnx-simplifier style."""
-    ops = sorted(set(before or {}) | set(op_counts))
-    return [(op, None if before is None else before.get(op, 0), op_counts.get(op, 0)) for op in ops]
-
-
-def export_table(
-    title: str, op_counts: dict[str, int], before: dict[str, int] | None, size: int, size_before: int | None
-) -> Any:
-    """The before/after op-count table of an export, with totals and file sizes."""
-    folded = before is not None
-    rows: list[Sequence[str]] = []
-    for op, n_before, n_after in op_table(op_counts, before):
-        if not folded:
-            rows.append((op, str(n_after)))
-        elif n_before == n_after:
-            rows.append((op, str(n_before), str(n_after)))
-        else:
-            rows.append((op, str(n_before), f"{n_after} ({n_after - n_before:+d})"))
-    if folded:
-        rows.append(("Total", str(sum(before.values())), str(sum(op_counts.values()))))
-        rows.append(("Model size", file_size(size_before), file_size(size)))
-        headers = ("Op", "Before fold", "After fold")
-    else:
-        rows.append(("Model size", file_size(size)))
-        headers = ("Op", "Count")
-    return table(title, headers, rows, numeric=range(1, 3), title_justify="left")
 
 
 def file_size(n: int) -> str:

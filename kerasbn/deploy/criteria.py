@@ -66,10 +66,11 @@ from kerasbn.deploy.tolerances import (
     RTOL,
     UNCALIBRATED_FLOOR,
 )
+from kerasbn.printable import Printable, Table
 
 
 @dataclass(frozen=True)
-class LayerCheck:
+class LayerCheck(Printable):
     """One folded layer of a discontinuous model judged on its own inputs (`kerasbn.deploy.layerwise`).
 
     Attributes:
@@ -94,9 +95,21 @@ class LayerCheck:
     margin: float
     dtype: str
 
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of the fields (an infinite margin or error as the string ``"inf"``)."""
+        return _json_ready(asdict(self))
+
+    def view(self) -> list[Table | str]:
+        """One line: the layer, its error against the allowed one, the verdict."""
+        verdict = "passed" if self.passed else "FAILED"
+        return [
+            f"layer {self.layer} ({', '.join(self.bns)} folded) {verdict}: max|Δ|/max|y| = {self.error:.3g} in "
+            f"{self.dtype}, the original's {self.own_error:.3g}, margin {self.margin:.3g}"
+        ]
+
 
 @dataclass(frozen=True)
-class VerifyResult:
+class VerifyResult(Printable):
     """The verdict on a candidate's outputs (the criteria: `kerasbn.deploy.criteria`).
 
     Attributes:
@@ -151,12 +164,13 @@ class VerifyResult:
         """A JSON-ready dict of the fields (an infinite margin or error as the string ``"inf"``)."""
         return _json_ready(asdict(self))
 
-    def __str__(self) -> str:
+    def view(self) -> list[Table | str]:
+        """One line: the verdict, the errors and the criterion (it is quoted in error messages)."""
         verdict = "passed" if self.passed else "FAILED"
-        return (
+        return [
             f"verify {verdict}: max|Δ| = {self.max_abs_error:.3g}, max|Δ|/max|y| = {self.max_rel_error:.3g}, "
             f"margin {self.margin:.3g} over {self.outputs} output(s), batch {self.batch_size} ({self.tolerance})"
-        )
+        ]
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,14 @@ from kerasbn.deploy.target import Target, target_for, targets
 from kerasbn.deploy.verify import Checks, Reference, VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError, first_line
 from kerasbn.model_signature import Signature, signature
-from kerasbn.report import export_table, op_table
+from kerasbn.printable import Printable, Table
 
 # The float types a file can compute in; int8 is its own step.
 PRECISIONS = ("float32", "float16")
 
 
 @dataclass(frozen=True)
-class ExportResult:
+class ExportResult(Printable):
     """What `export` wrote and how it checked it.
 
     Attributes:
@@ -90,7 +90,9 @@ class ExportResult:
 
     def op_table(self) -> list[tuple[str, int | None, int]]:
         """Rows (op type, count before fold or None, count after), onnx-simplifier style."""
-        return op_table(self.op_counts, self.op_counts_unfolded)
+        before = self.op_counts_unfolded
+        ops = sorted(set(before or {}) | set(self.op_counts))
+        return [(op, None if before is None else before.get(op, 0), self.op_counts.get(op, 0)) for op in ops]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``kerasbn export --format json``)."""
@@ -110,14 +112,28 @@ class ExportResult:
             "model_dtype": self.model_dtype,
         }
 
-    def __rich__(self) -> Any:
-        return export_table(
-            self.target.describe(self.path.name, self.opset),
-            self.op_counts,
-            self.op_counts_unfolded,
-            self.size,
-            self.size_unfolded,
-        )
+    def view(self) -> list[Table | str]:
+        """The op table (before and after the fold, with ``op_counts_unfolded``), its totals and file sizes."""
+        from kerasbn.report import file_size
+
+        before = self.op_counts_unfolded
+        rows: list[tuple[str, ...]] = []
+        for op, n_before, n_after in self.op_table():
+            if before is None:
+                rows.append((op, str(n_after)))
+            elif n_before == n_after:
+                rows.append((op, str(n_before), str(n_after)))
+            else:
+                rows.append((op, str(n_before), f"{n_after} ({n_after - n_before:+d})"))
+        if before is None:
+            rows.append(("Model size", file_size(self.size)))
+            headers: tuple[str, ...] = ("Op", "Count")
+        else:
+            rows.append(("Total", str(sum(before.values())), str(sum(self.op_counts.values()))))
+            rows.append(("Model size", file_size(self.size_unfolded), file_size(self.size)))
+            headers = ("Op", "Before fold", "After fold")
+        title = self.target.describe(self.path.name, self.opset)
+        return [Table(title=title, headers=headers, rows=rows, numeric=range(1, 3), title_justify="left")]
 
 
 class ExportVerificationError(VerificationError):
