@@ -21,19 +21,7 @@ def rich(view: Sequence[Any]) -> Any:
     """A record's view (`~kerasbn.printable.Table` sections and lines) as one rich renderable."""
     from rich.console import Group
 
-    parts = [
-        section
-        if isinstance(section, str)
-        else table(
-            section.title,
-            section.headers,
-            section.rows,
-            section.caption,
-            numeric=section.numeric,
-            title_justify=section.title_justify,
-        )
-        for section in view
-    ]
+    parts = [section if isinstance(section, str) else _table(section) for section in view]
     return parts[0] if len(parts) == 1 else Group(*parts)
 
 
@@ -43,7 +31,7 @@ def text(view: Sequence[Any]) -> str:
     Tables are drawn 140 columns wide; a line of text stays one line (a
     `kerasbn.VerifyResult` is one, and it is quoted inside error messages).
     """
-    return "".join(section + "\n" if isinstance(section, str) else _plain(rich([section])) for section in view).rstrip()
+    return "".join(section + "\n" if isinstance(section, str) else _plain(_table(section)) for section in view).rstrip()
 
 
 def markdown(view: Sequence[Any]) -> str:
@@ -61,22 +49,14 @@ def markdown(view: Sequence[Any]) -> str:
     return "\n\n".join(blocks)
 
 
-def table(
-    title: str | None,
-    headers: Sequence[str],
-    rows: Sequence[Sequence[Any]],
-    caption: str | None = None,
-    *,
-    numeric: Sequence[int] = (),
-    title_justify: str = "center",
-) -> Any:
-    """A rich `Table`; columns listed in ``numeric`` are right-aligned."""
+def _table(section: Any) -> Any:
+    """A `~kerasbn.printable.Table` as a rich `Table`; its ``numeric`` columns are right-aligned."""
     from rich.table import Table
 
-    out = Table(title=title, caption=caption, title_justify=title_justify, show_lines=False)
-    for i, header in enumerate(headers):
-        out.add_column(header, justify="right" if i in numeric else "left", overflow="fold")
-    for row in rows:
+    out = Table(title=section.title, caption=section.caption, title_justify=section.title_justify, show_lines=False)
+    for i, header in enumerate(section.headers):
+        out.add_column(header, justify="right" if i in section.numeric else "left", overflow="fold")
+    for row in section.rows:
         out.add_row(*("" if cell is None else str(cell) for cell in row))
     return out
 
