@@ -31,7 +31,10 @@ def qat_model(**kwargs):
     keras.utils.set_random_seed(0)
     x, _ = digits()
     qat = kerasbn.qat.prepare(depthwise_separable_net(), calibration=x[:128], **kwargs)
-    qat.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # XLA on TensorFlow too (Keras turns it off by default on a CPU-only machine, on by default on a GPU).
+    qat.compile(
+        keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True
+    )
     return qat
 
 
@@ -49,7 +52,9 @@ def test_loss_falls():
     model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
     qat = kerasbn.qat.prepare(model, calibration=x[:128])
-    qat.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.compile(
+        keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True
+    )
     history = qat.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
     assert history.history["loss"][-1] < 0.7 * history.history["loss"][0]
 
@@ -80,6 +85,7 @@ def test_saved_mid_training_reloads_and_continues_identically(tmp_path):
     qat.save(path)
     again = keras.saving.load_model(path, safe_mode=True)  # with its optimizer state
     assert kerasbn.qat.is_qat(again)
+    assert again.jit_compile and qat.jit_compile
     a = qat.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0).history["loss"]
     b = again.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0).history["loss"]
     assert a == b
