@@ -157,6 +157,7 @@ def test_refuses_subclassed_and_mixed_precision():
         kerasbn.qat.prepare(mixed)
 
 
+@pytest.mark.slow
 def test_torch_backend_is_refused_with_the_reason():
     code = (
         "import keras, kerasbn\n"

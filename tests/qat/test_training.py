@@ -59,7 +59,10 @@ def test_loss_falls():
     assert history.history["loss"][-1] < 0.7 * history.history["loss"][0]
 
 
-@pytest.mark.parametrize("how", ["argument", "callback", "function"])
+@pytest.mark.parametrize(
+    "how",
+    ["callback", pytest.param("argument", marks=pytest.mark.large), pytest.param("function", marks=pytest.mark.large)],
+)
 def test_frozen_statistics_stop_changing(how):
     qat = qat_model(freeze_after=2 if how == "argument" else None)
     x, y = digits(96)
@@ -75,6 +78,25 @@ def test_frozen_statistics_stop_changing(how):
     for a, b in zip(moved, statistics(qat)):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(kernel, keras.ops.convert_to_numpy(layers.fused(qat)[0].layer.kernel))
+
+
+@pytest.mark.parametrize("how", ["argument", "function"])
+def test_freezing_without_fit(how):
+    """The cheap check of the other two ways to freeze: a training call no longer moves the statistics."""
+    qat = qat_model(freeze_after=0 if how == "argument" else None)
+    if how == "function":
+        assert kerasbn.qat.freeze(qat) == 3
+    x, _ = digits(32)
+    before = statistics(qat)
+    train = keras.ops.convert_to_numpy(qat(x, training=True))
+    for a, b in zip(before, statistics(qat)):
+        np.testing.assert_array_equal(a, b)
+    # Frozen, a training step computes the deployed layers: only the activation ranges (moving
+    # averages of the batch) can differ from inference.
+    infer = keras.ops.convert_to_numpy(qat(x, training=False))
+    assert np.abs(train - infer).max() <= 4 * max(
+        float(keras.ops.convert_to_numpy(q.nudged_range()[2])) for q in layers.activation_quantizers(qat)
+    )
 
 
 def test_saved_mid_training_reloads_and_continues_identically(tmp_path):
