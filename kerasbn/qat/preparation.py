@@ -229,9 +229,10 @@ class _Decider:
             readers = g.consumers_of(out)
             only_activation = len(readers) == 1 and out not in g.outputs and isinstance(readers[0].layer, ACTIVATIONS)
             if self._quantized_layer(layer) or isinstance(layer, MERGES):
+                # Followed by an activation alone, the int8 kernel fuses it: quantize after that.
                 if not only_activation:
                     self.quantize_after.add(id(layer))
-                quantized.add(out)
+                    quantized.add(out)
             elif isinstance(layer, ACTIVATIONS):
                 self.quantize_after.add(id(layer))
                 quantized.add(out)
