@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 BN_COLUMNS = ("BN", "partner", "direction", "folds", "reason")
+WEIGHT_COLUMNS = ("layer", "weight", "problem")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,21 @@ class RedundantBias:
     parameters: int
 
 
+@dataclass(frozen=True)
+class WeightProblem:
+    """A weight no model should hold: NaN or infinite values, or a BN variance below zero.
+
+    Attributes:
+        layer: The layer's path (``nested_model/…/layer``).
+        weight: The weight's name (``moving_variance``, ``kernel``…).
+        problem: What is wrong, e.g. ``"3 NaN of its 16 values"``.
+    """
+
+    layer: str
+    weight: str
+    problem: str
+
+
 class _Printable:
     """``str(report)`` is its table as plain text (what ``print(report)`` shows)."""
 
@@ -83,6 +99,8 @@ class AuditReport(_Printable):
         parameters: Weight count of the model.
         parameters_saved: Weights a fold removes (folded BN weights minus the
             biases that partners without one gain).
+        weight_problems: One `WeightProblem` per weight holding NaN or infinite
+            values or a negative BN variance: such a model cannot be folded or exported.
     """
 
     model: str
@@ -90,6 +108,7 @@ class AuditReport(_Printable):
     redundant_biases: list[RedundantBias] = field(default_factory=list)
     parameters: int = 0
     parameters_saved: int = 0
+    weight_problems: list[WeightProblem] = field(default_factory=list)
 
     @property
     def bn_layers(self) -> int:
@@ -107,7 +126,7 @@ class AuditReport(_Printable):
         return sum(b.parameters for b in self.redundant_biases)
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict: ``model``, ``totals``, ``batch_norms``, ``redundant_biases``."""
+        """A JSON-ready dict: ``model``, ``totals``, ``batch_norms``, ``redundant_biases``, ``weight_problems``."""
         return {
             "model": self.model,
             "totals": {
@@ -121,6 +140,7 @@ class AuditReport(_Printable):
             },
             "batch_norms": [_jsonable_finding(f) for f in self.batch_norms],
             "redundant_biases": [asdict(b) for b in self.redundant_biases],
+            "weight_problems": [asdict(p) for p in self.weight_problems],
         }
 
     def _caption(self) -> str:
@@ -128,6 +148,9 @@ class AuditReport(_Printable):
             f"{self.foldable}/{self.bn_layers} BN layers fold, saving {self.parameters_saved:,} "
             f"of {self.parameters:,} parameters"
         )
+
+    def _problems_caption(self) -> str:
+        return f"{len(self.weight_problems)} weight(s) hold NaN, infinite values or negative variances: fold and export refuse the model"
 
     def _bias_caption(self) -> str:
         return f"{len(self.redundant_biases)} biases, {self.bias_parameters:,} parameters"
@@ -147,6 +170,15 @@ class AuditReport(_Printable):
                     ("layer", "BN", "parameters"),
                     bias_rows(self.redundant_biases),
                     self._bias_caption(),
+                )
+            )
+        if self.weight_problems:
+            parts.append(
+                table(
+                    "Weights that cannot be right",
+                    WEIGHT_COLUMNS,
+                    [[p.layer, p.weight, p.problem] for p in self.weight_problems],
+                    self._problems_caption(),
                 )
             )
         return Group(*parts)
@@ -172,6 +204,10 @@ class AuditReport(_Printable):
                 "",
                 f"{self._bias_caption()}.",
             ]
+        if self.weight_problems:
+            rows = [[p.layer, p.weight, p.problem] for p in self.weight_problems]
+            lines += ["", "#### Weights that cannot be right", "", markdown_table(WEIGHT_COLUMNS, rows), ""]
+            lines.append(f"{self._problems_caption()}.")
         return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from kerasbn.deploy.quantize import DEFAULT_MIN_AGREEMENT, int8_report
 from kerasbn.deploy.target import Target, target_for, targets
 from kerasbn.deploy.verify import Checks, Reference, VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
+from kerasbn.model_checks import check_weights
 from kerasbn.model_signature import Signature, signature
 from kerasbn.report import Int8Report, export_table, op_table
 
@@ -179,7 +180,8 @@ def export(
         ExportVerificationError: The runtime disagrees with Keras; nothing is written.
         kerasbn.deploy.quantize.QuantizationError: The int8 file falls short of `min_agreement`.
         kerasbn.errors.UnsupportedModelError: The model cannot be traced, converted or quantized.
-        kerasbn.errors.KerasbnError: Bad options or data, or the output path is not writable or exists.
+        kerasbn.errors.KerasbnError: Bad options or data, the output path is not writable or exists, or a
+            weight holds NaN or infinite values or a negative BN variance (`kerasbn.model_checks`).
 
     Examples:
         >>> import keras, kerasbn, tempfile, pathlib
@@ -190,6 +192,7 @@ def export(
         >>> result.verified, result.op_counts.get("BatchNormalization", 0)
         (True, 0)
     """
+    check_weights(model)
     step = on_step or (lambda _message: None)
     path = Path(path)
     target = target_for(path, to)

@@ -3,7 +3,8 @@
 The audit changes nothing. For every BatchNormalization layer (Keras's and
 kerasbn's, nested models included) it names the partner layer and the fold
 direction, or the reason the BN stays; it also lists every Dense/Conv bias
-that a following BN makes redundant.
+that a following BN makes redundant, and every weight holding NaN, infinite
+values or a negative variance (`kerasbn.model_checks`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import keras
 from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import dataflow, plan
 from kerasbn.folding.graph import Graph, build_graph
+from kerasbn.model_checks import weight_problems
 from kerasbn.report import AuditReport, RedundantBias
 
 
@@ -75,4 +77,5 @@ def audit(model: keras.Model) -> AuditReport:
         RedundantBias(call.layer.name, plan.path(call), bn.layer.name, plan.out_channels(graph, call))
         for call, bn in plan.redundant_biases(graph)
     ]
-    return AuditReport(model.name, findings, biases, int(model.count_params()), int(saved))
+    problems = weight_problems(model)
+    return AuditReport(model.name, findings, biases, int(model.count_params()), int(saved), problems)
