@@ -23,12 +23,23 @@ from kerasbn.errors import KerasbnError, UnsupportedModelError
 from kerasbn.report import WeightProblem
 
 
+def _is_string(dtype: str) -> bool:
+    return dtype == "string"
+
+
+def _is_not_float(dtype: str) -> bool:
+    import keras
+
+    return not keras.backend.is_float_dtype(dtype)
+
+
 def check_runnable(model: Any) -> None:
     """Raise `UnsupportedModelError` for a model whose layers cannot run on its declared inputs."""
     import keras
 
     from kerasbn.folding import families
     from kerasbn.folding.graph import build_graph
+    from kerasbn.folding.plan import is_bn
     from kerasbn.model_signature import functional_of
 
     functional = functional_of(model)
@@ -43,15 +54,16 @@ def check_runnable(model: Any) -> None:
         graph = build_graph(model)
         for call in graph.calls:
             family = families.family_of(call.layer)
-            if family is None or family.name == "dense":
-                continue  # Dense casts what it reads; a convolution computes in its input's dtype
+            if family is None and not is_bn(call.layer):
+                continue
+            # Dense and BN cast the integers and booleans they read; a convolution computes in its input's dtype.
+            refused = _is_string if family is None or family.name == "dense" else _is_not_float
             for tensor in call.inputs:
                 dtype = graph.dtypes.get(tensor)
-                if dtype is not None and not keras.backend.is_float_dtype(dtype):
+                if dtype is not None and refused(dtype):
                     raise UnsupportedModelError(
                         f"layer '{call.layer.name}' ({type(call.layer).__name__}) reads a tensor of dtype {dtype}, "
-                        "and a convolution computes in floating point only: the model cannot run "
-                        "(is an input's dtype wrong?)"
+                        f"which it cannot compute with: the model cannot run (is an input's or a layer's dtype wrong?)"
                     )
     for layer in model._flatten_layers(include_self=False, recursive=True):
         mode = getattr(layer.dtype_policy, "quantization_mode", None)

@@ -33,6 +33,12 @@ def _listed_twice() -> keras.Model:
     return keras.saving.deserialize_keras_object(config)
 
 
+def _string_into_dense() -> keras.Model:
+    # A Flatten whose dtype a hand-edited config set to "string" hands the Dense strings.
+    x = keras.Input((3, 2), name="image")
+    return keras.Model(x, L.Dense(2, name="head")(L.Flatten(dtype="string")(x)))
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -44,8 +50,9 @@ def _listed_twice() -> keras.Model:
             "layer 'bn' (BatchNormalization) has the quantized dtype policy 'int4_from_float32'",
         ),
         (_listed_twice, "lists the input 'image' more than once"),
+        (_string_into_dense, "layer 'head' (Dense) reads a tensor of dtype string"),
     ],
-    ids=["int32-into-conv", "bool-into-conv", "string-into-conv", "int4-bn", "input-twice"],
+    ids=["int32-into-conv", "bool-into-conv", "string-into-conv", "int4-bn", "input-twice", "string-into-dense"],
 )
 def test_a_model_that_cannot_run_is_refused_naming_the_layer(make, message):
     with pytest.raises(UnsupportedModelError, match=re.escape(message)):
