@@ -31,6 +31,7 @@ _PUBLIC = {
     "FoldReport": "kerasbn.report",
     "RedundantBias": "kerasbn.report",
     "StripReport": "kerasbn.report",
+    "WeightProblem": "kerasbn.report",
     "load_model": "kerasbn.deploy.files",
     "save_model": "kerasbn.deploy.files",
     "verify": "kerasbn.deploy.verify",
@@ -94,6 +95,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         StalenessReport,
         StripReport,
         SwapReport,
+        WeightProblem,
     )
     from kerasbn.statistics.calibrate import CalibrationResult, calibrate
     from kerasbn.statistics.staleness import audit_statistics

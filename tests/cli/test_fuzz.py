@@ -29,7 +29,7 @@ import pytest
 from tests.cli.conftest import invoke, listing
 
 CASES = 200
-SEMANTIC_CASES = 24
+SEMANTIC_CASES = 16
 SEMANTIC_CASES_LARGE = 400
 SECONDS_PER_CASE = 60
 HEADROOM = 3 * 2**30  # address space a case may add to what the test process holds

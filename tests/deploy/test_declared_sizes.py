@@ -118,7 +118,10 @@ def test_archives_stored_or_compressed_load_with_their_weights(tmp_path, compres
     model.save(tmp_path / "m.keras")
     path = _zip(tmp_path / "re.keras", _members(tmp_path / "m.keras"), compression)
 
+    add_weight = keras.layers.Layer.add_weight
+
     loaded = kerasbn.load_model(path)
 
+    assert keras.layers.Layer.add_weight is add_weight
     for ours, theirs in zip(loaded.weights, model.weights):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
