@@ -88,7 +88,8 @@ def weight_problems(model: Any) -> list[WeightProblem]:
         values = np.asarray(variable)
         if not (np.issubdtype(values.dtype, np.floating) or values.dtype.kind == "V"):  # "V": bfloat16
             continue
-        values = values.astype(np.float64)
+        if values.dtype.kind == "V":
+            values = values.astype(np.float32)  # NumPy's isnan has no bfloat16 loop
         layer, _, name = variable.path.rpartition("/")
         nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
         if nan or inf:

@@ -142,3 +142,14 @@ def test_audit_lists_every_problem_in_each_form():
     }
     assert "Weights that cannot be right" in report.to_markdown() and "moving_variance" in str(report)
     assert kerasbn.audit(_convnet()).weight_problems == []
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_weight_problems_in_every_float_type(dtype):
+    x = keras.Input((3,))
+    model = keras.Model(x, L.Dense(4, name="head", dtype=dtype)(x))
+    assert model.get_layer("head").kernel.dtype == dtype
+
+    (found,) = weight_problems(_spoil(model, "head", "kernel", np.inf))
+
+    assert (found.layer, found.weight, found.problem) == ("head", "kernel", "1 infinite among its 12 values")
