@@ -31,7 +31,7 @@ _PUBLIC = {
     "FoldReport": "kerasbn.report",
     "RedundantBias": "kerasbn.report",
     "StripReport": "kerasbn.report",
-    "WeightProblem": "kerasbn.report",
+    "WeightProblem": "kerasbn.folding.model_checks",
     "load_model": "kerasbn.deploy.files",
     "save_model": "kerasbn.deploy.files",
     "verify": "kerasbn.deploy.verify",
@@ -82,6 +82,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from kerasbn.folding.audit import audit
     from kerasbn.folding.biases import StripResult, strip_redundant_biases
     from kerasbn.folding.fold import FoldResult, fold
+    from kerasbn.folding.model_checks import WeightProblem
     from kerasbn.model_signature import Signature, signature
     from kerasbn.report import (
         AuditReport,
@@ -95,7 +96,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         StalenessReport,
         StripReport,
         SwapReport,
-        WeightProblem,
     )
     from kerasbn.statistics.calibrate import CalibrationResult, calibrate
     from kerasbn.statistics.staleness import audit_statistics

@@ -11,7 +11,10 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kerasbn.folding.model_checks import WeightProblem
 
 BN_COLUMNS = ("BN", "partner", "direction", "folds", "reason")
 WEIGHT_COLUMNS = ("layer", "weight", "problem")
@@ -66,21 +69,6 @@ class RedundantBias:
     parameters: int
 
 
-@dataclass(frozen=True)
-class WeightProblem:
-    """A weight no model should hold: NaN or infinite values, or a BN variance below zero.
-
-    Attributes:
-        layer: The layer's path (``nested_model/…/layer``).
-        weight: The weight's name (``moving_variance``, ``kernel``…).
-        problem: What is wrong, e.g. ``"3 NaN of its 16 values"``.
-    """
-
-    layer: str
-    weight: str
-    problem: str
-
-
 class _Printable:
     """``str(report)`` is its table as plain text (what ``print(report)`` shows)."""
 
@@ -99,7 +87,7 @@ class AuditReport(_Printable):
         parameters: Weight count of the model.
         parameters_saved: Weights a fold removes (folded BN weights minus the
             biases that partners without one gain).
-        weight_problems: One `WeightProblem` per weight holding NaN or infinite
+        weight_problems: One `kerasbn.WeightProblem` per weight holding NaN or infinite
             values or a negative BN variance: such a model cannot be folded or exported.
     """
 

@@ -32,7 +32,7 @@ from kerasbn.deploy.quantize import DEFAULT_MIN_AGREEMENT, int8_report
 from kerasbn.deploy.target import Target, target_for, targets
 from kerasbn.deploy.verify import Checks, Reference, VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
-from kerasbn.model_checks import check_weights
+from kerasbn.folding.model_checks import check_weights
 from kerasbn.model_signature import Signature, signature
 from kerasbn.report import Int8Report, export_table, op_table
 
@@ -181,7 +181,7 @@ def export(
         kerasbn.deploy.quantize.QuantizationError: The int8 file falls short of `min_agreement`.
         kerasbn.errors.UnsupportedModelError: The model cannot be traced, converted or quantized.
         kerasbn.errors.KerasbnError: Bad options or data, the output path is not writable or exists, or a
-            weight holds NaN or infinite values or a negative BN variance (`kerasbn.model_checks`).
+            weight holds NaN or infinite values or a negative BN variance (`kerasbn.folding.model_checks`).
 
     Examples:
         >>> import keras, kerasbn, tempfile, pathlib

@@ -61,7 +61,7 @@ def load_model(
             uses an unknown layer, holds a lambda refused in safe mode, or
             declares more than it holds (`kerasbn.deploy.declared_sizes`).
         UnsupportedModelError: the model has no functional graph, or its layers
-            cannot run on its inputs (`kerasbn.model_checks.check_runnable`).
+            cannot run on its inputs (`kerasbn.folding.model_checks.check_runnable`).
     """
     path = Path(path)
     kind = _check_input_file(path)
@@ -70,7 +70,7 @@ def load_model(
     import keras
 
     from kerasbn.deploy.declared_sizes import weight_budget, weights_held
-    from kerasbn.model_checks import check_runnable
+    from kerasbn.folding.model_checks import check_runnable
 
     held = weights_held(path, kind)
     with warnings.catch_warnings(record=True) as caught, weight_budget(path, held) as budget:

@@ -4,7 +4,7 @@ The audit changes nothing. For every BatchNormalization layer (Keras's and
 kerasbn's, nested models included) it names the partner layer and the fold
 direction, or the reason the BN stays; it also lists every Dense/Conv bias
 that a following BN makes redundant, and every weight holding NaN, infinite
-values or a negative variance (`kerasbn.model_checks`).
+values or a negative variance (`kerasbn.folding.model_checks`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import keras
 from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import dataflow, plan
 from kerasbn.folding.graph import Graph, build_graph
-from kerasbn.model_checks import weight_problems
+from kerasbn.folding.model_checks import weight_problems
 from kerasbn.report import AuditReport, RedundantBias
 
 

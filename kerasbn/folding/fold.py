@@ -23,8 +23,8 @@ from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import families, plan
 from kerasbn.folding.audit import decisions
 from kerasbn.folding.graph import Graph, functional_of
+from kerasbn.folding.model_checks import check_weights
 from kerasbn.folding.rewrite import Patch, read_weights, rebuild
-from kerasbn.model_checks import check_weights
 from kerasbn.report import FoldReport
 
 
@@ -164,7 +164,7 @@ def fold(model: keras.Model) -> FoldResult:
         kerasbn.errors.UnsupportedModelError: ``model`` is unbuilt, or a fold is
             needed in place and the model cannot be copied.
         kerasbn.errors.KerasbnError: a weight holds NaN or infinite values, or a
-            BN variance is negative (`kerasbn.model_checks`).
+            BN variance is negative (`kerasbn.folding.model_checks`).
 
     Examples:
         >>> import keras, kerasbn

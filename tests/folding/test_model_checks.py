@@ -1,4 +1,4 @@
-"""`kerasbn.model_checks`: models Keras builds but cannot run, and weights no model should hold,
+"""`kerasbn.folding.model_checks`: models Keras builds but cannot run, and weights no model should hold,
 named by layer before any arithmetic; the audit lists the weights, fold and export refuse them."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 import kerasbn
 from kerasbn.errors import KerasbnError, UnsupportedModelError
-from kerasbn.model_checks import check_runnable, check_weights, weight_problems
+from kerasbn.folding.model_checks import check_runnable, check_weights, weight_problems
 from tests.helpers import randomize_bn
 
 L = keras.layers

@@ -15,12 +15,32 @@ Two kinds of wrong, each named by its layer:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import keras
 import numpy as np
 
 from kerasbn.errors import KerasbnError, UnsupportedModelError
-from kerasbn.report import WeightProblem
+from kerasbn.folding import families
+from kerasbn.folding.graph import build_graph
+from kerasbn.folding.plan import is_bn
+from kerasbn.model_signature import functional_of
+
+
+@dataclass(frozen=True)
+class WeightProblem:
+    """A weight no model should hold: NaN or infinite values, or a BN variance below zero.
+
+    Attributes:
+        layer: The layer's path (``nested_model/…/layer``).
+        weight: The weight's name (``moving_variance``, ``kernel``…).
+        problem: What is wrong, e.g. ``"3 NaN among its 16 values"``.
+    """
+
+    layer: str
+    weight: str
+    problem: str
 
 
 def _is_string(dtype: str) -> bool:
@@ -28,20 +48,11 @@ def _is_string(dtype: str) -> bool:
 
 
 def _is_not_float(dtype: str) -> bool:
-    import keras
-
     return not keras.backend.is_float_dtype(dtype)
 
 
 def check_runnable(model: Any) -> None:
     """Raise `UnsupportedModelError` for a model whose layers cannot run on its declared inputs."""
-    import keras
-
-    from kerasbn.folding import families
-    from kerasbn.folding.graph import build_graph
-    from kerasbn.folding.plan import is_bn
-    from kerasbn.model_signature import functional_of
-
     functional = functional_of(model)
     if functional is not None:
         names = [t.name for t in functional.inputs]
@@ -76,8 +87,6 @@ def check_runnable(model: Any) -> None:
 
 def weight_problems(model: Any) -> list[WeightProblem]:
     """Every weight of ``model`` holding NaN or infinite values, and every BN variance below zero."""
-    from kerasbn.folding.plan import is_bn
-
     variances = {
         id(layer.moving_variance)
         for layer in model._flatten_layers(include_self=False, recursive=True)
