@@ -15,7 +15,6 @@ Two kinds of wrong, each named by its layer:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -25,22 +24,8 @@ from kerasbn.errors import KerasbnError, UnsupportedModelError
 from kerasbn.folding import families
 from kerasbn.folding.graph import build_graph
 from kerasbn.folding.plan import is_bn
+from kerasbn.folding.reports import WeightProblem
 from kerasbn.model_signature import functional_of
-
-
-@dataclass(frozen=True)
-class WeightProblem:
-    """A weight no model should hold: NaN or infinite values, or a BN variance below zero.
-
-    Attributes:
-        layer: The layer's path (``nested_model/…/layer``).
-        weight: The weight's name (``moving_variance``, ``kernel``…).
-        problem: What is wrong, e.g. ``"3 NaN among its 16 values"``.
-    """
-
-    layer: str
-    weight: str
-    problem: str
 
 
 def _is_string(dtype: str) -> bool:
