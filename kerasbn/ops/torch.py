@@ -101,8 +101,8 @@ def moment_sums(d, axes: Sequence[int]) -> list:
     ):
         return sums([d, d * d], axes)
     flat = d.reshape(block, -1)
-    zero = torch.zeros(flat.shape[1], dtype=d.dtype)
-    one = torch.ones(flat.shape[1], dtype=d.dtype)
+    zero = torch.zeros(flat.shape[1], dtype=d.dtype, device=d.device)
+    one = torch.ones(flat.shape[1], dtype=d.dtype, device=d.device)
     _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
         flat, flat, None, None, None, zero, one, True, 0.0, [False, True, True]
     )
