@@ -110,7 +110,9 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization:
         quantizers = kerasbn.qat.audit(keras_model) if kerasbn.qat.is_qat(keras_model) else None
     if not settings.quiet:
         render.print_audit(report, fmt, {"quantization": ranges, "statistics": stale, "qat": quantizers})
-    if strict and (report.foldable or report.redundant_biases or (stale is not None and stale.stale)):
+    if strict and (
+        report.foldable or report.redundant_biases or report.weight_problems or (stale is not None and stale.stale)
+    ):
         return EXIT_FINDINGS
     return EXIT_OK
 
