@@ -57,10 +57,17 @@ _PUBLIC = {
     "SwapReport": "kerasbn.report",
 }
 
-__all__ = sorted([*_PUBLIC, "BatchNormalization"]) + ["__version__"]
+# Public subpackages, imported on first use like the names above.
+_SUBPACKAGES = ("qat",)
+
+__all__ = sorted([*_PUBLIC, *_SUBPACKAGES, "BatchNormalization"]) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        value = importlib.import_module(f"kerasbn.{name}")
+        globals()[name] = value
+        return value
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'kerasbn' has no attribute {name!r}")
@@ -70,10 +77,11 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+    return sorted(set(globals()) | set(_PUBLIC) | set(_SUBPACKAGES))
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from kerasbn import qat
     from kerasbn.deploy.export import ExportResult, export, export_int8, export_litert, export_onnx
     from kerasbn.deploy.files import load_model, save_model
     from kerasbn.deploy.quantize import audit_quantization
