@@ -80,7 +80,7 @@ class Budget(NamedTuple):
     seeds: tuple[int, ...]
 
 
-FULL = Budget(float_epochs=30, qat_epochs=10, seeds=(0, 1, 2, 3))
+FULL = Budget(float_epochs=15, qat_epochs=10, seeds=(0, 1, 2, 3))
 QUICK = Budget(float_epochs=8, qat_epochs=3, seeds=(0,))
 
 
@@ -107,10 +107,12 @@ def build_model() -> keras.Model:
 
 
 def compile_for(model: keras.Model, learning_rate) -> None:
+    # A TensorFlow graph, not XLA: on two CPU cores XLA spends longer compiling each of the 13 models than
+    # training it (benchmarks/qat.py times the step both ways).
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=True,
+        jit_compile=False,
     )
 
 
@@ -127,29 +129,30 @@ def train_float(data, seed: int, epochs: int) -> keras.Model:
     return model
 
 
-def prepare(model: keras.Model, setting: Setting, calibration: np.ndarray, freeze_after: int | None = None):
-    return kerasbn.qat.prepare(
+def fine_tune(model: keras.Model, setting: Setting, data, seed: int, epochs: int) -> tuple[float, keras.Model]:
+    """PTQ's test accuracy, and the QAT model: ``model`` prepared from calibration rows, fit with a decaying rate.
+
+    Prepared from the calibration rows and not yet trained, the QAT model is
+    the post-training-quantized model: its accuracy is PTQ's.
+    """
+    x_train, x_test, y_train, y_test = data
+    steps = epochs * -(-len(x_train) // BATCH)
+    qat = kerasbn.qat.prepare(
         model,
         weight_bits=setting.bits,
         per_channel=setting.per_channel,
-        calibration=calibration,
-        freeze_after=freeze_after,
+        calibration=x_train[:CALIBRATION_ROWS],
+        freeze_after=int(FREEZE * steps),
     )
-
-
-def fine_tune(model: keras.Model, setting: Setting, data, seed: int, epochs: int) -> keras.Model:
-    """The QAT model of ``model``: prepared from the calibration rows, then fit with a cosine-decayed rate."""
-    x_train, _, y_train, _ = data
-    steps = epochs * -(-len(x_train) // BATCH)
-    qat = prepare(model, setting, x_train[:CALIBRATION_ROWS], freeze_after=int(FREEZE * steps))
+    ptq = accuracy(qat, x_test, y_test)
     keras.utils.set_random_seed(seed)
     # A constant rate kept the quantized weights jumping between grid points; decaying it to 0 settles them.
     compile_for(qat, keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=steps))
     qat.fit(x_train, y_train, batch_size=BATCH, epochs=epochs, verbose=0)
-    return qat
+    return ptq, qat
 
 
-def experiment(budget: Budget, out: Path) -> tuple[dict, keras.Model]:
+def experiment(budget: Budget) -> tuple[dict, keras.Model]:
     """Test accuracies by (row, setting label) → one per seed; and the first seed's 8-bit QAT model."""
     results: dict[tuple[str, str], list[float]] = {}
     exported = None
@@ -160,13 +163,12 @@ def experiment(budget: Budget, out: Path) -> tuple[dict, keras.Model]:
         model = train_float(data, seed, budget.float_epochs)
         results.setdefault(("float", ""), []).append(accuracy(model, x_test, y_test))
         for setting in SETTINGS:
-            ptq = prepare(model, setting, data[0][:CALIBRATION_ROWS])
-            results.setdefault(("PTQ", setting.label), []).append(accuracy(ptq, x_test, y_test))
-            qat = fine_tune(model, setting, data, seed, budget.qat_epochs)
+            ptq, qat = fine_tune(model, setting, data, seed, budget.qat_epochs)
+            results.setdefault(("PTQ", setting.label), []).append(ptq)
             results.setdefault(("QAT", setting.label), []).append(accuracy(qat, x_test, y_test))
             if exported is None and setting.bits == 8:
                 exported = qat
-        row = "  ".join(f"{k[0]} {k[1]} {v[-1]:.3f}".replace("  ", " ") for k, v in results.items())
+        row = ", ".join(f"{' '.join(filter(None, key))} {values[-1]:.3f}" for key, values in results.items())
         print(f"seed {seed} ({time.perf_counter() - start:.0f} s): {row}", flush=True)
     return results, exported
 
@@ -178,7 +180,7 @@ def table(results: dict[tuple[str, str], list[float]], seeds: int) -> str:
         return f"{np.mean(values):.3f} ({min(values):.3f})"
 
     lines = [
-        f"| weights (activations 8-bit) | float | PTQ | QAT |",
+        "| weights (activations 8-bit) | float | PTQ | QAT |",
         "| --- | ---: | ---: | ---: |",
     ]
     for setting in SETTINGS:
@@ -204,9 +206,7 @@ def plot(results: dict[tuple[str, str], list[float]], path: Path) -> None:
         values = [results[row, s.label] for s in SETTINGS]
         means = np.array([np.mean(v) for v in values])
         worst = means - np.array([min(v) for v in values])
-        ax.errorbar(
-            np.array(bits) + shift, means, yerr=[worst, np.zeros_like(worst)], fmt=marker, capsize=3, label=row
-        )
+        ax.errorbar(np.array(bits) + shift, means, yerr=[worst, np.zeros_like(worst)], fmt=marker, capsize=3, label=row)
     ax.set_xticks(bits, [s.label.replace(" per ", "\nper ") for s in SETTINGS])
     ax.set_xlabel("weight bits (activations 8-bit)")
     ax.set_ylabel("test accuracy (mean; bar: worst seed)")
@@ -245,7 +245,9 @@ def export(qat: keras.Model, data, out: Path) -> dict[str, float]:
     for label, classes in predicted.items():
         scores[label] = float(np.mean(classes == y_test))
         scores[f"{label} same class"] = float(np.mean(classes == reference))
-        print(f"{label:<18} test accuracy {scores[label]:.4f}, same class as the QAT model {scores[f'{label} same class']:.1%}")
+        print(
+            f"{label:<18} test accuracy {scores[label]:.4f}, same class as the QAT model {scores[f'{label} same class']:.1%}"
+        )
     return scores
 
 
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = QUICK if args.quick else FULL
     begin = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    results, qat = experiment(budget, args.out)
+    results, qat = experiment(budget)
     markdown = table(results, len(budget.seeds))
     print("\n" + markdown)
     (args.out / "qat_accuracy.md").write_text(markdown + "\n")
