@@ -161,13 +161,13 @@ def nudged_range(range_min, range_max, bits: int = 8):
 
     Works on NumPy values and on tensors alike. The zero point is
     ``round(−min/scale)`` (half away from zero, as C's ``round``), clamped into
-    ``[0, 2^bits − 1]``; an int8 exporter's zero point is that minus ``2^(bits−1)``.
+    ``[0, 2^bits − 1]``, so a range that excludes zero is shifted (not widened)
+    to end at zero; an int8 exporter's zero point is that minus ``2^(bits−1)``.
     """
     top = float(2**bits - 1)
-    lo = ops.minimum(range_min, 0.0)
-    hi = ops.maximum(range_max, 0.0)
+    lo = ops.convert_to_tensor(range_min, "float32")
     # A collapsed range still needs a non-zero scale.
-    hi = ops.maximum(hi, lo + 1e-6)
+    hi = ops.maximum(ops.convert_to_tensor(range_max, "float32"), lo + 1e-6)
     scale = (hi - lo) / top
     zero_from_min = -lo / scale
     zero = ops.clip(ops.sign(zero_from_min) * ops.floor(ops.abs(zero_from_min) + 0.5), 0.0, top)
