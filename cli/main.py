@@ -241,6 +241,11 @@ def export(
     and compared with the float model: top-1 agreement, errors, size and
     latency. Nothing is written if the agreement is below --min-agreement.
 
+    A quantization-aware model (kerasbn qat) is written as int8 from its
+    learned ranges, without --int8 or --calibration; nothing is written
+    unless the file holds its trained integer weights and ranges and its
+    outputs stay within 2 output steps of the simulated model.
+
     \b
     Example:
       kerasbn export resnet.keras -o resnet.onnx --opset 17
@@ -249,6 +254,7 @@ def export(
       kerasbn export net.keras -o net.tflite
       kerasbn export mixed.keras -o net.fp16.onnx --dtype float16
       kerasbn export net.keras -o net.int8.tflite --int8 --calibration calib.npz --inputs test.npz
+      kerasbn export net.qat.keras -o net.int8.onnx --inputs test.npz
     """
     from kerasbn_cli import render
 
@@ -292,7 +298,11 @@ def export(
                 overwrite=settings.force,
                 on_step=step,
             )
-    if int8:
+    from kerasbn.qat.export import QatExportResult
+
+    if isinstance(result, QatExportResult):
+        render.print_qat_export(settings, result, fmt)
+    elif int8:
         render.print_int8(settings, result, fmt)
     else:
         render.print_export(settings, result, fmt)

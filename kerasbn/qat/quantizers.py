@@ -141,11 +141,15 @@ def _tf_weight(w, scale, bits: int, per_channel: bool, mode: str):
 
     hi = scale * weight_levels(bits)
     if mode == "qdq":
+        # tf2onnx writes QuantizeAndDequantizeV3 as a QuantizeLinear of scale max/127 whatever num_bits
+        # says, which rounds the float weight half to even: it gets the grid itself (the FakeQuant of w)
+        # as an 8-bit range ±127·scale instead, so the integers it computes are the grid's, at any bits.
+        grid = _tf_weight(w, scale, bits, per_channel, "fake_quant")
         return tf.raw_ops.QuantizeAndDequantizeV3(
-            input=w,
-            input_min=-hi,
-            input_max=hi,
-            num_bits=bits,
+            input=grid,
+            input_min=-127.0 * scale,
+            input_max=127.0 * scale,
+            num_bits=8,
             signed_input=True,
             range_given=True,
             narrow_range=True,
@@ -186,6 +190,10 @@ def fake_quant_activation(x, range_min, range_max, bits: int = 8):
     if mode != "ops":
         import tensorflow as tf
 
+        if mode == "qdq":
+            # tf2onnx takes the zero point as round(−min/scale) unnudged and refuses one outside
+            # [0, 255] (a range above zero): it gets the nudged range, the same grid, which holds 0.
+            range_min, range_max, _ = nudged_range(range_min, range_max, bits)
         return tf.quantization.fake_quant_with_min_max_vars(x, range_min, range_max, num_bits=bits)
     lo, hi, scale = nudged_range(range_min, range_max, bits)
     clamped = ops.clip(x, lo, hi)
