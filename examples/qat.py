@@ -21,14 +21,15 @@ test accuracy over the seeds, the figure accuracy against weight bits. The
 (``kerasbn export model.qat.keras -o m.int8.tflite``: integer by default for a
 QAT model) and each file is scored in its own runtime on the held-out digits.
 
-Run: ``python examples/qat.py`` (writes build/qat/; ``--docs`` also writes
-the figure and the table into docs/); ``--quick`` is the short version the
-tests run.
+Run: ``python examples/qat.py`` (writes build/qat/: the table, the figure,
+``results.json`` and the files; ``--docs`` also writes the figure and the
+table into docs/); ``--quick`` is the short version the tests run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -270,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     markdown = table(results, len(budget.seeds))
     print("\n" + markdown)
     (args.out / "qat_accuracy.md").write_text(markdown + "\n")
+    raw = [{"row": row, "setting": label, "accuracy": values} for (row, label), values in results.items()]
     plot(results, args.out / FIGURE)
     print()
     scores = export(qat, digits(budget.seeds[0]), args.out)
+    (args.out / "results.json").write_text(json.dumps({"seeds": budget.seeds, "accuracy": raw, "export": scores}))
     if args.docs:
         plot(results, DOCS / FIGURE)
         write_docs(markdown)
