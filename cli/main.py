@@ -298,7 +298,7 @@ def export(
                 overwrite=settings.force,
                 on_step=step,
             )
-    from kerasbn.qat.export import QatExportResult
+    from kerasbn.deploy.qat_int8 import QatExportResult
 
     if isinstance(result, QatExportResult):
         render.print_qat_export(settings, result, fmt)

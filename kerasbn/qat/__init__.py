@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from kerasbn.folding.rewrite import Patch, rebuild
+from kerasbn.ops.fake_quant import is_quantization_aware
 from kerasbn.qat import layers
 from kerasbn.qat.prepare import FloatLayer, Preparation, calibrate_ranges, prepare
 from kerasbn.qat.quantizers import lowering, weight_grid
@@ -34,8 +35,12 @@ __all__ = [
 
 
 def is_qat(model: keras.Model) -> bool:
-    """True if ``model`` has any quantization-aware layer (weight or activation fake-quant)."""
-    return bool(layers.weight_quantized(model) or layers.activation_quantizers(model))
+    """True if ``model`` has any quantization-aware layer (weight or activation fake-quant).
+
+    A duck-typed test (`kerasbn.ops.fake_quant.is_quantization_aware`), which
+    the exporters run without importing this package.
+    """
+    return is_quantization_aware(model)
 
 
 def freeze(model: keras.Model) -> int:
