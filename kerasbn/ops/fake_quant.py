@@ -92,7 +92,7 @@ def lowering(name: str) -> Iterator[None]:
             tf2onnx) or ``"ops"`` (portable `keras.ops`). On JAX and PyTorch
             every lowering is ``"ops"``.
 
-    Example:
+    Examples:
         >>> from kerasbn.ops import fake_quant
         >>> with fake_quant.lowering("qdq"):
         ...     fake_quant.current_lowering()
@@ -244,7 +244,7 @@ def weight_grid(layer: Any, name: str | None = None) -> tuple[np.ndarray, np.nda
         ``q·scale`` up to float32 rounding of the product (the integers are
         exact: they are read back from the fake-quant the layer runs).
 
-    Example:
+    Examples:
         >>> import keras
         >>> from kerasbn.ops import fake_quant
         >>> from kerasbn.qat import layers

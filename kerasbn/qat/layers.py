@@ -1,6 +1,6 @@
 """The layers of a quantization-aware model: fused linear+BN, weight fake-quant, activation fake-quant.
 
-A `kerasbn.qat.prepare`d model is made of the original layers plus these:
+A `kerasbn.qat.prepare`-d model is made of the original layers plus these:
 
 * `ConvBatchNorm`, `DepthwiseConvBatchNorm`, `SeparableConvBatchNorm`,
   `DenseBatchNorm`: a linear layer and the BN after it, trained as the one
@@ -72,7 +72,7 @@ class ActivationQuantizer(keras.layers.Layer):
         Jacob et al. 2018, "Quantization and Training of Neural Networks for
         Efficient Integer-Arithmetic-Only Inference", section 3.1.
 
-    Example:
+    Examples:
         >>> import keras
         >>> from kerasbn.qat.layers import ActivationQuantizer
         >>> q = ActivationQuantizer()
@@ -317,7 +317,8 @@ class FusedBatchNorm(QuantizedWeights):
         unbiased: The moving variance tracks ``m/(m−1)·σ²_B`` (the paper,
             `kerasbn.BatchNormalization`'s default) instead of ``σ²_B`` (Keras).
         freeze_at: Training step from which the statistics are frozen (``-1``: not yet).
-        weight_bits, per_channel: As `QuantizedWeights`.
+        weight_bits: As `QuantizedWeights`.
+        per_channel: As `QuantizedWeights`.
         **kwargs: Base layer keyword arguments (``name``…).
 
     Call arguments:
