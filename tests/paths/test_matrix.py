@@ -48,6 +48,7 @@ from kerasbn.deploy import exact
 from kerasbn.deploy.target import targets
 from kerasbn.errors import KerasbnError
 from kerasbn.folding import plan
+from kerasbn.qat import layers as qat_layers
 from tests.cli.conftest import invoke
 from tests.helpers import ROUNDOFF, assert_matches_original, file_outputs, relative_error
 from tests.paths import models
@@ -462,7 +463,7 @@ def _check_qat(cell: Cell, original, produced: QatProduct, x) -> None:
     """
     qat = produced.model
     want = _keras(qat, x)
-    fused = kerasbn.qat.layers.fused(qat)
+    fused = qat_layers.fused(qat)
     # Every BN of the matrix models follows its Conv or Dense: each becomes one fused layer.
     assert len(fused) == len(_bn_layers(original)) and not _bn_layers(qat), (len(fused), len(_bn_layers(qat)))
     if cell.operation == "qat_prepare":
@@ -486,7 +487,7 @@ def _output_steps(qat) -> list[float]:
     steps = []
     for tensor in qat.outputs:
         layer = tensor._keras_history.operation
-        while not isinstance(layer, kerasbn.qat.layers.ActivationQuantizer):
+        while not isinstance(layer, qat_layers.ActivationQuantizer):
             layer = layer.input._keras_history.operation
         lo, hi = (float(v) for v in keras.ops.convert_to_numpy(layer.nudged_range())[:2])
         steps.append((hi - lo) / (2**layer.bits - 1))
