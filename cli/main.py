@@ -73,7 +73,8 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization:
     Also lists the Dense/Conv biases that a following BN makes redundant, and
     totals. With --data, also compares each BN's stored statistics with the
     population statistics of that data (mean shift in σ, variance ratio) and
-    flags stale ones. Changes nothing.
+    flags stale ones. For a quantization-aware model (kerasbn qat), also lists
+    its quantizers, their bits and ranges. Changes nothing.
 
     \b
     Example:
@@ -101,8 +102,9 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization:
         if batches is not None:
             progress.step("Measuring BN statistics on the data")
             stale = kerasbn.audit_statistics(keras_model, batches, on_batch=progress.advance)
+        quantizers = kerasbn.qat.audit(keras_model) if kerasbn.qat.is_qat(keras_model) else None
     if not settings.quiet:
-        render.print_audit(report, fmt, {"quantization": ranges, "statistics": stale})
+        render.print_audit(report, fmt, {"quantization": ranges, "statistics": stale, "qat": quantizers})
     if strict and (report.foldable or report.redundant_biases or (stale is not None and stale.stale)):
         return EXIT_FINDINGS
     return EXIT_OK
@@ -298,7 +300,7 @@ def export(
                 overwrite=settings.force,
                 on_step=step,
             )
-    from kerasbn.qat.export import QatExportResult
+    from kerasbn.deploy.qat_int8 import QatExportResult
 
     if isinstance(result, QatExportResult):
         render.print_qat_export(settings, result, fmt)
@@ -417,6 +419,128 @@ def swap(
         result = kerasbn.swap(original, to=to, unbiased=unbiased)
         checks = _save_verified(settings, checking, original, inputs, result.model, output, step)
     render.print_rewrite(settings, "swap", result.report, checks, output, fmt)
+    return EXIT_OK
+
+
+@main.command("qat")
+@MODEL_ARGUMENT
+@output_option("MODEL.qat.keras beside MODEL")
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    metavar="DATA",
+    help="Set the activation ranges from DATA (a .npy or .npz file named after the inputs, or a folder of "
+    "images), so training starts from the post-training-quantized model [default: the first training batch].",
+)
+@click.option(
+    "--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Bits of the weight grids."
+)
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
+@click.option(
+    "--freeze-after",
+    type=click.IntRange(min=0),
+    metavar="STEPS",
+    help="Freeze the BN statistics after STEPS training steps [default: when training calls kerasbn.qat.freeze].",
+)
+@verify_options(
+    "Check that the QAT model without fake quant is the folded original, and that the reloaded file "
+    "reproduces the QAT model exactly."
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
+)
+@common_options
+def qat(
+    settings: Settings,
+    checking: Checking,
+    model: Path,
+    output: Path | None,
+    calibration: Path | None,
+    weight_bits: int,
+    per_tensor: bool,
+    freeze_after: int | None,
+    fmt: str,
+) -> int:
+    """Prepare MODEL for quantization-aware training: BN folded into fake-quantized layers.
+
+    Every Conv/Depthwise/Separable/Dense → BN pair that folds becomes one
+    fused layer (batch statistics with the σ_B/σ correction until frozen);
+    other Dense/Conv layers get weight fake-quant; 8-bit activation
+    quantizers go where an int8 graph requantizes. Train the written model
+    with fit (keras.saving.load_model, safe mode) and export it as int8.
+    MODEL is never modified.
+
+    \b
+    Example:
+      kerasbn qat model.keras -o model.qat.keras --calibration calib.npz
+      kerasbn qat model.keras --weight-bits 4 --per-tensor --freeze-after 2000
+    """
+    from kerasbn_cli import render
+
+    output = output or model.with_name(f"{model.stem}.qat.keras")
+    with render.progress(settings.quiet) as step:
+        import numpy as np
+
+        import kerasbn
+        from kerasbn.deploy.verify import keras_outputs, random_inputs
+        from kerasbn.errors import VerificationError
+        from kerasbn.statistics.data import open_batches
+
+        original, inputs = _load(settings, checking, model, output, step)
+        batches = open_batches(calibration, original) if calibration is not None else None
+        step("Preparing")
+        prepared = kerasbn.qat.prepare(
+            original,
+            weight_bits=weight_bits,
+            per_channel=not per_tensor,
+            calibration=batches,
+            freeze_after=freeze_after,
+        )
+        inputs = inputs if inputs is not None else random_inputs(original, checking.batch, seed=0)
+        folded = None
+        if checking.verify:
+            step("Comparing the QAT model without fake quant with the original")
+            folded = checking.compare(original, kerasbn.qat.convert(prepared), inputs)
+            if not folded.passed:
+                raise VerificationError(f"the QAT model's fold differs from the original: {folded}; nothing written")
+        expected = [np.asarray(y) for y in keras_outputs(prepared, inputs)]
+
+        def check(reloaded: Any) -> None:
+            got = keras_outputs(reloaded, inputs)
+            if not all(np.array_equal(a, b) for a, b in zip(expected, got)):
+                raise VerificationError("the reloaded QAT model differs from the prepared one; nothing written")
+
+        step(f"Writing {output.name}")
+        kerasbn.save_model(
+            prepared,
+            output,
+            overwrite=settings.force,
+            check=check if checking.verify else None,
+            safe_mode=settings.safe_mode,
+            custom_modules=settings.imports,
+        )
+    if not settings.quiet:
+        report = kerasbn.qat.audit(prepared)
+        preparation = prepared.qat_preparation
+        if fmt == "json":
+            render.print_json(
+                {
+                    "output": str(output),
+                    "fused": [{"layer": a, "bn": b} for a, b in preparation.fused],
+                    "weight_quantized": preparation.weight_quantized,
+                    "float_layers": [vars(f) for f in preparation.float_layers],
+                    "quantizers": report.to_dict()["quantizers"],
+                    "verified": None if folded is None else folded.to_dict(),
+                }
+            )
+        else:
+            out = render.console()
+            out.print(report)
+            for f in preparation.float_layers:
+                out.print(f"stays float: {f.layer}: {f.reason}")
+            fused = len(preparation.fused)
+            out.print(f"{fused} BN fused, {len(preparation.weight_quantized)} other layers weight-quantized.")
+            out.print(f"Wrote {output}" + ("" if folded is not None else " (not verified: --no-verify)"))
     return EXIT_OK
 
 

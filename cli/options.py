@@ -221,7 +221,8 @@ def common_options(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def command(*, imports: tuple[str, ...], unsafe: bool, quiet: bool, verbose: bool, force: bool, **kwargs: Any):
-        settings = Settings(tuple(imports), unsafe, quiet, verbose, force)
+        # kerasbn's own quantization-aware layers first: a .keras file from `kerasbn qat` names them.
+        settings = Settings(("kerasbn.qat.layers", *imports), unsafe, quiet, verbose, force)
         return run_guarded(settings, lambda: fn(settings=settings, **kwargs))
 
     for option in reversed(_COMMON):

@@ -1,8 +1,9 @@
 """kerasbn: paper-exact Batch Normalization for Keras 3, and a BN fold engine.
 
-``import kerasbn`` loads the layer and its ops only: the layer registers
-itself with Keras there, so that ``.keras`` files holding it load after a
-plain ``import kerasbn``. The fold engine, file handling and exporters load
+``import kerasbn`` loads the layer and its ops, and the layers of
+quantization-aware models (`kerasbn.qat.layers`), only: they register
+themselves with Keras there, so that ``.keras`` files holding them load after
+a plain ``import kerasbn``. The fold engine, file handling and exporters load
 on first use (PEP 562). Nothing here touches the process's stderr or logging.
 """
 
@@ -13,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from kerasbn.layers import BatchNormalization
+from kerasbn.qat import layers as _qat_layers  # noqa: F401 (registers the QAT layers, so QAT files load)
 
 try:
     __version__ = version("kerasbn")  # one source of truth: pyproject.toml

@@ -148,8 +148,8 @@ def export(
 
     A quantization-aware model (`kerasbn.qat.prepare`) is written as int8 from
     its learned grids and ranges, with no calibration data, and checked
-    against its own simulated outputs (`kerasbn.qat.export.export_qat`,
-    which returns a `kerasbn.qat.export.QatExportResult`); `fold` and
+    against its own simulated outputs (`kerasbn.deploy.qat_int8.export_qat`,
+    which returns a `kerasbn.deploy.qat_int8.QatExportResult`); `fold` and
     `compare_unfolded` do not apply to it.
 
     Args:
@@ -180,12 +180,12 @@ def export(
 
     Returns:
         An `ExportResult`, with `int8` an `kerasbn.report.Int8Report`, for a
-        quantization-aware model a `kerasbn.qat.export.QatExportResult`.
+        quantization-aware model a `kerasbn.deploy.qat_int8.QatExportResult`.
 
     Raises:
         ExportVerificationError: The runtime disagrees with Keras; nothing is written.
         kerasbn.deploy.quantize.QuantizationError: The int8 file falls short of `min_agreement`.
-        kerasbn.qat.export.QatVerificationError: The int8 file of a quantization-aware model is not that model.
+        kerasbn.deploy.qat_int8.QatVerificationError: The int8 file of a quantization-aware model is not that model.
         kerasbn.errors.UnsupportedModelError: The model cannot be traced, converted or quantized.
         kerasbn.errors.KerasbnError: Bad options or data, or the output path is not writable or exists.
 
@@ -281,9 +281,9 @@ def export(
 
 
 def _quantization_aware(model: Any) -> bool:
-    from kerasbn.qat import is_qat
+    from kerasbn.ops.fake_quant import is_quantization_aware
 
-    return is_qat(model)
+    return is_quantization_aware(model)
 
 
 def _export_quantization_aware(
@@ -298,8 +298,8 @@ def _export_quantization_aware(
     overwrite: bool,
     step: Any,
 ) -> Any:
-    """A quantization-aware model is its own int8 model: `kerasbn.qat.export.export_qat`, no calibration."""
-    from kerasbn.qat.export import export_qat
+    """A quantization-aware model is its own int8 model: `kerasbn.deploy.qat_int8.export_qat`, no calibration."""
+    from kerasbn.deploy.qat_int8 import export_qat
 
     if int8 is not None:
         raise KerasbnError(

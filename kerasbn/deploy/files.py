@@ -67,8 +67,6 @@ def load_model(
 
     import keras
 
-    import kerasbn.qat.layers  # noqa: F401 (registers the quantization-aware layers a .keras file may name)
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -383,7 +383,7 @@ def _dequantized_scale(node: Any, init: dict) -> np.ndarray | None:
     return numpy_helper.to_array(init[node.input[1]])
 
 
-# The passes of an int8 QDQ graph (a quantization-aware model's export, `kerasbn.qat.export`):
+# The passes of an int8 QDQ graph (a quantization-aware model's export, `kerasbn.deploy.qat_int8`):
 # after them ONNX Runtime runs QLinearConv / QGemm / QLinearMatMul, not float kernels between Q/DQ pairs.
 QDQ_PASSES: tuple[tuple[str, Pass], ...] = (
     ("QuantizeLinear of constants → integer weights", fold_constant_quantize),

@@ -1,6 +1,6 @@
 """The layers of a quantization-aware model: fused linear+BN, weight fake-quant, activation fake-quant.
 
-A `kerasbn.qat.prepare`d model is made of the original layers plus these:
+A `kerasbn.qat.prepare`-d model is made of the original layers plus these:
 
 * `ConvBatchNorm`, `DepthwiseConvBatchNorm`, `SeparableConvBatchNorm`,
   `DenseBatchNorm`: a linear layer and the BN after it, trained as the one
@@ -22,7 +22,7 @@ A `kerasbn.qat.prepare`d model is made of the original layers plus these:
 What an exporter reads (documented attributes, stable):
 
 * every layer with weight fake-quant: ``weight_bits``, ``per_channel``,
-  ``quantized_kernel(name)`` and `kerasbn.qat.quantizers.weight_grid` for the
+  ``quantized_kernel(name)`` and `kerasbn.ops.fake_quant.weight_grid` for the
   integers; ``folded_bias()`` the float bias of the inference form;
   ``layer`` the wrapped original (its config: strides, padding…);
   ``activation_quantizer`` the `ActivationQuantizer` between the depthwise
@@ -31,7 +31,7 @@ What an exporter reads (documented attributes, stable):
   ``nudged_range()`` (the range and scale the fake-quant actually uses).
 
 The per-channel axis of a weight grid is the last axis of the kernel in its
-quantization layout (`kerasbn.qat.quantizers.weight_grid`). Dense kernels are
+quantization layout (`kerasbn.ops.fake_quant.weight_grid`). Dense kernels are
 always quantized per tensor: the LiteRT converter refuses per-channel
 fake-quant on a fully connected kernel ("mismatched quantized axes").
 """
@@ -41,7 +41,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from kerasbn.qat import quantizers
+from kerasbn.ops import fake_quant
 
 _PACKAGE = "kerasbn.qat"
 
@@ -57,7 +57,7 @@ class ActivationQuantizer(keras.layers.Layer):
     In training the range follows the batch: ``range ← momentum·range +
     (1 − momentum)·batch range`` (the first training batch, or the first
     calibration pass, sets it directly); in inference the stored range is used.
-    The fake-quant itself is `kerasbn.qat.quantizers.fake_quant_activation`.
+    The fake-quant itself is `kerasbn.ops.fake_quant.fake_quant_activation`.
 
     Args:
         bits: Bits of the activation grid (8 for int8 graphs).
@@ -72,7 +72,7 @@ class ActivationQuantizer(keras.layers.Layer):
         Jacob et al. 2018, "Quantization and Training of Neural Networks for
         Efficient Integer-Arithmetic-Only Inference", section 3.1.
 
-    Example:
+    Examples:
         >>> import keras
         >>> from kerasbn.qat.layers import ActivationQuantizer
         >>> q = ActivationQuantizer()
@@ -111,7 +111,7 @@ class ActivationQuantizer(keras.layers.Layer):
             lo = ops.where(seen, m * lo + (1 - m) * batch_lo, batch_lo)
             hi = ops.where(seen, m * hi + (1 - m) * batch_hi, batch_hi)
             self._store(lo, hi)
-        y = quantizers.fake_quant_activation(x, lo, hi, self.bits)
+        y = fake_quant.fake_quant_activation(x, lo, hi, self.bits)
         return ops.cast(y, inputs.dtype)
 
     def _store(self, lo, hi):
@@ -120,8 +120,8 @@ class ActivationQuantizer(keras.layers.Layer):
         self.initialized.assign(ops.ones((), "float32"))
 
     def nudged_range(self):
-        """``(nudged_min, nudged_max, scale)`` the fake-quant uses (`kerasbn.qat.quantizers.nudged_range`)."""
-        return quantizers.nudged_range(self.range_min.value, self.range_max.value, self.bits)
+        """``(nudged_min, nudged_max, scale)`` the fake-quant uses (`kerasbn.ops.fake_quant.nudged_range`)."""
+        return fake_quant.nudged_range(self.range_min.value, self.range_max.value, self.bits)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -225,7 +225,7 @@ class QuantizedWeights(keras.layers.Wrapper):
 
     The wrapped layer keeps its weights, bias and activation; only the
     kernels it multiplies with are replaced by their symmetric narrow-range
-    grid (`kerasbn.qat.quantizers.fake_quant_weight`). A separable layer also
+    grid (`kerasbn.ops.fake_quant.fake_quant_weight`). A separable layer also
     fake-quantizes its depthwise output, which the int8 graph stores between
     its two stages.
 
@@ -261,6 +261,10 @@ class QuantizedWeights(keras.layers.Wrapper):
         if self.activation_quantizer is not None:
             self.activation_quantizer.build(None)
 
+    def weight_grid(self, name: str | None = None):
+        """``(q, scale, axis)``: the integer grid of a kernel (`kerasbn.ops.fake_quant.weight_grid`)."""
+        return fake_quant.weight_grid(self, name)
+
     def quantized_kernel(self, name: str | None = None):
         """``(kernel in its quantization layout, bits, per_channel)`` before fake-quant."""
         name = name or self.kernels.main
@@ -268,7 +272,7 @@ class QuantizedWeights(keras.layers.Wrapper):
 
     def _fake_quant(self, name: str, kernel):
         grid = self.kernels.to_grid(name, kernel)
-        return self.kernels.from_grid(name, quantizers.fake_quant_weight(grid, self.weight_bits, self.per_channel))
+        return self.kernels.from_grid(name, fake_quant.fake_quant_weight(grid, self.weight_bits, self.per_channel))
 
     def _quantized(self, training):
         names = ("depthwise_kernel", "pointwise_kernel") if self.kernels.kind == "separable" else ("kernel",)
@@ -313,7 +317,8 @@ class FusedBatchNorm(QuantizedWeights):
         unbiased: The moving variance tracks ``m/(m−1)·σ²_B`` (the paper,
             `kerasbn.BatchNormalization`'s default) instead of ``σ²_B`` (Keras).
         freeze_at: Training step from which the statistics are frozen (``-1``: not yet).
-        weight_bits, per_channel: As `QuantizedWeights`.
+        weight_bits: As `QuantizedWeights`.
+        per_channel: As `QuantizedWeights`.
         **kwargs: Base layer keyword arguments (``name``…).
 
     Call arguments:

@@ -6,9 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from kerasbn.qat import layers, quantizers
+from kerasbn.ops import fake_quant as quantizers
+from kerasbn.qat import layers
 from tests.helpers import outputs
-from tests.qat.test_quantizers import weight_reference
+from tests.ops.test_fake_quant import weight_reference
 
 L = keras.layers
 CF = "channels_first"

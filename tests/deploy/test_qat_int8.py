@@ -20,10 +20,11 @@ from onnx import numpy_helper
 from sklearn.datasets import load_digits
 
 import kerasbn
-import kerasbn.qat.export as qat_export
+import kerasbn.deploy.qat_int8 as qat_export
 from kerasbn.deploy.files import load_model
 from kerasbn.deploy.verify import Checks, keras_outputs
 from kerasbn.errors import UnsupportedModelError
+from kerasbn.model_signature import signature
 from kerasbn.qat import layers as qlayers
 from kerasbn.qat.quantizers import nudged_range, weight_grid
 from tests.cli.conftest import assert_clean_error, invoke, run_script
@@ -145,27 +146,36 @@ def assert_trained_grid(model: keras.Model, path, fmt: str) -> None:
         ), layer.name
 
 
-@pytest.mark.parametrize("fmt", ["litert", "onnx"])
-def test_int8_file_of_a_saved_qat_model_is_the_simulated_model(qat_file, tmp_path, fmt):
+@pytest.fixture(scope="module")
+def int8_files(qat_file, tmp_path_factory):
+    """The int8 LiteRT and ONNX files `kerasbn.export` writes from the saved QAT model (library, no calibration)."""
     model = load_model(qat_file)
     _, _, held, _ = digits()
-    path = tmp_path / f"digits.int8{SUFFIX[fmt]}"
-    result = kerasbn.export(model, path, checks=Checks(inputs=held))
-    assert isinstance(result, qat_export.QatExportResult) and result.verified and path.exists()
-    assert_simulated(model, path, fmt, held)
-    assert_trained_grid(model, path, fmt)
+    folder = tmp_path_factory.mktemp("int8")
+    files = {}
+    for fmt in SUFFIX:
+        path = folder / f"digits.int8{SUFFIX[fmt]}"
+        result = kerasbn.export(model, path, checks=Checks(inputs=held))
+        assert isinstance(result, qat_export.QatExportResult) and result.verified and path.exists()
+        files[fmt] = path
+    return files
 
 
-def test_onnx_runtime_runs_integer_kernels(qat_file, tmp_path):
+@pytest.mark.parametrize("fmt", ["litert", "onnx"])
+def test_int8_file_of_a_saved_qat_model_is_the_simulated_model(qat_file, int8_files, fmt):
+    model = load_model(qat_file)
+    _, _, held, _ = digits()
+    assert_simulated(model, int8_files[fmt], fmt, held)
+    assert_trained_grid(model, int8_files[fmt], fmt)
+
+
+def test_onnx_runtime_runs_integer_kernels(int8_files, tmp_path):
     import onnxruntime as ort
 
-    model = load_model(qat_file)
-    path = tmp_path / "digits.int8.onnx"
-    kerasbn.export(model, path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(int8_files["onnx"]), options, providers=["CPUExecutionProvider"])
     ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
     assert ops.count("QLinearConv") == 3 and ops.count("QGemm") == 1
     assert not {"Conv", "Gemm", "MatMul"} & set(ops)
@@ -175,43 +185,69 @@ def one_step_off(path, which: int) -> keras.Model:
     """The model of ``path`` with activation quantizer ``which`` given a range one step wider."""
     model = load_model(path)
     quantizer = qlayers.activation_quantizers(model)[which]
-    lo, hi, step = (float(v) for v in nudged_range(np.float32(quantizer.range_min), np.float32(quantizer.range_max)))
-    quantizer.range_max.assign(np.float32(float(np.asarray(quantizer.range_max)) + step))
+    _, _, step = nudged_range(np.float32(quantizer.range_min), np.float32(quantizer.range_max))
+    quantizer.range_max.assign(np.float32(float(np.asarray(quantizer.range_max)) + float(step)))
     return model
 
 
-@pytest.mark.parametrize("which", [1, -1], ids=["hidden", "output"])
+@pytest.mark.parametrize("which", [0, 2, -1], ids=["input", "hidden", "output"])
 @pytest.mark.parametrize("fmt", ["litert", "onnx"])
-def test_a_range_one_step_off_is_detected(qat_file, tmp_path, monkeypatch, fmt, which):
-    model = load_model(qat_file)
+def test_the_check_detects_a_range_one_step_off(qat_file, int8_files, fmt, which):
     changed = one_step_off(qat_file, which)
+    sig = signature(changed)
+    check = qat_export.check_file(changed, fmt, int8_files[fmt].read_bytes(), sig, Checks())
+    assert not check.passed
+    name = qlayers.activation_quantizers(changed)[which].name
+    assert any(f"activation quantizer '{name}'" in problem for problem in check.problems), check.problems
+    unchanged = qat_export.check_file(load_model(qat_file), fmt, int8_files[fmt].read_bytes(), sig, Checks())
+    assert unchanged.passed, unchanged.failure()
+
+
+def converting(monkeypatch, model: keras.Model) -> None:
+    """Make the exporter convert ``model`` (whatever it is given) and check the file against what it was given."""
     convert = qat_export.convert
-    monkeypatch.setattr(qat_export, "convert", lambda _model, *args, **kwargs: convert(changed, *args, **kwargs))
-    path = tmp_path / f"m{SUFFIX[fmt]}"
+    monkeypatch.setattr(qat_export, "convert", lambda _model, *args, **kwargs: convert(model, *args, **kwargs))
+
+
+def test_nothing_is_written_when_the_file_is_not_the_model(qat_file, tmp_path, monkeypatch):
+    converting(monkeypatch, one_step_off(qat_file, 1))
+    path = tmp_path / "m.tflite"
     with pytest.raises(qat_export.QatVerificationError, match="is not in the file; nothing written"):
-        kerasbn.export(model, path)
+        kerasbn.export(load_model(qat_file), path)
     assert not path.exists()
 
 
 def test_cli_exits_1_when_the_file_is_not_the_model(qat_file, tmp_path, monkeypatch):
-    changed = one_step_off(qat_file, 0)
-    convert = qat_export.convert
-    monkeypatch.setattr(qat_export, "convert", lambda _model, *args, **kwargs: convert(changed, *args, **kwargs))
+    converting(monkeypatch, one_step_off(qat_file, -1))
     result = invoke("export", qat_file, "-o", tmp_path / "m.onnx")
     assert_clean_error(result.exit_code, result.stdout, result.stderr, exit_code=1)
     assert "is not the quantization-aware model" in result.stderr
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_cli_reports_the_integer_kernels_as_json(qat_file, tmp_path):
+    import json
+
+    output = tmp_path / "digits.int8.onnx"
+    result = invoke("export", qat_file, "-o", output, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["quantization_aware"] and report["verified"] and report["path"] == str(output)
+    assert report["runtime_op_counts"]["QLinearConv"] == 3 and report["check"]["problems"] == []
+    assert all(case["max_lsb"] <= MAX_STEPS + STEP_SLACK for case in report["check"]["outputs"])
+
+
+@pytest.mark.large
 def test_cli_exports_a_qat_file_as_int8_without_calibration(qat_file, tmp_path):
     _, _, held, _ = digits()
     inputs = tmp_path / "held.npz"
     np.savez(inputs, digits=held)
-    output = tmp_path / "digits.int8.onnx"
-    done = run_script("export", qat_file, "-o", output, "--inputs", inputs, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "QLinearConv 3" in done.stdout and f"Wrote {output}" in done.stdout
-    assert_simulated(load_model(qat_file), output, "onnx", held)
+    for fmt, kernels in (("onnx", "QLinearConv 3"), ("litert", "Integer weights equal to the trained grid: 4")):
+        output = tmp_path / f"digits.int8{SUFFIX[fmt]}"
+        done = run_script("export", qat_file, "-o", output, "--inputs", inputs, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert kernels in done.stdout and f"Wrote {output}" in done.stdout
+        assert_simulated(load_model(qat_file), output, fmt, held)
 
 
 @pytest.mark.parametrize(
@@ -275,7 +311,7 @@ def test_trained_qat_model_exports_with_full_top1_agreement(tmp_path, seed):
     qat.save(saved)
     model = load_model(saved)
     simulated = np.argmax(keras_outputs(model, held)[0], -1)
-    assert np.mean(simulated == held_labels) > 0.9
+    assert np.mean(simulated == held_labels) > 0.75  # trained far past chance (0.1): its classes have margins
     for fmt in ("litert", "onnx"):
         path = tmp_path / f"digits.int8{SUFFIX[fmt]}"
         kerasbn.export(model, path, checks=Checks(inputs=held))
@@ -290,7 +326,7 @@ JAX_SCRIPT = textwrap.dedent(
     import sys
     import keras, numpy as np
     import kerasbn
-    from tests.qat.test_export import digits, float_model
+    from tests.deploy.test_qat_int8 import digits, float_model
 
     train, labels, _, _ = digits()
     qat = kerasbn.qat.prepare(float_model(), calibration=train[:256])

@@ -31,7 +31,7 @@ import numpy as np
 from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import plan
 from kerasbn.folding.audit import bn_layers
-from kerasbn.folding.graph import Call, Graph, build_graph
+from kerasbn.folding.graph import Call, Graph, build_graph, input_layers
 from kerasbn.folding.rewrite import Patch, read_weights, rebuild
 from kerasbn.qat import layers as qlayers
 
@@ -258,7 +258,7 @@ class _Decider:
 
 def _input_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """The InputLayers of the model's float inputs (integer inputs such as token ids stay as they are)."""
-    return [kt._keras_history.operation for kt in keras.tree.flatten(model.inputs) if "float" in str(kt.dtype)]
+    return [layer for layer in input_layers(model) if "float" in str(layer.output.dtype)]
 
 
 def prepare(
@@ -293,7 +293,7 @@ def prepare(
         kerasbn.errors.UnsupportedModelError: a subclassed or unbuilt model, a
             dtype policy other than float32, or the PyTorch backend.
 
-    Example:
+    Examples:
         >>> import keras, kerasbn
         >>> x = keras.Input((8, 8, 3))
         >>> y = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x)))
@@ -387,9 +387,9 @@ def calibrate_ranges(model: keras.Model, data: Any, *, batch_size: int = 32) -> 
     grids), eagerly, once over the data; ranges are those of the
     post-training-quantized model. Returns the number of samples seen.
     """
-    from kerasbn.statistics.data import open_batches
+    from kerasbn.statistics.data import Batches, open_batches
 
-    batches = open_batches(data, model, batch_size=batch_size)
+    batches = data if isinstance(data, Batches) else open_batches(data, model, batch_size=batch_size)
     quantizers = qlayers.activation_quantizers(model)
     for q in quantizers:
         q.initialized.assign(np.zeros((), np.float32))

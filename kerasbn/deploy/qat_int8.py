@@ -3,7 +3,17 @@
 A model from `kerasbn.qat.prepare` already is its int8 model: every kernel
 it multiplies with is on an integer grid (`kerasbn.qat.quantizers.weight_grid`),
 every tensor the int8 graph requantizes has a learned range. `export_qat`
-writes that model, not a re-quantization of it, and checks that it did:
+writes that model, not a re-quantization of it, and checks that it did.
+
+`kerasbn.deploy` sits below `kerasbn.qat` and never imports it: a model is
+recognized (`kerasbn.ops.fake_quant.is_quantization_aware`) and read by the
+duck-typed protocol documented in `kerasbn.ops.fake_quant`: a layer's
+``weight_grid(name)`` ``(q, scale, axis)`` (its fake-quantized kernel is
+``q·scale``) and ``weight_bits``, an activation quantizer's ``bits`` and
+``nudged_range()``; while a model is traced, `kerasbn.ops.fake_quant.lowering`
+selects the graph operations the layers emit.
+
+The pipeline:
 
     trace (the target's lowering) → convert → graph passes → check → atomic write
 
@@ -24,7 +34,7 @@ writes that model, not a re-quantization of it, and checks that it did:
 The check (`check_file`) runs before anything is written:
 
 1. Weights: every quantized kernel's integers and scales are in the file,
-   equal to `weight_grid` (the integers exactly, the scales to float32
+   equal to its ``weight_grid()`` (the integers exactly, the scales to float32
    rounding). A converter that moves a kernel to another grid (LiteRT
    stores 3-bit weights on a 4-bit grid) fails here.
 2. Ranges: every activation quantizer's nudged scale and zero point is a
@@ -258,7 +268,7 @@ def export_qat(
     """Write the int8 file of a quantization-aware model from its learned grids and ranges, checked first.
 
     `kerasbn.export` calls this for a model with quantization-aware layers
-    (`kerasbn.qat.is_qat`); no calibration data is needed.
+    (`kerasbn.ops.fake_quant.is_quantization_aware`); no calibration data is needed.
 
     Args:
         model: A model from `kerasbn.qat.prepare` (trained, frozen or not), TensorFlow backend.
@@ -328,7 +338,7 @@ def convert(
 ) -> tuple[Any, tuple[str, ...]]:
     """The int8 graph of a quantization-aware model (LiteRT bytes or an ONNX proto), unchecked; the passes that changed it."""
     from kerasbn.model_signature import signature
-    from kerasbn.qat.quantizers import lowering
+    from kerasbn.ops.fake_quant import lowering
 
     sig = sig or signature(model)
     if to == "litert":
@@ -418,11 +428,11 @@ def check_file(
     target = targets()[to]
     problems = []
     if to == "litert":
-        from kerasbn.qat.integers import litert_activations, litert_weights
+        from kerasbn.deploy.int8_file import litert_activations, litert_weights
 
         found, ranges = litert_weights(content), litert_activations(content)
     else:
-        from kerasbn.qat.integers import onnx_activations, onnx_weights
+        from kerasbn.deploy.int8_file import onnx_activations, onnx_weights
 
         graph = target.load(content)
         found, ranges = onnx_weights(graph), onnx_activations(graph)
@@ -433,7 +443,7 @@ def check_file(
         else:
             problems.append(f"the {bits}-bit integer weights of {label} are not in the file on their trained grid")
     activations = 0
-    for quantizer in _activation_quantizers(model):
+    for quantizer in activation_quantizers(model):
         scale, zero = _nudged(quantizer)
         if any(z == zero and abs(s - scale) <= SCALE_RTOL * scale for s, z in ranges):
             activations += 1
@@ -477,32 +487,36 @@ def _cases(checks: Any, sig: Any) -> list[tuple[str, list[np.ndarray]]]:
     return [(f"batch {b}", sig.random(b, checks.seed + k)) for k, b in enumerate(checks.batch_sizes)]
 
 
-def _grids(model: Any) -> list[tuple[str, int, tuple[np.ndarray, np.ndarray, int | None]]]:
-    """(label, bits, `weight_grid`) of every quantized kernel, a separable layer's depthwise stage too."""
-    from kerasbn.qat import layers
-    from kerasbn.qat.quantizers import weight_grid
+def weight_quantized(model: Any) -> list[Any]:
+    """Every layer of the weight fake-quant protocol (`kerasbn.ops.fake_quant.is_weight_quantized`), at any depth."""
+    from kerasbn.ops.fake_quant import is_weight_quantized
 
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True) if is_weight_quantized(layer)]
+
+
+def activation_quantizers(model: Any) -> list[Any]:
+    """Every activation quantizer (`kerasbn.ops.fake_quant.is_activation_quantizer`), at any depth."""
+    from kerasbn.ops.fake_quant import is_activation_quantizer
+
+    return [
+        layer for layer in model._flatten_layers(include_self=False, recursive=True) if is_activation_quantizer(layer)
+    ]
+
+
+def _grids(model: Any) -> list[tuple[str, int, tuple[np.ndarray, np.ndarray, int | None]]]:
+    """(label, bits, grid) of every integer kernel, a separable layer's depthwise stage too."""
     out = []
-    for layer in layers.weight_quantized(model):
-        out.append((f"'{layer.name}'", layer.weight_bits, weight_grid(layer)))
-        if layer.kernels.kind == "separable":
-            out.append((f"'{layer.name}' (depthwise stage)", layer.weight_bits, weight_grid(layer, "depthwise_kernel")))
+    for layer in weight_quantized(model):
+        out.append((f"'{layer.name}'", layer.weight_bits, layer.weight_grid()))
+        if getattr(layer, "activation_quantizer", None) is not None:  # separable: its depthwise stage too
+            out.append((f"'{layer.name}' (depthwise stage)", layer.weight_bits, layer.weight_grid("depthwise_kernel")))
     return out
 
 
-def _activation_quantizers(model: Any) -> list[Any]:
-    from kerasbn.qat import layers
-
-    return layers.activation_quantizers(model)
-
-
 def _nudged(quantizer: Any) -> tuple[float, int]:
-    """(step, unsigned zero point) of an activation quantizer, as TensorFlow's FakeQuant nudges its range."""
-    from kerasbn.qat.quantizers import nudged_range, zero_point
-
-    lo, hi = float(np.asarray(quantizer.range_min)), float(np.asarray(quantizer.range_max))
-    _, _, scale = nudged_range(np.float32(lo), np.float32(hi), quantizer.bits)
-    return float(np.asarray(scale)), zero_point(lo, hi, quantizer.bits)
+    """(step, unsigned zero point) of an activation quantizer, its range nudged as TensorFlow's FakeQuant does."""
+    low, _, step = (np.float64(np.asarray(v)) for v in quantizer.nudged_range())
+    return float(step), int(np.rint(-low / step))
 
 
 def _same_grid(grid: tuple[np.ndarray, np.ndarray, int | None], tensor: Any) -> bool:
@@ -540,12 +554,12 @@ def _output_steps(model: Any) -> list[float]:
     """
     import keras
 
-    from kerasbn.qat.layers import ActivationQuantizer
+    from kerasbn.ops.fake_quant import is_activation_quantizer
 
     steps = []
     for tensor in keras.tree.flatten(model.outputs):
         layer = _producer(tensor)
-        if not isinstance(layer, ActivationQuantizer):
+        if layer is None or not is_activation_quantizer(layer):
             made_by = "nothing" if layer is None else f"'{layer.name}' ({type(layer).__name__})"
             raise UnsupportedModelError(
                 f"output '{tensor.name}' of '{model.name}' is made by {made_by}, not an activation quantizer: "
@@ -583,11 +597,9 @@ def _refuse_unfaithful(model: Any, to: str) -> None:
     Raises:
         UnsupportedModelError: LiteRT and a kernel below `LITERT_MIN_WEIGHT_BITS` bits.
     """
-    from kerasbn.qat import layers
-
     if to != "litert":
         return
-    for layer in layers.weight_quantized(model):
+    for layer in weight_quantized(model):
         if layer.weight_bits < LITERT_MIN_WEIGHT_BITS:
             levels = 2 ** (layer.weight_bits - 1) - 1
             raise UnsupportedModelError(

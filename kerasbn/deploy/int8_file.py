@@ -13,7 +13,7 @@ as a runtime would see it, without running anything:
   ``QuantizeLinear`` of a computed tensor), zero points as unsigned 8-bit
   values (LiteRT's int8 zero point + 128).
 
-`kerasbn.qat.export` compares both with the model's own grids and ranges.
+`kerasbn.deploy.qat_int8` compares both with the model's own grids and ranges.
 """
 
 from __future__ import annotations

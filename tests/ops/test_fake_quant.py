@@ -1,4 +1,4 @@
-"""kerasbn.qat.quantizers against float64 NumPy references of the grids (and TensorFlow's own FakeQuant)."""
+"""kerasbn.ops.fake_quant against float64 NumPy references of the grids (and TensorFlow's own FakeQuant)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from kerasbn.qat import layers, quantizers
+from kerasbn.ops import fake_quant as quantizers
+from kerasbn.qat import layers
 
 
 def weight_reference(w: np.ndarray, bits: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,87 @@
+"""QAT trains with fit (jit on, Keras's default), freezes, saves mid-training and continues identically."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+import kerasbn
+from kerasbn.qat import layers
+
+L = keras.layers
+
+
+def digits(n: int = 512):
+    data = load_digits()
+    x = (data.images[:n] / 16.0).astype(np.float32)[..., None]
+    return x, data.target[:n].astype(np.int32)
+
+
+def depthwise_separable_net():
+    x = keras.Input((8, 8, 1))
+    h = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same", use_bias=False)(x)))
+    h = L.ReLU()(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", use_bias=False)(h)))
+    h = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 1, use_bias=False)(h)))
+    return keras.Model(x, L.Dense(10)(L.Flatten()(L.MaxPooling2D()(h))))
+
+
+def qat_model(**kwargs):
+    keras.utils.set_random_seed(0)
+    x, _ = digits()
+    qat = kerasbn.qat.prepare(depthwise_separable_net(), calibration=x[:128], **kwargs)
+    qat.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return qat
+
+
+def statistics(model):
+    return [
+        keras.ops.convert_to_numpy(v).copy() for f in layers.fused(model) for v in (f.moving_mean, f.moving_variance)
+    ]
+
+
+def test_loss_falls():
+    """The QAT recipe: a briefly trained float model, prepared (calibrated) and fine-tuned."""
+    keras.utils.set_random_seed(0)
+    x, y = digits()
+    model = depthwise_separable_net()
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    qat = kerasbn.qat.prepare(model, calibration=x[:128])
+    qat.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = qat.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
+    assert history.history["loss"][-1] < 0.7 * history.history["loss"][0]
+
+
+@pytest.mark.parametrize("how", ["argument", "callback", "function"])
+def test_frozen_statistics_stop_changing(how):
+    qat = qat_model(freeze_after=2 if how == "argument" else None)
+    x, y = digits(96)
+    callbacks = [kerasbn.qat.FreezeBatchNorm(after_steps=2)] if how == "callback" else []
+    before = statistics(qat)
+    qat.fit(x[:64], y[:64], batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    moved = statistics(qat)
+    assert all(not np.array_equal(a, b) for a, b in zip(before, moved))
+    if how == "function":
+        assert kerasbn.qat.freeze(qat) == 3
+    kernel = keras.ops.convert_to_numpy(layers.fused(qat)[0].layer.kernel).copy()
+    qat.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(moved, statistics(qat)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(kernel, keras.ops.convert_to_numpy(layers.fused(qat)[0].layer.kernel))
+
+
+def test_saved_mid_training_reloads_and_continues_identically(tmp_path):
+    qat = qat_model(freeze_after=10)
+    x, y = digits(256)
+    qat.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)  # 8 steps: not frozen yet
+    path = tmp_path / "mid.qat.keras"
+    qat.save(path)
+    again = keras.saving.load_model(path, safe_mode=True)  # with its optimizer state
+    assert kerasbn.qat.is_qat(again)
+    a = qat.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0).history["loss"]
+    b = again.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0).history["loss"]
+    assert a == b
+    for v, w in zip(qat.weights, again.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), keras.ops.convert_to_numpy(w), err_msg=v.path)
