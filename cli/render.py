@@ -1,4 +1,4 @@
-"""Printing: the library's reports (`kerasbn.report`) on the console, plain text
+"""Printing: the library's reports (`kerasbn.printable`) on the console, plain text
 when piped, JSON for machines; a progress spinner only on a terminal.
 
 rich is imported inside the functions so `kerasbn --help` stays fast.
@@ -144,8 +144,6 @@ def print_qat_export(settings: Any, result: Any, fmt: str) -> None:
         return
     out = console()
     out.print(result)
-    for line in result.lines():
-        out.print(line)
     out.print(f"Wrote {result.path}")
 
 

@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
+from kerasbn.printable import Printable, Table
 
 # Output steps (of the output's activation quantizer) a runtime may differ from
 # the simulation per element: integer requantization after every layer against
@@ -168,7 +169,7 @@ class IntegerCheck:
 
 
 @dataclass(frozen=True)
-class QatExportResult:
+class QatExportResult(Printable):
     """What `export_qat` wrote and how it checked it.
 
     Attributes:
@@ -212,12 +213,21 @@ class QatExportResult:
             "check": self.check.to_dict(),
         }
 
-    def __rich__(self) -> Any:
+    def view(self) -> list[Table | str]:
+        """The op table, ONNX Runtime's integer kernels, the passes and the check, one line each."""
         from kerasbn.deploy.target import targets
-        from kerasbn.report import export_table
+        from kerasbn.report import file_size
 
         title = targets()[self.format].describe(self.path.name, self.opset)
-        return export_table(f"{title}, int8 from the quantization-aware model", self.op_counts, None, self.size, None)
+        rows = [(op, str(n)) for op, n in sorted(self.op_counts.items())] + [("Model size", file_size(self.size))]
+        table = Table(
+            title=f"{title}, int8 from the quantization-aware model",
+            headers=("Op", "Count"),
+            rows=rows,
+            numeric=(1,),
+            title_justify="left",
+        )
+        return [table, *self.lines()]
 
     def lines(self) -> list[str]:
         """The check, one line per finding, for the command line."""
@@ -290,6 +300,7 @@ def export_qat(
     """
     from dataclasses import replace
 
+    from kerasbn.deploy.export import _run_guarded as run_guarded
     from kerasbn.deploy.files import atomic_output, check_output_path
     from kerasbn.deploy.target import target_for
     from kerasbn.deploy.verify import Checks
@@ -316,13 +327,19 @@ def export_qat(
     step(f"Converting the quantization-aware model to int8 {target.title}")
     graph, passes = convert(model, target.name, sig, opset=opset, optimize=optimize)
     content = target.serialize(graph)
-    runtime_ops = _guarded(target, lambda: optimized_op_counts(content)) if target.name == "onnx" else None
+    runtime_ops = run_guarded(target, lambda: optimized_op_counts(content)) if target.name == "onnx" else None
     result = QatExportResult(
-        path, target.name, target.version(graph), target.op_counts(graph), runtime_ops, len(content), passes
+        path=path,
+        format=target.name,
+        opset=target.version(graph),
+        op_counts=target.op_counts(graph),
+        runtime_op_counts=runtime_ops,
+        size=len(content),
+        passes=passes,
     )
     if checks.verify:
         step(f"Checking the int8 file with {target.runtime} against the simulated model")
-        check = _guarded(target, lambda: check_file(model, target.name, content, sig, checks, steps))
+        check = run_guarded(target, lambda: check_file(model, target.name, content, sig, checks, steps))
         result = replace(result, check=check)
         if not check.passed:
             raise QatVerificationError(
@@ -342,7 +359,9 @@ def convert(
 
     sig = sig or signature(model)
     if to == "litert":
-        return to_litert_int8(model, sig), ()
+        from kerasbn.deploy.litert import to_litert
+
+        return to_litert(model, sig, learned_ranges=True), ()
     from kerasbn.deploy.onnx import op_counts, to_onnx
     from kerasbn.deploy.onnx_passes import QDQ_PASSES
 
@@ -355,38 +374,6 @@ def convert(
         if op_counts(graph) != before:
             changed.append(name)
     return graph, tuple(changed)
-
-
-def to_litert_int8(model: Any, sig: Any) -> bytes:
-    """The LiteRT flatbuffer of a quantization-aware model: the converter reads every scale from its FakeQuant ranges.
-
-    Through a SavedModel: TensorFlow's converter refuses
-    ``FakeQuantWithMinMaxVarsPerChannel`` from a concrete function (a
-    non-builtin op), and without ``Optimize.DEFAULT`` it leaves the kernels
-    float between QUANTIZE/DEQUANTIZE pairs. Inputs and outputs stay float32.
-    """
-    import keras
-    import tensorflow as tf
-
-    from kerasbn.deploy.litert import SIGNATURE, converter_message
-
-    with tempfile.TemporaryDirectory(prefix="kerasbn-qat-litert-") as folder:
-        try:
-            archive = keras.export.ExportArchive()
-            archive.track(model)
-            forward = tf.function(sig.forward(model), input_signature=sig.tf_specs(), autograph=False)
-            archive.add_endpoint(SIGNATURE, forward)
-            archive.write_out(folder, verbose=False)
-            del archive
-        except Exception as exc:  # tracing raises whatever the layers raise
-            raise UnsupportedModelError(f"cannot trace the model for LiteRT: {_first_line(exc)}") from exc
-        converter = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=[SIGNATURE])
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        try:
-            return bytes(converter.convert())
-        except Exception as exc:  # ConverterError and friends
-            raise UnsupportedModelError(f"the LiteRT converter rejects the model: {converter_message(exc)}") from exc
 
 
 def optimized_op_counts(content: bytes) -> dict[str, int]:
@@ -470,14 +457,16 @@ def check_file(
             decisive.append(float(np.mean(same[clear])) if clear.any() else 1.0)
         outputs.append(
             OutputCheck(
-                label,
-                int(arrays[0].shape[0]),
-                worst,
-                min(top1) if top1 else None,
-                min(decisive) if decisive else None,
+                case=label,
+                batch_size=int(arrays[0].shape[0]),
+                max_lsb=worst,
+                top1=min(top1) if top1 else None,
+                decisive_top1=min(decisive) if decisive else None,
             )
         )
-    return IntegerCheck(tuple(matched), activations, tuple(outputs), tuple(problems))
+    return IntegerCheck(
+        weights=tuple(matched), activations=activations, outputs=tuple(outputs), problems=tuple(problems)
+    )
 
 
 def _cases(checks: Any, sig: Any) -> list[tuple[str, list[np.ndarray]]]:
@@ -607,21 +596,3 @@ def _refuse_unfaithful(model: Any, to: str) -> None:
                 f"4-bit grid (scale max|w|/7, not max|w|/{levels}): the file would not hold the trained weights; "
                 "export to ONNX, or prepare with weight_bits ≥ 4"
             )
-
-
-def _guarded(target: Any, body: Callable[[], Any]) -> Any:
-    """``body()``, with the runtime's failure to load or run the file as one `UnsupportedModelError` line."""
-    try:
-        return body()
-    except KerasbnError:
-        raise
-    except Exception as exc:  # the runtimes' own errors (InvalidGraph, RuntimeError, ValueError...)
-        raise UnsupportedModelError(
-            f"{target.runtime} cannot run the int8 {target.title} file: {_first_line(exc)}; nothing written"
-        ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."

@@ -46,15 +46,15 @@ def digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     return x[train], data.target[train], x[held], data.target[held]
 
 
-def float_model(seed: int = 0) -> keras.Model:
+def float_model(seed: int = 0, width: int = 8) -> keras.Model:
     """Conv+BN+ReLU → DepthwiseConv+BN+ReLU → 1×1 Conv+BN+ReLU → average pool → Dense: the depthwise-separable net's parts."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((8, 8, 1), name="digits")
-    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False)(inputs)
     x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
     x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
     x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
-    x = keras.layers.Conv2D(16, 1)(x)
+    x = keras.layers.Conv2D(2 * width, 1)(x)
     x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(10)(x)
@@ -256,6 +256,8 @@ def test_cli_exports_a_qat_file_as_int8_without_calibration(qat_file, tmp_path):
         (("--int8", "--calibration", "CALIBRATION"), "give no calibration data"),
         (("--dtype", "float16"), "kerasbn.qat.convert"),
         (("--opset", "11"), "opset 13 or later"),
+        (("--compare-unfolded",), "no BN to fold"),
+        (("--int8",), "a quantization-aware model needs neither"),
     ],
 )
 def test_cli_refuses_float_and_calibration_options_for_a_qat_file(qat_file, tmp_path, args, message):
@@ -293,7 +295,7 @@ def test_low_bit_weights_stay_on_their_grid(tmp_path, fmt, bits):
 def train_qat(seed: int) -> tuple[keras.Model, np.ndarray, np.ndarray]:
     """The digits net trained in float, prepared from its calibration, trained quantization-aware and frozen."""
     train, labels, held, held_labels = digits(seed)
-    model = float_model(seed)
+    model = float_model(seed, width=32)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(keras.optimizers.Adam(3e-3), loss)
     model.fit(train, labels, epochs=30, batch_size=64, verbose=0)
@@ -311,7 +313,7 @@ def test_trained_qat_model_exports_with_full_top1_agreement(tmp_path, seed):
     qat.save(saved)
     model = load_model(saved)
     simulated = np.argmax(keras_outputs(model, held)[0], -1)
-    assert np.mean(simulated == held_labels) > 0.75  # trained far past chance (0.1): its classes have margins
+    assert np.mean(simulated == held_labels) > 0.9  # trained: its classes have margins
     for fmt in ("litert", "onnx"):
         path = tmp_path / f"digits.int8{SUFFIX[fmt]}"
         kerasbn.export(model, path, checks=Checks(inputs=held))

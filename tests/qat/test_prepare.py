@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -55,12 +59,26 @@ def multi_input():
     return keras.Model({"a": a, "b": b}, L.Dense(3)(L.Concatenate()([h, g])))
 
 
+def paper_bn():
+    x = keras.Input((8, 8, 2))
+    h = kerasbn.BatchNormalization(unbiased=True)(L.Conv2D(4, 3)(x))
+    return keras.Model(x, L.Dense(3)(L.Flatten()(L.ReLU()(h))))
+
+
+def nested_sequential():
+    block = keras.Sequential([L.Conv2D(4, 3), L.BatchNormalization(), L.ReLU()], name="block")
+    x = keras.Input((8, 8, 2))
+    return keras.Model(x, L.Dense(3)(L.Flatten()(block(x))))
+
+
 KINDS = {
     "sequential_input": (sequential_with_input, 1),
     "sequential_built": (sequential_without_input, 1),
     "functional_residual": (functional_residual, 2),
     "nested": (nested, 1),
     "multi_input": (multi_input, 2),
+    "kerasbn_bn": (paper_bn, 1),
+    "nested_sequential": (nested_sequential, 1),
 }
 
 
@@ -137,3 +155,24 @@ def test_refuses_subclassed_and_mixed_precision():
     mixed = keras.Model(x, L.Dense(2, dtype="mixed_float16")(x))
     with pytest.raises(UnsupportedModelError, match="float32"):
         kerasbn.qat.prepare(mixed)
+
+
+def test_torch_backend_is_refused_with_the_reason():
+    code = (
+        "import keras, kerasbn\n"
+        "x = keras.Input((3,))\n"
+        "model = keras.Model(x, keras.layers.BatchNormalization()(keras.layers.Dense(2)(x)))\n"
+        "try:\n"
+        "    kerasbn.qat.prepare(model)\n"
+        "except kerasbn.errors.UnsupportedModelError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KERAS_BACKEND": "torch"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "TensorFlow and JAX backends" in done.stdout
