@@ -6,7 +6,7 @@ duck-typed protocol the exporters read off a quantization-aware layer is at
 the end of this docstring.
 
 Weights are quantized symmetrically with a narrow range (Jacob et al. 2018,
-section 2.1; Krishnamoorthi 2018, section 2): for ``bits`` bits the grid is
+section 2.1; Krishnamoorthi 2018, on quantizer design): for ``bits`` bits the grid is
 ``q·scale`` with integer ``q ∈ [−(2^(bits−1) − 1), 2^(bits−1) − 1]`` (±127 at
 8 bits) and ``scale = max|w| / (2^(bits−1) − 1)``, per output channel or for
 the whole tensor; zero is exact and the grid is what int8 kernels store

@@ -2,8 +2,7 @@
 
 ``prepare`` turns a float model into a trainable quantization-aware copy
 (`kerasbn.qat.preparation`), which trains with ``fit`` and saves as ``.keras``;
-``freeze`` / `FreezeBatchNorm` stop the BN statistics (Krishnamoorthi 2018,
-section 3.2); ``convert`` gives the folded float model; ``audit`` lists the
+``freeze`` / `FreezeBatchNorm` stop the BN statistics (Krishnamoorthi 2018); ``convert`` gives the folded float model; ``audit`` lists the
 quantizers; the int8 exporters read the learned grids and ranges through the
 protocol of `kerasbn.ops.fake_quant`. The math is in ``docs/qat.md``.
 

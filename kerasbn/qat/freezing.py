@@ -1,6 +1,6 @@
 """Freezing the BN statistics of fused layers: now (`freeze`) or after N steps (`FreezeBatchNorm`).
 
-Krishnamoorthi 2018, section 3.2: after some training, the fused layers stop
+Krishnamoorthi 2018 (batch normalization in quantization-aware training): after some training, the fused layers stop
 using batch statistics (no more σ_B/σ correction) and their moving statistics
 stop changing, so the last steps train exactly the folded layer that is
 deployed. PyTorch's ``freeze_bn_stats`` is the same switch.

@@ -5,7 +5,7 @@ A `kerasbn.qat.prepare`-d model is made of the original layers plus these:
 * `ConvBatchNorm`, `DepthwiseConvBatchNorm`, `SeparableConvBatchNorm`,
   `DenseBatchNorm`: a linear layer and the BN after it, trained as the one
   layer the int8 graph will run (Jacob et al. 2018, section 3.2;
-  Krishnamoorthi 2018, section 3.2; PyTorch's ``ConvBn2d``). The kernel is
+  Krishnamoorthi 2018 on batch normalization in QAT; PyTorch's ``ConvBn2d``). The kernel is
   folded with the *moving* statistics, ``W·γ/√(σ²_moving + ε)``, and
   fake-quantized; until the statistics are frozen the output is corrected to
   batch normalization with the batch statistics,
@@ -241,7 +241,7 @@ class QuantizedWeights(keras.layers.Wrapper):
         training: Python boolean, passed to the activation quantizer.
 
     Reference:
-        Jacob et al. 2018, section 3.1; Krishnamoorthi 2018, section 3.
+        Jacob et al. 2018, section 3.1; Krishnamoorthi 2018, on quantization-aware training.
     """
 
     def __init__(self, layer, weight_bits: int = 8, per_channel: bool = True, **kwargs):
@@ -274,9 +274,15 @@ class QuantizedWeights(keras.layers.Wrapper):
         grid = self.kernels.to_grid(name, kernel)
         return self.kernels.from_grid(name, fake_quant.fake_quant_weight(grid, self.weight_bits, self.per_channel))
 
-    def _quantized(self, training):
+    def _quantized(self, training, fold=None):
+        """The fake-quantized kernels (the main one first scaled by ``fold``, if given) and the separable hook."""
         names = ("depthwise_kernel", "pointwise_kernel") if self.kernels.kind == "separable" else ("kernel",)
-        kernels = {n: self._fake_quant(n, self.kernels.variable(n)) for n in names}
+        kernels = {}
+        for n in names:
+            kernel = self.kernels.variable(n)
+            if fold is not None and n == self.kernels.main:
+                kernel = self.kernels.scale_outputs(kernel, fold)
+            kernels[n] = self._fake_quant(n, kernel)
         between = None
         if self.activation_quantizer is not None:
 
@@ -331,8 +337,8 @@ class FusedBatchNorm(QuantizedWeights):
     counters ``steps`` (training steps taken) and ``freeze_at``.
 
     Reference:
-        Jacob et al. 2018, section 3.2 and figure C.8; Krishnamoorthi 2018,
-        section 3.2 (batch-norm correction and freezing); PyTorch
+        Jacob et al. 2018, section 3.2; Krishnamoorthi 2018, on batch
+        normalization in quantization-aware training (correction and freezing); PyTorch
         ``torch.ao.nn.intrinsic.qat.ConvBn2d``.
     """
 
@@ -398,10 +404,8 @@ class FusedBatchNorm(QuantizedWeights):
         return ops.logical_and(self.freeze_at.value >= 0, self.steps.value >= self.freeze_at.value)
 
     def call(self, inputs, training=False):
-        main = self.kernels.main
         s = self.fold_scale()
-        kernels, between = self._quantized(training)
-        kernels[main] = self._fake_quant(main, self.kernels.scale_outputs(self.kernels.variable(main), s))
+        kernels, between = self._quantized(training, fold=s)
         y = self.kernels.run(inputs, kernels, between)
         shape = self.kernels.bias_shape(len(y.shape), s.shape[0])
         inference = y + ops.reshape(self.folded_bias(), shape)

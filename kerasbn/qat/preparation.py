@@ -151,6 +151,8 @@ class _Decider:
         self.removed: set[int] = set()
         self.wrapped: set[int] = set()
         self.quantize_after: set[int] = set()  # id(layer) whose outputs get a quantizer
+        # The outer model's inputs are the graph's first tensor ids, in input order.
+        self.input_dtypes = [str(layer.output.dtype) for layer in input_layers(model)]
 
     def decide(self) -> None:
         self._pairs()
@@ -212,9 +214,10 @@ class _Decider:
     def _activations(self) -> None:
         g = self.graph
         quantized: set[int] = set()
-        # The model inputs (float ones): quantized after their InputLayer.
-        self.input_tensors = [t for t in range(len(g.shapes)) if t not in g.producer and g.consumers_of(t)]
-        quantized.update(self.input_tensors)
+        # The model's float inputs get a quantizer after their InputLayer (`prepare`).
+        quantized.update(
+            t for t, dtype in zip(range(len(g.shapes)), self.input_dtypes) if "float" in dtype and t not in g.producer
+        )
         for call in g.calls:
             layer = call.layer
             if id(layer) in self.removed:
@@ -224,9 +227,10 @@ class _Decider:
             readers = g.consumers_of(out)
             only_activation = len(readers) == 1 and out not in g.outputs and isinstance(readers[0].layer, ACTIVATIONS)
             if self._quantized_layer(layer) or isinstance(layer, MERGES):
+                # Followed by an activation alone, the int8 kernel fuses it: quantize after that.
                 if not only_activation:
                     self.quantize_after.add(id(layer))
-                quantized.add(out)
+                    quantized.add(out)
             elif isinstance(layer, ACTIVATIONS):
                 self.quantize_after.add(id(layer))
                 quantized.add(out)
@@ -287,7 +291,9 @@ def prepare(
 
     Returns:
         The QAT model (compile and ``fit`` it as any Keras model); what was
-        decided is in ``kerasbn.qat.describe(qat_model)``.
+        decided (fused pairs, weight-quantized layers, activation quantizers,
+        what stays float and why) is in ``qat_model.qat_preparation`` (a
+        `Preparation`; not saved with the model).
 
     Raises:
         kerasbn.errors.UnsupportedModelError: a subclassed or unbuilt model, a

@@ -55,17 +55,19 @@ def test_qat_json_reports_what_stays_float(tmp_path):
 
 
 def test_qat_bad_inputs_exit_2(model_files, tmp_path):
-    done = run_script("qat", tmp_path / "missing.keras")
-    assert_clean_error(done.returncode, done.stdout, done.stderr)
+    result = invoke("qat", tmp_path / "missing.keras")
+    assert_clean_error(result.exit_code, result.stdout, result.stderr)
     bad = tmp_path / "calib.npz"
     np.savez(bad, image=np.zeros((4, 5, 5, 2), np.float32))
-    done = run_script("qat", model_files["keras"], "-o", tmp_path / "q.keras", "--calibration", bad)
-    assert_clean_error(done.returncode, done.stdout, done.stderr)
+    result = invoke("qat", model_files["keras"], "-o", tmp_path / "q.keras", "--calibration", bad)
+    assert_clean_error(result.exit_code, result.stdout, result.stderr)
+    assert "calib.npz" in result.stderr
     assert not (tmp_path / "q.keras").exists()
     result = invoke("qat", model_files["keras"], "-o", tmp_path / "q.keras", "--weight-bits", "9")
     assert result.exit_code == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the subprocess runs the default backend")
 def test_installed_script_prepares_and_the_file_loads_after_import_kerasbn(model_files, tmp_path):
     out = tmp_path / "tiny.qat.keras"

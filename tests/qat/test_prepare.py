@@ -157,6 +157,7 @@ def test_refuses_subclassed_and_mixed_precision():
         kerasbn.qat.prepare(mixed)
 
 
+@pytest.mark.slow
 def test_torch_backend_is_refused_with_the_reason():
     code = (
         "import keras, kerasbn\n"
@@ -176,3 +177,15 @@ def test_torch_backend_is_refused_with_the_reason():
     )
     assert done.returncode == 0, done.stderr
     assert "TensorFlow and JAX backends" in done.stdout
+
+
+def test_integer_inputs_stay_and_the_float_producer_gets_the_quantizer():
+    ids = keras.Input((4,), dtype="int32", name="ids")
+    h = L.Embedding(10, 3, name="embed")(ids)
+    h = L.BatchNormalization(name="bn")(L.Dense(5, name="dense")(L.Flatten(name="flat")(h)))
+    qat = kerasbn.qat.prepare(keras.Model(ids, h))
+    names = [q.name for q in layers.activation_quantizers(qat)]
+    # No quantizer on the token ids; the Dense reads the (float) embedding through one, after its producer.
+    assert names == ["flat_quant", "dense_quant"]
+    x = np.random.default_rng(0).integers(0, 10, size=(3, 4)).astype("int32")
+    assert qat.predict(x, verbose=0).shape == (3, 5)

@@ -31,7 +31,10 @@ def qat_model(**kwargs):
     keras.utils.set_random_seed(0)
     x, _ = digits()
     qat = kerasbn.qat.prepare(depthwise_separable_net(), calibration=x[:128], **kwargs)
-    qat.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # XLA on TensorFlow too (Keras turns it off by default on a CPU-only machine, on by default on a GPU).
+    qat.compile(
+        keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True
+    )
     return qat
 
 
@@ -49,12 +52,17 @@ def test_loss_falls():
     model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
     qat = kerasbn.qat.prepare(model, calibration=x[:128])
-    qat.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.compile(
+        keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True
+    )
     history = qat.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
     assert history.history["loss"][-1] < 0.7 * history.history["loss"][0]
 
 
-@pytest.mark.parametrize("how", ["argument", "callback", "function"])
+@pytest.mark.parametrize(
+    "how",
+    ["callback", pytest.param("argument", marks=pytest.mark.large), pytest.param("function", marks=pytest.mark.large)],
+)
 def test_frozen_statistics_stop_changing(how):
     qat = qat_model(freeze_after=2 if how == "argument" else None)
     x, y = digits(96)
@@ -72,6 +80,25 @@ def test_frozen_statistics_stop_changing(how):
     assert not np.array_equal(kernel, keras.ops.convert_to_numpy(layers.fused(qat)[0].layer.kernel))
 
 
+@pytest.mark.parametrize("how", ["argument", "function"])
+def test_freezing_without_fit(how):
+    """The cheap check of the other two ways to freeze: a training call no longer moves the statistics."""
+    qat = qat_model(freeze_after=0 if how == "argument" else None)
+    if how == "function":
+        assert kerasbn.qat.freeze(qat) == 3
+    x, _ = digits(32)
+    before = statistics(qat)
+    train = keras.ops.convert_to_numpy(qat(x, training=True))
+    for a, b in zip(before, statistics(qat)):
+        np.testing.assert_array_equal(a, b)
+    # Frozen, a training step computes the deployed layers: only the activation ranges (moving
+    # averages of the batch) can differ from inference.
+    infer = keras.ops.convert_to_numpy(qat(x, training=False))
+    assert np.abs(train - infer).max() <= 4 * max(
+        float(keras.ops.convert_to_numpy(q.nudged_range()[2])) for q in layers.activation_quantizers(qat)
+    )
+
+
 def test_saved_mid_training_reloads_and_continues_identically(tmp_path):
     qat = qat_model(freeze_after=10)
     x, y = digits(256)
@@ -80,6 +107,7 @@ def test_saved_mid_training_reloads_and_continues_identically(tmp_path):
     qat.save(path)
     again = keras.saving.load_model(path, safe_mode=True)  # with its optimizer state
     assert kerasbn.qat.is_qat(again)
+    assert again.jit_compile and qat.jit_compile
     a = qat.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0).history["loss"]
     b = again.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0).history["loss"]
     assert a == b
