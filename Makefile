@@ -63,7 +63,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 ## PTQ against QAT on digits at 8, 4 and 3 weight bits, 4 seeds; the 8-bit QAT model exported to int8 LiteRT
-## and ONNX and scored in their runtimes (build/qat/; about 5 minutes on 2 busy cores).
+## and ONNX and scored in their runtimes (build/qat/; 38 minutes on 2 cores under heavy load).
 qat-demo: $(STAMP)
 	$(BIN)/python examples/qat.py
 

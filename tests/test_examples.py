@@ -177,7 +177,11 @@ def test_qat_example_beats_ptq_at_3_bits_and_its_int8_files_score_what_the_qat_m
     assert accuracy["QAT", "8-bit per channel"] >= accuracy["float", ""] - 0.02
     scores = results["export"]
     for label in ("LiteRT int8", "ONNX int8"):
-        assert scores[f"{label} same class"] == 1.0, label
-        assert scores[label] == scores["QAT model (Keras)"], label
+        # Within 2 output steps of the QAT model per logit: the class may change only on a near tie.
+        assert scores[f"{label} same class, decisive"] == 1.0, label
+        assert scores[f"{label} same class"] >= 0.99, label
+        # Its accuracy differs from the QAT model's by at most the digits whose class changed (450 digits).
+        changed = round(450 * (1 - scores[f"{label} same class"]))
+        assert round(450 * abs(scores[label] - scores["QAT model (Keras)"])) <= changed, label
     for name in ("digits_dsnet.qat.keras", "digits_dsnet.int8.tflite", "digits_dsnet.int8.onnx", "qat_accuracy.png"):
         assert (tmp_path / name).is_file(), name
