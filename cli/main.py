@@ -32,16 +32,20 @@ from kerasbn_cli.options import (
     export_to_option,
     fold_option,
     format_option,
+    freeze_after_option,
     int8_option,
     min_agreement_option,
     mode_option,
     opset_option,
     output_option,
+    per_tensor_option,
+    qat_calibration_option,
     quantization_option,
     strict_option,
     swap_to_option,
     unbiased_option,
     verify_options,
+    weight_bits_option,
 )
 
 # Before TensorFlow is first imported (inside the commands): its C++ log noise.
@@ -374,30 +378,15 @@ def swap(
 @main.command("qat")
 @MODEL_ARGUMENT
 @output_option("MODEL.qat.keras beside MODEL")
-@click.option(
-    "--calibration",
-    type=click.Path(path_type=Path),
-    metavar="DATA",
-    help="Set the activation ranges from DATA (a .npy or .npz file named after the inputs, or a folder of "
-    "images), so training starts from the post-training-quantized model [default: the first training batch].",
-)
-@click.option(
-    "--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Bits of the weight grids."
-)
-@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
-@click.option(
-    "--freeze-after",
-    type=click.IntRange(min=0),
-    metavar="STEPS",
-    help="Freeze the BN statistics after STEPS training steps [default: when training calls kerasbn.qat.freeze].",
-)
+@qat_calibration_option
+@weight_bits_option
+@per_tensor_option
+@freeze_after_option
 @verify_options(
     "Check that the QAT model without fake quant is the folded original, and that the reloaded file "
     "reproduces the QAT model exactly."
 )
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
-)
+@format_option()
 @common_options
 def qat(
     settings: Settings,
@@ -431,7 +420,7 @@ def qat(
         import numpy as np
 
         import kerasbn
-        from kerasbn.deploy.verify import keras_outputs, random_inputs
+        from kerasbn.deploy.outputs import keras_outputs, random_inputs
         from kerasbn.errors import VerificationError
         from kerasbn.statistics.data import open_batches
 
@@ -452,7 +441,9 @@ def qat(
             folded = checking.compare(original, kerasbn.qat.convert(prepared), inputs)
             if not folded.passed:
                 raise VerificationError(f"the QAT model's fold differs from the original: {folded}; nothing written")
-        expected = [np.asarray(y) for y in keras_outputs(prepared, inputs)]
+        # The reloaded file must be this QAT model exactly (its fake quant runs in float32 only, so
+        # there is no float64 twin to judge it by: same weights, same outputs, bit for bit).
+        expected = keras_outputs(prepared, inputs) if checking.verify else []
 
         def check(reloaded: Any) -> None:
             got = keras_outputs(reloaded, inputs)

@@ -10,14 +10,13 @@ activation quantizer (its bits and its range as the fake-quant nudges it).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import keras
 import numpy as np
 
 from kerasbn.ops import fake_quant
+from kerasbn.printable import Printable, Table
 from kerasbn.qat import layers
-from kerasbn.report import markdown_table, render, table
 
 COLUMNS = ("layer", "quantizes", "bits", "granularity", "range", "BN")
 
@@ -46,7 +45,7 @@ class QuantizerRecord:
 
 
 @dataclass
-class QATReport:
+class QATReport(Printable):
     """The quantizers of one QAT model (``print(report)`` shows the table).
 
     Attributes:
@@ -61,12 +60,12 @@ class QATReport:
         """A JSON-ready dict: ``model``, ``quantizers``."""
         return {"model": self.model, "quantizers": [asdict(q) for q in self.quantizers]}
 
-    def _rows(self) -> list[list[Any]]:
+    def _rows(self) -> list[list[str]]:
         return [
             [
                 q.layer,
                 q.kind,
-                q.bits,
+                str(q.bits),
                 q.granularity.replace("_", " "),
                 f"[{q.low + 0.0:.4g}, {q.high + 0.0:.4g}]",
                 q.bn or "",
@@ -78,17 +77,17 @@ class QATReport:
         weights = sum(q.kind == "weights" for q in self.quantizers)
         return f"{weights} weight and {len(self.quantizers) - weights} activation quantizers"
 
-    def __rich__(self) -> Any:
-        return table(f"Quantizers in '{self.model}'", COLUMNS, self._rows(), self._caption())
-
-    def __str__(self) -> str:
-        return render(self)
-
-    def to_markdown(self) -> str:
-        """The table as Markdown."""
-        return "\n".join(
-            [f"### Quantizers of `{self.model}`", "", markdown_table(COLUMNS, self._rows()), "", self._caption() + "."]
-        )
+    def view(self) -> list[Table | str]:
+        """One table of every quantizer."""
+        return [
+            Table(
+                title=f"Quantizers in '{self.model}'",
+                headers=COLUMNS,
+                rows=self._rows(),
+                caption=self._caption(),
+                heading=f"### Quantizers of `{self.model}`",
+            )
+        ]
 
 
 def _weights(layer: layers.QuantizedWeights) -> QuantizerRecord:
