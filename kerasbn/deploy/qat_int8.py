@@ -360,8 +360,10 @@ def convert(
     sig = sig or signature(model)
     if to == "litert":
         from kerasbn.deploy.litert import to_litert
+        from kerasbn.ops.fake_quant import frozen_weights
 
-        return to_litert(model, sig, learned_ranges=True), ()
+        with frozen_weights():
+            return to_litert(model, sig, learned_ranges=True), ()
     from kerasbn.deploy.onnx import op_counts, to_onnx
     from kerasbn.deploy.onnx_passes import QDQ_PASSES
 

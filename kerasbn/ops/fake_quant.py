@@ -110,6 +110,41 @@ def lowering(name: str) -> Iterator[None]:
         _state.lowering = previous
 
 
+@contextlib.contextmanager
+def frozen_weights() -> Iterator[None]:
+    """Inside the block, traced TensorFlow graphs take each fake-quantized kernel as a constant.
+
+    An exporter's converter folds the kernel arithmetic of a traced graph
+    (a fused layer's ``W·γ/√(σ² + ε)``) with its own float32 kernels, a few
+    ulps away from TensorFlow's: a weight that sits near half a step of its
+    grid then rounds to the other integer (measured: one of 143,360 weights
+    of MobileNetV2's ``Conv_1`` in LiteRT). With the kernel computed eagerly,
+    as `weight_grid` computes it, and put in the graph already on its grid,
+    the converter's re-quantization returns the same integers whatever ulps
+    its scale is off by.
+    """
+    previous = getattr(_state, "frozen", False)
+    _state.frozen = True
+    try:
+        yield
+    finally:
+        _state.frozen = previous
+
+
+def weights_frozen() -> bool:
+    """Whether a `frozen_weights` block is in force (TensorFlow only)."""
+    return keras.backend.backend() == "tensorflow" and getattr(_state, "frozen", False)
+
+
+def eager_constant(compute: Any) -> Any:
+    """``compute()`` run eagerly, outside any graph being traced, as a constant of that graph."""
+    import tensorflow as tf
+
+    with tf.init_scope():
+        value = np.asarray(ops.convert_to_numpy(compute()))
+    return tf.constant(value)
+
+
 def current_lowering() -> str:
     """The lowering in force: the innermost `lowering` block's, else the backend's default."""
     if keras.backend.backend() != "tensorflow":

@@ -270,6 +270,15 @@ class QuantizedWeights(keras.layers.Wrapper):
         name = name or self.kernels.main
         return self.kernels.to_grid(name, self.kernels.variable(name)), self.weight_bits, self.per_channel
 
+    def _on_grid(self, name: str):
+        """The fake-quantized kernel of the inference form, in its quantization layout."""
+        kernel, bits, per_channel = self.quantized_kernel(name)
+        return fake_quant.fake_quant_weight(kernel, bits, per_channel)
+
+    def _grid_op(self, grid):
+        # Still a fake-quant in the graph (the converter's cue for an int8 kernel); idempotent on a grid.
+        return fake_quant.fake_quant_weight(grid, self.weight_bits, self.per_channel)
+
     def _fake_quant(self, name: str, kernel):
         grid = self.kernels.to_grid(name, kernel)
         return self.kernels.from_grid(name, fake_quant.fake_quant_weight(grid, self.weight_bits, self.per_channel))
@@ -279,6 +288,11 @@ class QuantizedWeights(keras.layers.Wrapper):
         names = ("depthwise_kernel", "pointwise_kernel") if self.kernels.kind == "separable" else ("kernel",)
         kernels = {}
         for n in names:
+            if not training and fake_quant.weights_frozen():
+                # For an exporter: the grid weight_grid reads, as a constant (`fake_quant.frozen_weights`).
+                grid = fake_quant.eager_constant(lambda n=n: self._on_grid(n))
+                kernels[n] = self.kernels.from_grid(n, self._grid_op(grid))
+                continue
             kernel = self.kernels.variable(n)
             if fold is not None and n == self.kernels.main:
                 kernel = self.kernels.scale_outputs(kernel, fold)

@@ -8,15 +8,18 @@ weight fake-quant. 8-bit activation quantizers go where an int8 graph
 requantizes a tensor:
 
 * each input of the model;
-* the output of each quantized linear layer, unless its only reader is an
-  activation layer (then after the activation: the int8 kernel fuses it);
+* the output of each quantized linear layer, unless its only reader is a
+  ReLU or ReLU6 (then after it: the int8 kernel fuses it; any other
+  activation is a kernel of its own that reads an int8 input);
 * the output of each activation layer and of each merge (Add, Concatenate…:
-  one shared range for the merged tensor);
+  one shared range for the merged tensor); a tensor that only a Concatenate
+  reads gets none of its own: it is written on the concatenation's range;
 * any other tensor a quantized layer reads that is not yet quantized (after
   a float layer), so every int8 kernel sees a quantized input.
 
-Layers that only move or select values (pooling, Flatten, Reshape, Dropout,
-padding…) keep their input's quantization.
+Layers and operations that only move or select values (pooling, Flatten,
+Reshape, Dropout, padding, ``keras.ops.split``, slicing…) keep their input's
+quantization: one range for all of a split's outputs.
 """
 
 from __future__ import annotations
@@ -82,6 +85,27 @@ PASS_THROUGH = (
     keras.layers.UpSampling3D,
     keras.layers.Identity,
 )
+
+# Keras operations (``keras.ops`` called on a functional model's tensors) that only select or move values.
+# Their outputs keep their input's range: LiteRT's SPLIT, for one, requires its outputs on its input's scale
+# to the bit, which a quantizer of their own (calibrated on part of the tensor) breaks.
+PASS_THROUGH_OPERATIONS = ("Split", "GetItem", "Squeeze", "ExpandDims", "Transpose", "Reshape")
+
+
+def _fuses(layer: Any) -> bool:
+    """An int8 Conv/Dense kernel applies this activation itself (no requantization before it).
+
+    ReLU and ReLU6 only: LiteRT's fused activations, and what ONNX Runtime's
+    QDQ fusion drops into the output zero point. Any other (LeakyReLU, ELU,
+    a threshold or slope) is a kernel of its own that reads an int8 input,
+    so the linear layer's output is quantized before it too (measured:
+    LiteRT left a keras-hub CSPNet's convolutions float before LEAKY_RELU).
+    """
+    if isinstance(layer, keras.layers.ReLU):
+        return float(layer.negative_slope) == 0 and float(layer.threshold) == 0 and layer.max_value in (None, 6)
+    if isinstance(layer, keras.layers.Activation):
+        return getattr(layer.activation, "__name__", "") in ("relu", "relu6")
+    return False
 
 
 @dataclass(frozen=True)
@@ -225,16 +249,23 @@ class _Decider:
                 continue
             out = self._output_of(call)
             readers = g.consumers_of(out)
-            only_activation = len(readers) == 1 and out not in g.outputs and isinstance(readers[0].layer, ACTIVATIONS)
+            alone = len(readers) == 1 and out not in g.outputs
+            only_activation = alone and _fuses(readers[0].layer)
+            # Read by a Concatenate alone, the tensor is written on the concatenation's grid (LiteRT's
+            # CONCATENATION keeps one scale for its inputs and output): its quantizer is the merge's.
+            only_concatenated = alone and isinstance(readers[0].layer, keras.layers.Concatenate)
             if self._quantized_layer(layer) or isinstance(layer, MERGES):
                 # Followed by an activation alone, the int8 kernel fuses it: quantize after that.
-                if not only_activation:
+                if not (only_activation or only_concatenated):
                     self.quantize_after.add(id(layer))
                     quantized.add(out)
             elif isinstance(layer, ACTIVATIONS):
-                self.quantize_after.add(id(layer))
-                quantized.add(out)
-            elif isinstance(layer, PASS_THROUGH):
+                if not only_concatenated:
+                    self.quantize_after.add(id(layer))
+                    quantized.add(out)
+            elif isinstance(layer, PASS_THROUGH) or (
+                not isinstance(layer, keras.layers.Layer) and type(layer).__name__ in PASS_THROUGH_OPERATIONS
+            ):
                 if all(t in quantized for t in call.inputs):
                     quantized.update(call.outputs)
         # Every tensor an int8 kernel reads must be quantized.

@@ -22,6 +22,7 @@ from sklearn.datasets import load_digits
 import kerasbn
 import kerasbn.deploy.qat_int8 as qat_export
 from kerasbn.deploy.files import load_model
+from kerasbn.deploy.int8_file import litert_weights
 from kerasbn.deploy.verify import Checks, keras_outputs
 from kerasbn.errors import UnsupportedModelError
 from kerasbn.model_signature import signature
@@ -357,3 +358,63 @@ def test_a_qat_model_trained_and_saved_on_jax_exports_on_tensorflow(tmp_path):
         kerasbn.export(model, path, checks=Checks(inputs=held))
         assert_simulated(model, path, fmt, held)
         assert_trained_grid(model, path, fmt)
+
+
+def test_litert_file_holds_a_folded_kernel_on_its_grid_to_the_bit(tmp_path):
+    # The converter used to fold W·γ/√(σ² + ε) with its own float32 arithmetic, a few ulps from the
+    # model's: its scales differed in the last bits, and a weight near half a step rounded the other way.
+    keras.utils.set_random_seed(3)
+    x = keras.Input((4, 4, 16))
+    conv, bn = keras.layers.Conv2D(256, 1, use_bias=False), keras.layers.BatchNormalization()
+    model = keras.Model(x, bn(conv(x)))
+    randomize_bn(model, seed=3)
+    calibration = np.random.default_rng(4).normal(size=(8, 4, 4, 16)).astype("float32")
+    qat = kerasbn.qat.prepare(model, calibration=calibration)
+    content, _ = qat_export.convert(qat, "litert")
+    (tensor,) = [t for t in litert_weights(content) if t.op == "CONV_2D"]
+    (layer,) = qlayers.fused(qat)
+    q, scale, _ = weight_grid(layer)
+    np.testing.assert_array_equal(tensor.scale, scale)
+    np.testing.assert_array_equal(tensor.values, np.moveaxis(q, -1, 0))
+
+
+@pytest.mark.parametrize("fmt", ["litert", "onnx"])
+def test_a_split_keeps_one_range_for_all_its_outputs(tmp_path, fmt):
+    # LiteRT's SPLIT requires its outputs on its input's scale to the bit: no quantizer of their own.
+    keras.utils.set_random_seed(5)
+    x = keras.Input((6, 6, 3))
+    y = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3, padding="same")(x)))
+    left, right = keras.ops.split(y, 2, axis=-1)
+    right = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 1)(right)))
+    model = keras.Model(x, keras.layers.Concatenate()([left, right]))
+    randomize_bn(model, seed=5)
+    calibration = np.random.default_rng(6).normal(size=(16, 6, 6, 3)).astype("float32")
+    qat = kerasbn.qat.prepare(model, calibration=calibration)
+    assert not [name for name in qat.qat_preparation.activation_quantizers if "split" in name]
+    path = tmp_path / f"m{SUFFIX[fmt]}"
+    kerasbn.export(qat, path)
+    expected = keras_outputs(qat, calibration)[0]
+    got = file_outputs(path, fmt, qat, calibration)[0]
+    assert np.max(np.abs(got - expected)) <= (MAX_STEPS + STEP_SLACK) * output_step(qat)
+
+
+def test_an_activation_the_kernel_does_not_fuse_reads_a_quantized_input(tmp_path):
+    # LiteRT fuses only ReLU/ReLU6 into an int8 CONV_2D; before a LEAKY_RELU it left the convolution float
+    # when the conv output had no range of its own.
+    keras.utils.set_random_seed(7)
+    x = keras.Input((6, 6, 3))
+    y = keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(x))
+    model = keras.Model(x, keras.layers.LeakyReLU(negative_slope=0.1)(y))
+    randomize_bn(model, seed=7)
+    calibration = np.random.default_rng(8).normal(size=(16, 6, 6, 3)).astype("float32")
+    qat = kerasbn.qat.prepare(model, calibration=calibration)
+    assert [type(layer).__name__ for layer in qat.layers][2:] == [
+        "ConvBatchNorm",
+        "ActivationQuantizer",
+        "LeakyReLU",
+        "ActivationQuantizer",
+    ]
+    content, _ = qat_export.convert(qat, "litert")
+    (tensor,) = [t for t in litert_weights(content) if t.op == "CONV_2D"]
+    q, _, _ = weight_grid(qlayers.fused(qat)[0])
+    np.testing.assert_array_equal(tensor.values, np.moveaxis(q, -1, 0))
