@@ -35,7 +35,7 @@ EXPECTED = {
     "lambda_keras": "--unsafe",
     "lambda_h5": "--unsafe",
     "unbuilt_sequential": "no input shape",
-    "a_directory": "is a directory",
+    "a_directory": "is a TensorFlow SavedModel folder",
     "zip_bomb": "decompression bomb",
 }
 
