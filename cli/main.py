@@ -121,6 +121,8 @@ def fold(settings: Settings, checking: Checking, model: Path, output: Path | Non
 
     The folded model is compared with the original in memory and again as
     reloaded from the written file; nothing is written unless both agree.
+    When nothing folds (no BN, or none that folds exactly), the model is
+    unchanged: it says so and only the reloaded file is compared.
     Prints what was folded, what was not and why, parameters before and
     after, and the largest error.
 
@@ -138,8 +140,9 @@ def fold(settings: Settings, checking: Checking, model: Path, output: Path | Non
         original, inputs = _load(settings, checking, model, output, step)
         step("Folding")
         result = kerasbn.fold(original)
-        checks = _save_verified(settings, checking, original, inputs, result.model, output, step)
-    render.print_rewrite(settings, "fold", result.report, checks, output, fmt)
+        changed = bool(result.report.folded)
+        checks = _save_verified(settings, checking, original, inputs, result.model, output, step, in_memory=changed)
+    render.print_rewrite(settings, "fold", result.report, checks, output, fmt, unchanged=not changed)
     return EXIT_OK
 
 
@@ -466,8 +469,14 @@ def _save_verified(
     rewritten: Any,
     output: Path,
     step: Callable[[str], None],
+    *,
+    in_memory: bool = True,
 ) -> dict[str, Any]:
-    """Verify in memory, write atomically, verify the reloaded file; returns the VerifyResults by stage."""
+    """Verify in memory, write atomically, verify the reloaded file; returns the VerifyResults by stage.
+
+    ``in_memory=False`` skips the first comparison, for a rewrite that changed nothing; the written
+    file is still reloaded and compared (saving and loading can change a model).
+    """
     import kerasbn
     from kerasbn.errors import VerificationError
 
@@ -479,7 +488,7 @@ def _save_verified(
         if not result.passed:
             raise VerificationError(f"the {stage} model differs from the original: {result}; nothing written")
 
-    if checking.verify:
+    if checking.verify and in_memory:
         step("Verifying in memory")
         compare(rewritten, "rewritten")
     step(f"Writing {output.name}" + (" and verifying the reloaded file" if checking.verify else ""))

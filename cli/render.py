@@ -218,8 +218,13 @@ def _allowed(r: Any) -> str:
     return f"allowed {error(r.allowed)} ({noise})"
 
 
-def print_rewrite(settings: Any, kind: str, report: Any, checks: dict[str, Any], output: Any, fmt: str) -> None:
-    """A rewrite's report (``kind``: ``"fold"``, ``"swap"``), its verification in memory and reloaded, the output."""
+def print_rewrite(
+    settings: Any, kind: str, report: Any, checks: dict[str, Any], output: Any, fmt: str, *, unchanged: bool = False
+) -> None:
+    """A rewrite's report (``kind``: ``"fold"``, ``"swap"``), its verification in memory and reloaded, the output.
+
+    ``unchanged``: the rewrite changed nothing, so it was not compared in memory.
+    """
     if settings.quiet:
         return
     if fmt == "json":
@@ -227,12 +232,18 @@ def print_rewrite(settings: Any, kind: str, report: Any, checks: dict[str, Any],
             {
                 "output": str(output),
                 kind: report.to_dict(),
+                "changed": not unchanged,
                 "verification": {stage: r.to_dict() for stage, r in checks.items()} or None,
             }
         )
         return
     out = console()
     out.print(report)
+    if unchanged:
+        out.print(
+            "Nothing folded: the model is unchanged, so it was not compared in memory"
+            + ("; the written file was reloaded and compared." if checks else ".")
+        )
     for line in _check_lines(checks):
         out.print(line)
     out.print(f"Wrote {output}")

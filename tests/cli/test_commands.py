@@ -15,6 +15,7 @@ import pytest
 import kerasbn
 from kerasbn.deploy.verify import VerifyResult
 from tests.cli.conftest import assert_clean_error, digest, invoke, listing, run_script, tiny_model
+from tests.helpers import assert_matches_original
 
 
 def _bn_layers(model) -> list[str]:
@@ -104,6 +105,40 @@ def test_fold_of_a_mixed_precision_file(policy, tmp_path):
     assert {layer.dtype_policy.name for layer in folded.layers[1:]} == {policy}
     # Judged independently of the command's own report: against the original in float64.
     assert kerasbn.verify(kerasbn.load_model(source), folded, seed=5).passed
+
+
+def test_fold_of_an_unzipped_keras_folder_writes_a_keras_file(tmp_path):
+    model = tiny_model()
+    keras.saving.save_model(model, tmp_path / "tiny", zipped=False)
+    before = {p: digest(p) for p in (tmp_path / "tiny").rglob("*") if p.is_file()}
+    result = invoke("fold", tmp_path / "tiny")
+    assert result.exit_code == 0, result.stderr
+    assert "2/2 BN layers folded" in result.stdout
+    assert {p: digest(p) for p in (tmp_path / "tiny").rglob("*") if p.is_file()} == before
+    x = np.random.default_rng(0).standard_normal((4, 6, 6, 2)).astype("float32")
+    folded = kerasbn.load_model(tmp_path / "tiny.folded.keras")
+    assert _bn_layers(folded) == []
+    assert_matches_original(model, [np.asarray(folded(x), np.float64)], x, "float32")
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["no-bn", "bn-that-stays"])
+def test_fold_of_a_model_where_nothing_folds_says_so_and_checks_only_the_file(bn, tmp_path):
+    inputs = keras.Input((5,), name="x")
+    y = keras.layers.Dense(4, activation="relu")(keras.layers.Dense(3)(inputs))
+    if bn:  # after an activation, at the output: it stays
+        y = keras.layers.BatchNormalization()(y)
+    model = keras.Model(inputs, y)
+    model.save(tmp_path / "m.keras")
+    result = invoke("fold", tmp_path / "m.keras", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["changed"] is False and data["fold"]["totals"]["folded"] == 0
+    assert list(data["verification"]) == ["reloaded"] and data["verification"]["reloaded"]["passed"]
+    table = invoke("fold", tmp_path / "m.keras", "-o", tmp_path / "t.keras")
+    assert "Nothing folded: the model is unchanged" in table.stdout
+    assert "reloaded vs original" in table.stdout and "rewritten vs original" not in table.stdout
+    x = np.random.default_rng(0).standard_normal((4, 5)).astype("float32")
+    np.testing.assert_array_equal(kerasbn.load_model(tmp_path / "m.folded.keras")(x), model(x))
 
 
 def test_fold_from_h5_writes_keras(model_files, copy_of):
