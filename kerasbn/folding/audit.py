@@ -12,6 +12,7 @@ import keras
 
 from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import dataflow, plan
+from kerasbn.folding.families import unwrap
 from kerasbn.folding.graph import Graph, build_graph
 from kerasbn.report import AuditReport, RedundantBias
 
@@ -67,7 +68,7 @@ def audit(model: keras.Model) -> AuditReport:
     gained = {
         id(p.partner.layer): plan.out_channels(graph, p.partner)
         for p in decided.removals
-        if not getattr(p.partner.layer, "use_bias", False)
+        if not getattr(unwrap(p.partner.layer), "use_bias", False)
     }
     # A BN folded in place stays as an identity, so it saves nothing.
     saved = sum(f.parameters for f in findings if f.foldable and f.how != plan.IN_PLACE) - sum(gained.values())

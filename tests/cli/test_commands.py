@@ -15,7 +15,7 @@ import pytest
 import kerasbn
 from kerasbn.deploy.verify import VerifyResult
 from tests.cli.conftest import assert_clean_error, digest, invoke, listing, run_script, tiny_model
-from tests.helpers import assert_matches_original
+from tests.helpers import assert_matches_original, randomize_bn
 
 
 def _bn_layers(model) -> list[str]:
@@ -139,6 +139,23 @@ def test_fold_of_a_model_where_nothing_folds_says_so_and_checks_only_the_file(bn
     assert "reloaded vs original" in table.stdout and "rewritten vs original" not in table.stdout
     x = np.random.default_rng(0).standard_normal((4, 5)).astype("float32")
     np.testing.assert_array_equal(kerasbn.load_model(tmp_path / "m.folded.keras")(x), model(x))
+
+
+def test_fold_of_a_time_distributed_video_model(tmp_path):
+    frames = keras.Input((3, 7, 7, 2), name="frames")
+    y = keras.layers.BatchNormalization(name="bn")(
+        keras.layers.TimeDistributed(keras.layers.Conv2D(4, 3), name="td")(frames)
+    )
+    model = randomize_bn(keras.Model(frames, y))
+    model.save(tmp_path / "video.keras")
+    result = invoke("fold", tmp_path / "video.keras", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [(f["layer"], f["partner"]) for f in data["fold"]["folded"]] == [("bn", "td")]
+    x = np.random.default_rng(2).standard_normal((2, 3, 7, 7, 2)).astype("float32")
+    folded = kerasbn.load_model(tmp_path / "video.folded.keras")
+    assert _bn_layers(folded) == []
+    assert_matches_original(model, [np.asarray(folded(x), np.float64)], x, "float32")
 
 
 def test_fold_from_h5_writes_keras(model_files, copy_of):
