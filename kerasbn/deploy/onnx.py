@@ -181,10 +181,13 @@ def _name_outputs(proto: Any, names: Sequence[str] | None) -> None:
     if names is None or len(names) != len(outputs):
         names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
     graph = proto.graph
-    taken = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    taken |= {name for node in graph.node for name in node.output}
+    inputs = {i.name for i in graph.input}
+    taken = inputs | {i.name for i in graph.initializer} | {name for node in graph.node for name in node.output}
     renames = {}
     for i, (output, name) in enumerate(zip(outputs, names)):
+        if output.name in inputs:  # an input passed straight through keeps the input's name
+            renames[output.name] = output.name
+            continue
         while name in taken and name != output.name:
             name = f"{name}_{i}"
         taken.add(name)
