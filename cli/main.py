@@ -24,9 +24,23 @@ from kerasbn_cli.options import (
     Checking,
     DataOptions,
     Settings,
+    calibration_option,
     common_options,
+    compare_unfolded_option,
     data_options,
+    dtype_option,
+    export_to_option,
+    fold_option,
+    format_option,
+    int8_option,
+    min_agreement_option,
+    mode_option,
+    opset_option,
     output_option,
+    quantization_option,
+    strict_option,
+    swap_to_option,
+    unbiased_option,
     verify_options,
 )
 
@@ -49,22 +63,9 @@ def main() -> None:
 
 @main.command()
 @MODEL_ARGUMENT
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json", "markdown"]),
-    default="table",
-    show_default=True,
-    help="Output format.",
-)
-@click.option(
-    "--strict", is_flag=True, help="Exit with status 1 if a BN folds, a bias is redundant or (with --data) is stale."
-)
-@click.option(
-    "--quantization",
-    is_flag=True,
-    help="Also show how each fold spreads the per-channel weight ranges (per-tensor vs per-channel int8).",
-)
+@format_option("markdown")
+@strict_option
+@quantization_option
 @data_options(required=False)
 @common_options
 def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization: bool, data: DataOptions) -> int:
@@ -112,9 +113,7 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization:
 @MODEL_ARGUMENT
 @output_option("MODEL.folded.keras beside MODEL")
 @verify_options(REWRITE_CHECK)
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
-)
+@format_option()
 @common_options
 def fold(settings: Settings, checking: Checking, model: Path, output: Path | None, fmt: str) -> int:
     """Fold every BatchNormalization of MODEL that folds exactly into its neighbour.
@@ -141,7 +140,9 @@ def fold(settings: Settings, checking: Checking, model: Path, output: Path | Non
         step("Folding")
         result = kerasbn.fold(original)
         changed = bool(result.report.folded)
-        checks = _save_verified(settings, checking, original, inputs, result.model, output, step, in_memory=changed)
+        # Nothing folded: what is written is the original, which needs no comparison with itself in memory.
+        written = result.model if changed else original
+        checks = _save_checked(settings, checking, written, output, step, inputs, original)
     render.print_rewrite(settings, "fold", result.report, checks, output, fmt, unchanged=not changed)
     return EXIT_OK
 
@@ -171,7 +172,7 @@ def strip_biases(settings: Settings, checking: Checking, model: Path, output: Pa
         original, inputs = _load(settings, checking, model, output, step)
         step("Removing redundant biases")
         result = kerasbn.strip_redundant_biases(original)
-        checks = _save_verified(settings, checking, original, inputs, result.model, output, step)
+        checks = _save_checked(settings, checking, result.model, output, step, inputs, original)
     render.print_strip(settings, result.report, checks, output)
     return EXIT_OK
 
@@ -179,44 +180,16 @@ def strip_biases(settings: Settings, checking: Checking, model: Path, output: Pa
 @main.command()
 @MODEL_ARGUMENT
 @output_option("MODEL with .onnx, or .tflite with --to litert")
-@click.option(
-    "--to",
-    metavar="FORMAT",
-    # Not a click.Choice: the formats are the library's registry (kerasbn.deploy.target.REGISTRY),
-    # which `--help` must not import.
-    help="File format: onnx or litert (TFLite) [default: from OUT's suffix, .onnx or .tflite].",
-)
-@click.option("--fold/--no-fold", default=True, show_default=True, help="Fold BatchNormalization before converting.")
-@click.option(
-    "--compare-unfolded",
-    is_flag=True,
-    help="Also convert the unfolded model, for a 'Before fold' column in the op table (a second conversion).",
-)
-@click.option("--opset", type=click.IntRange(min=7), metavar="N", help="ONNX opset [default: tf2onnx's].")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16"]),
-    help="Float type of the file [default: float32, also for a mixed-precision model: its weights computed in "
-    "float32]. float16: ONNX computes in float16, LiteRT stores float16 weights; checked with float16's rounding.",
-)
-@click.option("--int8", is_flag=True, help="Quantize to int8 after the fold (static, calibrated on --calibration).")
-@click.option(
-    "--calibration",
-    type=click.Path(path_type=Path),
-    metavar="DATA.npz",
-    help="Representative inputs for --int8 (arrays named after the model inputs), a few hundred rows.",
-)
-@click.option(
-    "--min-agreement",
-    type=click.FloatRange(0, 1),
-    default=0.99,
-    show_default=True,
-    help="With --int8: the top-1 agreement with the float model required on the calibration rows and --inputs.",
-)
+@export_to_option
+@fold_option
+@compare_unfolded_option
+@opset_option
+@dtype_option
+@int8_option
+@calibration_option
+@min_agreement_option
 @verify_options("Run the file in ONNX Runtime or LiteRT at batch 1 and --batch and compare with Keras.")
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
-)
+@format_option()
 @common_options
 def export(
     settings: Settings,
@@ -264,8 +237,6 @@ def export(
         target = target_for(output, to)
         if int8 != (calibration is not None):
             raise KerasbnError("--int8 needs --calibration DATA.npz" if int8 else "--calibration goes with --int8")
-        if opset is not None and "opset" not in target.options:
-            raise KerasbnError("--opset applies to ONNX only")
         if target.name == "onnx":
             quiet.import_frameworks("tf2onnx")  # its own start-up noise
         keras_model, inputs = _load(settings, checking, model, output, step)
@@ -305,19 +276,10 @@ def export(
 @main.command()
 @MODEL_ARGUMENT
 @data_options(required=True)
-@click.option(
-    "--mode",
-    type=click.Choice(["sequential", "paper"]),
-    default="sequential",
-    show_default=True,
-    help="sequential: each BN with the earlier ones already calibrated (one pass per BN); "
-    "paper: Algorithm 2 as written, every BN on its batch statistics (one pass).",
-)
+@mode_option
 @output_option("MODEL.calibrated.keras beside MODEL")
 @verify_options("Report how much the outputs moved, and check the reloaded file against the calibrated model.")
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
-)
+@format_option()
 @common_options
 def calibrate(
     settings: Settings,
@@ -346,13 +308,9 @@ def calibrate(
     output = output or model.with_name(f"{model.stem}.calibrated.keras")
     with render.progress(settings.quiet, bar=True) as progress:
         import kerasbn
-        from kerasbn.deploy.files import load_inputs
 
-        _check_distinct(settings, model, output)
-        progress.step(f"Loading {model.name}")
-        original = kerasbn.load_model(model, safe_mode=settings.safe_mode, custom_modules=settings.imports)
+        original, inputs = _load(settings, checking, model, output, progress.step)
         batches = _open_data(data, original)
-        inputs = load_inputs(checking.inputs_file, original) if checking.inputs_file is not None else None
         progress.step(f"Calibrating ({mode})")
         result = kerasbn.calibrate(original, batches, mode=mode, on_batch=progress.advance)
         moved = None
@@ -360,30 +318,19 @@ def calibrate(
             progress.step("Comparing the outputs")
             inputs = inputs if inputs is not None else batches.first(checking.batch)
             moved = checking.compare(original, result.model, inputs)
-        _save_checked(settings, checking, result.model, inputs, output, progress.step)
+        # The file must reproduce the calibrated model (how far that moved from the original is `moved`).
+        _save_checked(settings, checking, result.model, output, progress.step, inputs, result.model, "calibrated one")
     render.print_calibrate(settings, result.report, moved, output, fmt)
     return EXIT_OK
 
 
 @main.command()
 @MODEL_ARGUMENT
-@click.option(
-    "--to",
-    type=click.Choice(["kerasbn", "keras"]),
-    default="kerasbn",
-    show_default=True,
-    help="The BatchNormalization every BN becomes.",
-)
-@click.option(
-    "--unbiased",
-    is_flag=True,
-    help="With --to kerasbn: track the paper's unbiased moving variance (default: Keras's biased one, as before).",
-)
+@swap_to_option
+@unbiased_option
 @output_option("MODEL.kerasbn.keras or MODEL.keras.keras beside MODEL")
 @verify_options(REWRITE_CHECK)
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
-)
+@format_option()
 @common_options
 def swap(
     settings: Settings, checking: Checking, model: Path, to: str, unbiased: bool, output: Path | None, fmt: str
@@ -408,7 +355,7 @@ def swap(
         original, inputs = _load(settings, checking, model, output, step)
         step("Swapping")
         result = kerasbn.swap(original, to=to, unbiased=unbiased)
-        checks = _save_verified(settings, checking, original, inputs, result.model, output, step)
+        checks = _save_checked(settings, checking, result.model, output, step, inputs, original)
     render.print_rewrite(settings, "swap", result.report, checks, output, fmt)
     return EXIT_OK
 
@@ -426,29 +373,6 @@ def _open_data(data: DataOptions, model: Any) -> Any:
     return open_batches(data.path, model, batch_size=data.batch_size, image_size=data.image_size)
 
 
-def _save_checked(
-    settings: Settings, checking: Checking, model: Any, inputs: Any, output: Path, step: Callable[[str], None]
-) -> None:
-    """Write ``model`` atomically; with verification, the reloaded file must reproduce it."""
-    import kerasbn
-    from kerasbn.errors import VerificationError
-
-    def check(reloaded: Any) -> None:
-        result = checking.compare(model, reloaded, inputs)
-        if not result.passed:
-            raise VerificationError(f"the reloaded model differs from the calibrated one: {result}; nothing written")
-
-    step(f"Writing {output.name}" + (" and verifying the reloaded file" if checking.verify else ""))
-    kerasbn.save_model(
-        model,
-        output,
-        overwrite=settings.force,
-        check=check if checking.verify else None,
-        safe_mode=settings.safe_mode,
-        custom_modules=settings.imports,
-    )
-
-
 def _load(settings: Settings, checking: Checking, model: Path, output: Path, step: Callable[[str], None]) -> tuple:
     """The model, and the verification inputs when --inputs names a file."""
     import kerasbn
@@ -461,39 +385,39 @@ def _load(settings: Settings, checking: Checking, model: Path, output: Path, ste
     return original, inputs
 
 
-def _save_verified(
+def _save_checked(
     settings: Settings,
     checking: Checking,
-    original: Any,
-    inputs: Any,
-    rewritten: Any,
+    model: Any,
     output: Path,
     step: Callable[[str], None],
-    *,
-    in_memory: bool = True,
+    inputs: Any,
+    reference: Any,
+    reference_name: str = "original",
 ) -> dict[str, Any]:
-    """Verify in memory, write atomically, verify the reloaded file; returns the VerifyResults by stage.
+    """Write ``model`` atomically, verified against ``reference``: nothing is written unless every check passes.
 
-    ``in_memory=False`` skips the first comparison, for a rewrite that changed nothing; the written
-    file is still reloaded and compared (saving and loading can change a model).
+    ``model`` must compute what ``reference`` (the original of a rewrite) does in memory, and
+    again as reloaded from the file; checked against itself (calibrate), only the reloaded
+    file is. Returns the `kerasbn.VerifyResult` of each check by stage.
     """
     import kerasbn
     from kerasbn.errors import VerificationError
 
     checks = {}
 
-    def compare(candidate, stage: str) -> None:
-        result = checking.compare(original, candidate, inputs)
+    def compare(candidate: Any, stage: str) -> None:
+        result = checking.compare(reference, candidate, inputs)
         checks[stage] = result
         if not result.passed:
-            raise VerificationError(f"the {stage} model differs from the original: {result}; nothing written")
+            raise VerificationError(f"the {stage} model differs from the {reference_name}: {result}; nothing written")
 
-    if checking.verify and in_memory:
+    if checking.verify and reference is not model:
         step("Verifying in memory")
-        compare(rewritten, "rewritten")
+        compare(model, "rewritten")
     step(f"Writing {output.name}" + (" and verifying the reloaded file" if checking.verify else ""))
     kerasbn.save_model(
-        rewritten,
+        model,
         output,
         overwrite=settings.force,
         check=(lambda reloaded: compare(reloaded, "reloaded")) if checking.verify else None,

@@ -56,10 +56,12 @@ _COMMON = (
     click.option("--force", is_flag=True, help="Overwrite an existing output file."),
 )
 
+# Each option of a command, defined once (as pip-tools' options.py does); main.py stacks them.
 MODEL_ARGUMENT = click.argument("model", metavar="MODEL", type=click.Path(path_type=Path))
 
 
 def output_option(default_help: str) -> Callable:
+    """``-o/--output``; ``default_help`` says where the command writes without it."""
     return click.option(
         "-o",
         "--output",
@@ -67,6 +69,93 @@ def output_option(default_help: str) -> Callable:
         metavar="OUT",
         help=f"Output file [default: {default_help}].",
     )
+
+
+def format_option(*formats: str) -> Callable:
+    """``--format``, received as ``fmt``: ``table`` (the default), ``json``, and ``formats`` beyond them."""
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["table", "json", *formats]),
+        default="table",
+        show_default=True,
+        help="Output format.",
+    )
+
+
+strict_option = click.option(
+    "--strict", is_flag=True, help="Exit with status 1 if a BN folds, a bias is redundant or (with --data) is stale."
+)
+quantization_option = click.option(
+    "--quantization",
+    is_flag=True,
+    help="Also show how each fold spreads the per-channel weight ranges (per-tensor vs per-channel int8).",
+)
+
+# export
+export_to_option = click.option(
+    "--to",
+    metavar="FORMAT",
+    # Not a click.Choice: the formats are the library's registry (kerasbn.deploy.target.REGISTRY),
+    # which `--help` must not import.
+    help="File format: onnx or litert (TFLite) [default: from OUT's suffix, .onnx or .tflite].",
+)
+fold_option = click.option(
+    "--fold/--no-fold", default=True, show_default=True, help="Fold BatchNormalization before converting."
+)
+compare_unfolded_option = click.option(
+    "--compare-unfolded",
+    is_flag=True,
+    help="Also convert the unfolded model, for a 'Before fold' column in the op table (a second conversion).",
+)
+# Which formats take an opset is the library's to say (kerasbn.export): one check, one message.
+opset_option = click.option("--opset", type=click.IntRange(min=7), metavar="N", help="ONNX opset [default: tf2onnx's].")
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    help="Float type of the file [default: float32, also for a mixed-precision model: its weights computed in "
+    "float32]. float16: ONNX computes in float16, LiteRT stores float16 weights; checked with float16's rounding.",
+)
+int8_option = click.option(
+    "--int8", is_flag=True, help="Quantize to int8 after the fold (static, calibrated on --calibration)."
+)
+calibration_option = click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    metavar="DATA.npz",
+    help="Representative inputs for --int8 (arrays named after the model inputs), a few hundred rows.",
+)
+min_agreement_option = click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=0.99,
+    show_default=True,
+    help="With --int8: the top-1 agreement with the float model required on the calibration rows and --inputs.",
+)
+
+# calibrate
+mode_option = click.option(
+    "--mode",
+    type=click.Choice(["sequential", "paper"]),
+    default="sequential",
+    show_default=True,
+    help="sequential: each BN with the earlier ones already calibrated (one pass per BN); "
+    "paper: Algorithm 2 as written, every BN on its batch statistics (one pass).",
+)
+
+# swap
+swap_to_option = click.option(
+    "--to",
+    type=click.Choice(["kerasbn", "keras"]),
+    default="kerasbn",
+    show_default=True,
+    help="The BatchNormalization every BN becomes.",
+)
+unbiased_option = click.option(
+    "--unbiased",
+    is_flag=True,
+    help="With --to kerasbn: track the paper's unbiased moving variance (default: Keras's biased one, as before).",
+)
 
 
 @dataclass(frozen=True)
@@ -94,7 +183,7 @@ class Checking:
         from kerasbn.deploy.verify import Checks
 
         batch_sizes = sorted({1, self.batch}) if export else [self.batch]
-        return Checks(self.verify, tuple(batch_sizes), inputs, self.atol, self.rtol)
+        return Checks(verify=self.verify, batch_sizes=tuple(batch_sizes), inputs=inputs, atol=self.atol, rtol=self.rtol)
 
 
 def verify_options(verify_help: str) -> Callable[[Callable], Callable]:
@@ -108,7 +197,8 @@ def _add_verify_options(fn: Callable, verify_help: str) -> Callable:
     def command(
         *, verify: bool, atol: float | None, rtol: float | None, batch: int, inputs_file: Path | None, **kwargs: Any
     ):
-        return fn(checking=Checking(verify, atol, rtol, batch, inputs_file), **kwargs)
+        checking = Checking(verify=verify, atol=atol, rtol=rtol, batch=batch, inputs_file=inputs_file)
+        return fn(checking=checking, **kwargs)
 
     options = (
         click.option(
@@ -221,7 +311,7 @@ def common_options(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def command(*, imports: tuple[str, ...], unsafe: bool, quiet: bool, verbose: bool, force: bool, **kwargs: Any):
-        settings = Settings(tuple(imports), unsafe, quiet, verbose, force)
+        settings = Settings(imports=tuple(imports), unsafe=unsafe, quiet=quiet, verbose=verbose, force=force)
         return run_guarded(settings, lambda: fn(settings=settings, **kwargs))
 
     for option in reversed(_COMMON):
@@ -235,7 +325,7 @@ def run_guarded(settings: Settings, body: Callable[[], int | None]) -> None:
 
     # First, before `kerasbn` (which imports Keras) is imported anywhere.
     import_frameworks()
-    from kerasbn.errors import KerasbnError, VerificationError
+    from kerasbn.errors import KerasbnError, VerificationError, first_line
 
     try:
         code = body() or EXIT_OK
@@ -253,9 +343,8 @@ def run_guarded(settings: Settings, body: Callable[[], int | None]) -> None:
     except Exception as exc:  # the last guard: a bug must still end in one line
         if settings.verbose:
             traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0]
         hint = "" if settings.verbose else " (rerun with -v for the traceback)"
-        _error(f"unexpected {type(exc).__name__}: {first}{hint}")
+        _error(f"unexpected {type(exc).__name__}: {first_line(exc)}{hint}")
         code = EXIT_ERROR
     sys.stdout.flush()
     raise click.exceptions.Exit(code)

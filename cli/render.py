@@ -1,4 +1,4 @@
-"""Printing: the library's reports (`kerasbn.report`) on the console, plain text
+"""Printing: the library's reports (`kerasbn.printable`) on the console, plain text
 when piped, JSON for machines; a progress spinner only on a terminal.
 
 rich is imported inside the functions so `kerasbn --help` stays fast.

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 import kerasbn  # noqa: E402
 import kerasbn.errors  # noqa: E402
-from kerasbn.deploy.verify import keras_outputs  # noqa: E402
+from kerasbn.deploy.outputs import keras_outputs  # noqa: E402
 from tests.helpers import count_bn  # noqa: E402
 from tests.keras_hub_models import BACKBONES, image_batch, trained_like  # noqa: E402
 

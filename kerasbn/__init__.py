@@ -26,11 +26,11 @@ _PUBLIC = {
     "FoldResult": "kerasbn.folding.fold",
     "strip_redundant_biases": "kerasbn.folding.biases",
     "StripResult": "kerasbn.folding.biases",
-    "AuditReport": "kerasbn.report",
-    "BNFinding": "kerasbn.report",
-    "FoldReport": "kerasbn.report",
-    "RedundantBias": "kerasbn.report",
-    "StripReport": "kerasbn.report",
+    "AuditReport": "kerasbn.folding.reports",
+    "BNFinding": "kerasbn.folding.reports",
+    "FoldReport": "kerasbn.folding.reports",
+    "RedundantBias": "kerasbn.folding.reports",
+    "StripReport": "kerasbn.folding.reports",
     "load_model": "kerasbn.deploy.files",
     "save_model": "kerasbn.deploy.files",
     "verify": "kerasbn.deploy.verify",
@@ -44,17 +44,17 @@ _PUBLIC = {
     "signature": "kerasbn.model_signature",
     "Signature": "kerasbn.model_signature",
     "audit_quantization": "kerasbn.deploy.quantize",
-    "Int8Report": "kerasbn.report",
-    "QuantizationAudit": "kerasbn.report",
+    "Int8Report": "kerasbn.deploy.reports",
+    "QuantizationAudit": "kerasbn.deploy.reports",
     "calibrate": "kerasbn.statistics.calibrate",
     "CalibrationResult": "kerasbn.statistics.calibrate",
     "audit_statistics": "kerasbn.statistics.staleness",
     "swap": "kerasbn.statistics.swap",
     "SwapResult": "kerasbn.statistics.swap",
-    "BNStaleness": "kerasbn.report",
-    "CalibrationReport": "kerasbn.report",
-    "StalenessReport": "kerasbn.report",
-    "SwapReport": "kerasbn.report",
+    "BNStaleness": "kerasbn.statistics.reports",
+    "CalibrationReport": "kerasbn.statistics.reports",
+    "StalenessReport": "kerasbn.statistics.reports",
+    "SwapReport": "kerasbn.statistics.reports",
 }
 
 __all__ = sorted([*_PUBLIC, "BatchNormalization"]) + ["__version__"]
@@ -77,24 +77,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from kerasbn.deploy.export import ExportResult, export, export_int8, export_litert, export_onnx
     from kerasbn.deploy.files import load_model, save_model
     from kerasbn.deploy.quantize import audit_quantization
+    from kerasbn.deploy.reports import Int8Report, QuantizationAudit
     from kerasbn.deploy.verify import Checks, VerifyResult, verify
     from kerasbn.folding.audit import audit
     from kerasbn.folding.biases import StripResult, strip_redundant_biases
     from kerasbn.folding.fold import FoldResult, fold
+    from kerasbn.folding.reports import AuditReport, BNFinding, FoldReport, RedundantBias, StripReport
     from kerasbn.model_signature import Signature, signature
-    from kerasbn.report import (
-        AuditReport,
-        BNFinding,
-        BNStaleness,
-        CalibrationReport,
-        FoldReport,
-        Int8Report,
-        QuantizationAudit,
-        RedundantBias,
-        StalenessReport,
-        StripReport,
-        SwapReport,
-    )
     from kerasbn.statistics.calibrate import CalibrationResult, calibrate
+    from kerasbn.statistics.reports import BNStaleness, CalibrationReport, StalenessReport, SwapReport
     from kerasbn.statistics.staleness import audit_statistics
     from kerasbn.statistics.swap import SwapResult, swap

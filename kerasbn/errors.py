@@ -20,3 +20,18 @@ class UnsupportedModelError(KerasbnError):
 
 class VerificationError(KerasbnError):
     """A rewritten or exported model does not reproduce the original's outputs."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The line of ``exc``'s message that says what is wrong, at most ``limit`` characters.
+
+    Messages of other libraries run to many lines (tracebacks, graph dumps); a
+    kerasbn error quotes one. An empty message gives the exception's type name.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Graph execution error"):
+        # TensorFlow: the op's own message follows the Python traceback, before the node name.
+        told = [ln for ln in lines if not ln.startswith(("[[", "File ", "Detected at node", "Graph execution"))]
+        lines = told[-1:] or lines
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

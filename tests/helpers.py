@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kerasbn.deploy import exact
+from kerasbn.deploy import twins
 from kerasbn.deploy.target import targets
 from kerasbn.deploy.verify import keras_outputs, random_inputs
 from kerasbn.folding import plan
@@ -89,8 +89,8 @@ def relative_error(y: list[np.ndarray], z: list[np.ndarray]) -> float:
 
 def assert_matches_original(original: keras.Model, candidate: list[np.ndarray], x, dtype: str) -> float:
     """``candidate`` (outputs on ``x`` of something computing in ``dtype``) against ``original`` in float64."""
-    exact64 = exact.evaluate(original, x, "float64")
-    own = relative_error(exact64, exact.evaluate(original, x, dtype) if dtype != "float64" else exact64)
+    exact64 = twins.evaluate(original, x, "float64")
+    own = relative_error(exact64, twins.evaluate(original, x, dtype) if dtype != "float64" else exact64)
     err = relative_error(exact64, candidate)
     bound = 4 * own + 8 * ROUNDOFF[dtype]
     assert err <= bound, f"max|Δ|/max|y64| = {err:.3g} > {bound:.3g} (the original's own error in {dtype}: {own:.3g})"

@@ -48,7 +48,7 @@ def test_layer_alone_loads_neither_tensorflow_nor_the_fold_engine_on_jax():
     code = (
         "import sys, kerasbn\n"
         "kerasbn.BatchNormalization()\n"
-        "loaded = {'tensorflow', 'tf2onnx', 'onnxruntime', 'kerasbn.folding', 'kerasbn.deploy', 'kerasbn.report'}\n"
+        "loaded = {'tensorflow', 'tf2onnx', 'onnxruntime', 'kerasbn.folding', 'kerasbn.deploy', 'kerasbn.report', 'kerasbn.printable'}\n"
         "print(sorted(loaded & set(sys.modules)))\n"
     )
     done = _python(code, KERAS_BACKEND="jax")
@@ -60,7 +60,7 @@ def test_import_registers_the_layer_but_loads_nothing_of_the_fold_engine():
     code = (
         "import sys, kerasbn, keras\n"
         "assert keras.saving.get_registered_object('kerasbn>BatchNormalization') is kerasbn.BatchNormalization\n"
-        "print(sorted({'tf2onnx', 'onnxruntime', 'kerasbn.folding', 'kerasbn.deploy', 'kerasbn.report'} & set(sys.modules)))\n"
+        "print(sorted({'tf2onnx', 'onnxruntime', 'kerasbn.folding', 'kerasbn.deploy', 'kerasbn.report', 'kerasbn.printable'} & set(sys.modules)))\n"
     )
     done = _python(code)
     assert done.returncode == 0, done.stderr

@@ -26,21 +26,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kerasbn.deploy import exact
+from kerasbn.deploy import twins
 from kerasbn.deploy.files import atomic_output, check_output_path
 from kerasbn.deploy.quantize import DEFAULT_MIN_AGREEMENT, int8_report
+from kerasbn.deploy.reports import Int8Report
 from kerasbn.deploy.target import Target, target_for, targets
 from kerasbn.deploy.verify import Checks, Reference, VerifyResult
-from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError
+from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError, first_line
 from kerasbn.model_signature import Signature, signature
-from kerasbn.report import Int8Report, export_table, op_table
+from kerasbn.printable import Printable, Table
 
 # The float types a file can compute in; int8 is its own step.
 PRECISIONS = ("float32", "float16")
 
 
 @dataclass(frozen=True)
-class ExportResult:
+class ExportResult(Printable):
     """What `export` wrote and how it checked it.
 
     Attributes:
@@ -89,7 +90,9 @@ class ExportResult:
 
     def op_table(self) -> list[tuple[str, int | None, int]]:
         """Rows (op type, count before fold or None, count after), onnx-simplifier style."""
-        return op_table(self.op_counts, self.op_counts_unfolded)
+        before = self.op_counts_unfolded
+        ops = sorted(set(before or {}) | set(self.op_counts))
+        return [(op, None if before is None else before.get(op, 0), self.op_counts.get(op, 0)) for op in ops]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``kerasbn export --format json``)."""
@@ -109,14 +112,28 @@ class ExportResult:
             "model_dtype": self.model_dtype,
         }
 
-    def __rich__(self) -> Any:
-        return export_table(
-            self.target.describe(self.path.name, self.opset),
-            self.op_counts,
-            self.op_counts_unfolded,
-            self.size,
-            self.size_unfolded,
-        )
+    def view(self) -> list[Table | str]:
+        """The op table (before and after the fold, with ``op_counts_unfolded``), its totals and file sizes."""
+        from kerasbn.report import file_size
+
+        before = self.op_counts_unfolded
+        rows: list[tuple[str, ...]] = []
+        for op, n_before, n_after in self.op_table():
+            if before is None:
+                rows.append((op, str(n_after)))
+            elif n_before == n_after:
+                rows.append((op, str(n_before), str(n_after)))
+            else:
+                rows.append((op, str(n_before), f"{n_after} ({n_after - n_before:+d})"))
+        if before is None:
+            rows.append(("Model size", file_size(self.size)))
+            headers: tuple[str, ...] = ("Op", "Count")
+        else:
+            rows.append(("Total", str(sum(before.values())), str(sum(self.op_counts.values()))))
+            rows.append(("Model size", file_size(self.size_unfolded), file_size(self.size)))
+            headers = ("Op", "Before fold", "After fold")
+        title = self.target.describe(self.path.name, self.opset)
+        return [Table(title=title, headers=headers, rows=rows, numeric=range(1, 3), title_justify="left")]
 
 
 class ExportVerificationError(VerificationError):
@@ -173,7 +190,7 @@ def export(
         on_step: Called with a short description before each long step.
 
     Returns:
-        An `ExportResult`, or with `int8` an `kerasbn.report.Int8Report`.
+        An `ExportResult`, or with `int8` an `kerasbn.deploy.reports.Int8Report`.
 
     Raises:
         ExportVerificationError: The runtime disagrees with Keras; nothing is written.
@@ -192,19 +209,16 @@ def export(
     """
     step = on_step or (lambda _message: None)
     path = Path(path)
-    target = target_for(path, to)
-    target.check_backend()
-    own = {} if opset is None else {"opset": opset}
-    if set(own) - target.options:
-        raise KerasbnError(f"opset applies to ONNX only, not {target.title}")
-    precision = dtype or "float32"
-    if precision not in PRECISIONS:
-        raise KerasbnError(f"dtype must be one of {', '.join(PRECISIONS)}, not {dtype!r}")
-    if int8 is not None and precision != "float32":
-        raise KerasbnError(f"dtype {precision} and int8 exclude each other: int8 quantizes the float32 file")
-    options = {"dtype": precision, **own}
-    if int8 is not None and not 0.0 <= min_agreement <= 1.0:
-        raise KerasbnError(f"min_agreement must be between 0 and 1, not {min_agreement}")
+    options = ExportOptions(
+        target=target_for(path, to),
+        dtype=dtype or "float32",
+        opset=opset,
+        int8=int8 is not None,
+        min_agreement=min_agreement,
+        fold=fold,
+        optimize=optimize,
+        compare_unfolded=compare_unfolded,
+    )
     check_output_path(path, overwrite)
     checks = checks or Checks()
     sig = signature(model)
@@ -212,62 +226,155 @@ def export(
         checks = replace(checks, inputs=sig.pack(sig.conform(checks.inputs, inputs_label)))
     rows = None if int8 is None else sig.conform(int8, "calibration data")
 
-    reference = Reference(model, checks, precision) if checks.verify else None
+    reference = Reference(model, checks, options.dtype) if checks.verify else None
+    conversion, result, content = _float_file(model, sig, path, options, step)
+    if rows is None:
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            tmp.write_bytes(content)
+            return _checked(conversion, reference, result, tmp, step)
+    sets = [("calibration", rows)]
+    if checks.inputs is not None:
+        sets.append((inputs_label, sig.flatten(checks.inputs)))
+    report, quantized = _int8_file(model, conversion, reference, result, content, sets, step)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(quantized)
+    return report
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How `export` makes a file, validated once (the checks are `kerasbn.deploy.verify.Checks`).
+
+    Attributes:
+        target: The format (`kerasbn.deploy.target.Target`); it must run on this Keras backend.
+        dtype: The float type of the file (one of `PRECISIONS`).
+        opset: The ONNX opset, or ``None`` for the converter's default (ONNX only).
+        int8: Quantize the float32 file to int8 afterwards.
+        min_agreement: With ``int8``: the top-1 agreement each set must reach, in [0, 1].
+        fold: Fold BatchNormalization first.
+        optimize: Run the target's graph passes.
+        compare_unfolded: Also convert the unfolded model (the op table's "before" column).
+
+    Raises:
+        kerasbn.errors.KerasbnError: An option does not apply to the target, or is out of range.
+        kerasbn.errors.UnsupportedModelError: The target does not run on this Keras backend.
+    """
+
+    target: Target
+    dtype: str = "float32"
+    opset: int | None = None
+    int8: bool = False
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    fold: bool = True
+    optimize: bool = True
+    compare_unfolded: bool = False
+
+    def __post_init__(self) -> None:
+        self.target.check_backend()
+        if self.opset is not None and "opset" not in self.target.options:
+            raise KerasbnError(f"opset applies to ONNX only, not {self.target.title}")
+        if self.dtype not in PRECISIONS:
+            raise KerasbnError(f"dtype must be one of {', '.join(PRECISIONS)}, not {self.dtype!r}")
+        if self.int8 and self.dtype != "float32":
+            raise KerasbnError(f"dtype {self.dtype} and int8 exclude each other: int8 quantizes the float32 file")
+        if self.int8 and not 0.0 <= self.min_agreement <= 1.0:
+            raise KerasbnError(f"min_agreement must be between 0 and 1, not {self.min_agreement}")
+
+    @property
+    def converter(self) -> dict[str, Any]:
+        """The keyword arguments of `kerasbn.deploy.target.Target.convert`."""
+        return {"dtype": self.dtype, **({} if self.opset is None else {"opset": self.opset})}
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """How the checked graph was made: what `_blame_pass` replays when the check fails.
+
+    Attributes:
+        sig: The model's signature.
+        model: The converted model (folded, computing in float32).
+        options: The export's options (the target, its converter's keywords, whether passes ran).
+    """
+
+    sig: Signature
+    model: Any
+    options: ExportOptions
+
+    @property
+    def target(self) -> Target:
+        return self.options.target
+
+
+def _float_file(
+    model: Any, sig: Signature, path: Path, options: ExportOptions, step: Callable[[str], None]
+) -> tuple[Conversion, ExportResult, bytes]:
+    """Fold, convert and run the graph passes: the float file's bytes, unchecked, and how they were made."""
+    target = options.target
     subject, fold_report = model, None
-    if fold:
+    if options.fold:
         from kerasbn.folding.fold import fold as fold_model
 
         step("Folding BatchNormalization")
         folded = fold_model(model)
         subject, fold_report = folded.model, folded.report
-    model_dtype = exact.compute_dtype(model)
+    model_dtype = twins.compute_dtype(model)
     subject = _in_float32(subject)
     before = size_before = None
-    if fold and compare_unfolded:
+    if options.fold and options.compare_unfolded:
         step("Converting the unfolded model (for the op table)")
-        unfolded = target.convert(_in_float32(model), sig, **options)
+        unfolded = target.convert(_in_float32(model), sig, **options.converter)
         before, size_before = target.op_counts(unfolded), len(target.serialize(unfolded))
         del unfolded
     step(f"Converting to {target.title}")
-    graph, passes = _passes(target, target.convert(subject, sig, **options), optimize, step)
+    graph, passes = _passes(target, target.convert(subject, sig, **options.converter), options.optimize, step)
     content = target.serialize(graph)
-    result = ExportResult(path, target.version(graph), target.op_counts(graph), before, fold_report)
-    result = replace(
-        result,
+    result = ExportResult(
+        path=path,
+        opset=target.version(graph),
+        op_counts=target.op_counts(graph),
+        op_counts_unfolded=before,
+        fold_report=fold_report,
         size=len(content),
         size_unfolded=size_before,
         passes=passes,
         format=target.name,
-        dtype=precision,
+        dtype=options.dtype,
         model_dtype=model_dtype,
     )
-    del graph
+    return Conversion(sig=sig, model=subject, options=options), result, content
 
-    if rows is None:
-        with atomic_output(path, overwrite=overwrite) as tmp:
-            tmp.write_bytes(content)
-            return _checked(target, sig, reference, result, tmp, (subject, optimize, options), step)
+
+def _int8_file(
+    model: Any,
+    conversion: Conversion,
+    reference: Reference | None,
+    result: ExportResult,
+    content: bytes,
+    sets: list[tuple[str, Any]],
+    step: Callable[[str], None],
+) -> tuple[Int8Report, bytes]:
+    """The float file checked, then quantized with the calibration rows (``sets[0]``) and judged by agreement."""
+    target, sig = conversion.target, conversion.sig
     with tempfile.TemporaryDirectory(prefix="kerasbn-int8-") as folder:
         float_path = Path(folder) / f"float32{target.suffix}"
         float_path.write_bytes(content)
-        float_export = _checked(
-            target, sig, reference, replace(result, path=float_path), float_path, (subject, optimize, options), step
-        )
+        float_export = _checked(conversion, reference, replace(result, path=float_path), float_path, step)
         step(f"Quantizing to int8 for {target.runtime}")
-        quantized = target.serialize(target.quantize(subject, sig, float_path, rows))
+        quantized = target.serialize(target.quantize(conversion.model, sig, float_path, sets[0][1]))
         step("Comparing the int8 model with the float model")
-        sets = [("calibration", rows)]
-        if checks.inputs is not None:
-            sets.append((inputs_label, sig.flatten(checks.inputs)))
         report = _run_guarded(
             target,
             lambda: int8_report(
-                model, sig, target, path, float_export, target.runner(float_path, sig), quantized, sets, min_agreement
+                model,
+                sig,
+                float_export=float_export,
+                quantized=quantized,
+                sets=sets,
+                path=result.path,
+                min_agreement=conversion.options.min_agreement,
             ),
         )
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        tmp.write_bytes(quantized)
-    return report
+    return report, quantized
 
 
 def _in_float32(model: Any) -> Any:
@@ -276,13 +383,13 @@ def _in_float32(model: Any) -> Any:
     Converters write what the model computes; a float16 or bfloat16 graph is
     not what ONNX Runtime or LiteRT's builtin kernels run on a CPU.
     """
-    if exact.compute_dtype(model) == "float32":
+    if twins.compute_dtype(model) == "float32":
         return model
     try:
-        return exact.twin(model, "float32")
+        return twins.twin(model, "float32")
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(
-            f"'{model.name}' computes in {exact.compute_dtype(model)} and has no float32 copy to convert: {exc}"
+            f"'{model.name}' computes in {twins.compute_dtype(model)} and has no float32 copy to convert: {exc}"
         ) from exc
 
 
@@ -297,31 +404,26 @@ def _passes(target: Target, graph: Any, optimize: bool, step: Callable[[str], No
         try:
             graph = transform(graph)
         except Exception as exc:  # the optimizers raise whatever their internals do
-            raise UnsupportedModelError(f"{target.title} pass '{name}' failed: {_first_line(exc)}") from exc
+            raise UnsupportedModelError(f"{target.title} pass '{name}' failed: {first_line(exc)}") from exc
         if target.op_counts(graph) != before:
             changed.append(name)
     return graph, tuple(changed)
 
 
 def _checked(
-    target: Target,
-    sig: Signature,
-    reference: Reference | None,
-    result: ExportResult,
-    file: Path,
-    conversion: tuple,
-    step: Callable[[str], None],
+    conversion: Conversion, reference: Reference | None, result: ExportResult, file: Path, step: Callable[[str], None]
 ) -> ExportResult:
     """`result` with the checks of `file` in the target's runtime; raises if they fail (nothing is written then)."""
     if reference is None:
         return result
+    target, sig = conversion.target, conversion.sig
     step(f"Checking with {target.runtime}")
     result = replace(result, checks=_run_guarded(target, lambda: reference.judge(target.runner(file, sig))))
     failed = [c for c in result.checks if not c.passed]
     if not failed:
         return result
     if result.passes:
-        _blame_pass(target, sig, reference, *conversion)
+        _blame_pass(conversion, reference)
     worst = max(failed, key=lambda c: c.max_abs_error)
     runtime = "the LiteRT interpreter" if target.runtime == "LiteRT" else target.runtime
     raise ExportVerificationError(
@@ -344,23 +446,22 @@ def _run_guarded(target: Target, body: Callable[[], Any]) -> Any:
         raise
     except Exception as exc:  # the runtimes' own errors (InvalidGraph, RuntimeError, ValueError...)
         raise UnsupportedModelError(
-            f"{target.runtime} cannot run the converted {target.title} file: {_first_line(exc)}; nothing written"
+            f"{target.runtime} cannot run the converted {target.title} file: {first_line(exc)}; nothing written"
         ) from exc
 
 
-def _blame_pass(
-    target: Target, sig: Signature, reference: Reference, model: Any, optimize: bool, options: dict
-) -> None:
+def _blame_pass(conversion: Conversion, reference: Reference) -> None:
     """Replay the conversion and the passes, checking each graph, and raise naming the first pass that broke it.
 
     Returns without raising when the graph before any pass already disagrees
     (the fold or the conversion is to blame, not a pass).
     """
-    graph = target.convert(model, sig, **options)
+    target, sig = conversion.target, conversion.sig
+    graph = target.convert(conversion.model, sig, **conversion.options.converter)
     previous = reference.judge(target.runner(target.serialize(graph), sig))
     if not all(c.passed for c in previous):
         return
-    for name, transform in target.passes() if optimize else ():
+    for name, transform in target.passes() if conversion.options.optimize else ():
         graph = transform(graph)
         now = reference.judge(target.runner(target.serialize(graph), sig))
         failed = [c for c in now if not c.passed]
@@ -370,12 +471,6 @@ def _blame_pass(
                 f"{target.title} pass '{name}' changed the outputs: max |error| {worst.max_abs_error:.3g} "
                 f"exceeds {worst.tolerance}; nothing written"
             )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _legacy(options: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kerasbn.errors import KerasbnError, ModelLoadError, UnsupportedModelError
+from kerasbn.errors import KerasbnError, ModelLoadError, UnsupportedModelError, first_line
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -172,7 +172,7 @@ def load_inputs(path: str | os.PathLike, model: Any) -> Any:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise KerasbnError(f"{path}: not a readable .npz file of arrays ({_first_line(exc)})") from exc
+        raise KerasbnError(f"{path}: not a readable .npz file of arrays ({first_line(exc)})") from exc
     from kerasbn.model_signature import signature
 
     sig = signature(model)
@@ -264,7 +264,7 @@ def _check_keras_archive(path: Path) -> None:
     except ModelLoadError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, NotImplementedError) as exc:
-        raise ModelLoadError(f"{path}: truncated or corrupted .keras archive ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}: truncated or corrupted .keras archive ({first_line(exc)})") from exc
     except Exception as exc:  # zlib and struct errors from damaged headers
         raise ModelLoadError(f"{path}: truncated or corrupted .keras archive ({type(exc).__name__})") from exc
     try:
@@ -311,7 +311,7 @@ def _import_modules(modules: Iterable[str]) -> None:
         try:
             importlib.import_module(name)
         except Exception as exc:  # the user's module may fail in any way
-            raise ModelLoadError(f"cannot import module '{name}' (from --import): {_first_line(exc)}") from exc
+            raise ModelLoadError(f"cannot import module '{name}' (from --import): {first_line(exc)}") from exc
 
 
 _UNLOADED_WEIGHTS = re.compile(r"freshly-initialized|could not be loaded|Skipping (?:nested|loading)")
@@ -347,8 +347,8 @@ def _classify_keras_error(path: Path, kind: str, exc: BaseException) -> KerasbnE
         return ModelLoadError(f"{path}: HDF5 file without a model config (weights only?); save the whole model")
     if isinstance(exc, OSError) or "Unable to" in text or "truncated" in text:
         what = "HDF5" if kind == "h5" else ".keras"
-        return ModelLoadError(f"{path}: truncated or corrupted {what} file ({_first_line(exc)})")
-    return ModelLoadError(f"{path}: cannot rebuild the model: {_first_line(exc)}")
+        return ModelLoadError(f"{path}: truncated or corrupted {what} file ({first_line(exc)})")
+    return ModelLoadError(f"{path}: cannot rebuild the model: {first_line(exc)}")
 
 
 def _check_has_graph(path: Path, model: Any) -> None:
@@ -409,9 +409,3 @@ def _quiet_keras_warnings() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."

@@ -10,12 +10,10 @@ from a wrong one. What a fold changes is local, so it is checked locally:
   applies (``BN → [Flatten →] partner → BN``, either BN optional);
 - the chain's input is captured in one inference pass of the original on
   the check inputs (a temporary ``call`` hook on the chain's first layer);
-- the original chain, evaluated in float64 (`kerasbn.deploy.exact.layer_twin`),
+- the original chain, evaluated in float64 (`kerasbn.deploy.twins.layer_twin`),
   is the exact answer; the candidate's chain (the folded partner, and the BN
   where it stays as an exact identity or was rewritten) is judged against it
-  by `kerasbn.deploy.verify.judge`, the rule of the whole-model check: as close
-  as the original chain is in its own float type, and in float64 as close as
-  it is in the weights' float type;
+  by the whole-model check's rule (`kerasbn.deploy.criteria.judge`);
 - every other layer must hold exactly the original's weights.
 
 The candidate's layers are matched to the original's in their flattened order
@@ -25,43 +23,18 @@ The candidate's layers are matched to the original's in their flattened order
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
 
-from kerasbn.deploy import exact
+from kerasbn.deploy import twins
+from kerasbn.deploy.criteria import ExactReference, LayerCheck, judge, relative_error
+from kerasbn.deploy.tolerances import ROUNDOFF
 from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import plan
-
-
-@dataclass(frozen=True)
-class LayerCheck:
-    """One folded layer judged on its own inputs.
-
-    Attributes:
-        layer: The partner layer (``outer/…/name``).
-        bns: The BN layers folded into it.
-        passed: The folded layer is within ``allowed`` (and so is its float64 evaluation).
-        error: Its ``max|Δ| / max|y64|`` in ``dtype`` against the original chain in float64.
-        own_error: The original chain's own such error in ``dtype``.
-        float64_error: The folded layer's error evaluated in float64 (rounding its weights only).
-        allowed: The largest error accepted for the evaluation closest to failing.
-        margin: error ÷ allowed for that evaluation (at most 1 passes).
-        dtype: The float type the layer computes in.
-    """
-
-    layer: str
-    bns: tuple[str, ...]
-    passed: bool
-    error: float
-    own_error: float
-    float64_error: float | None
-    allowed: float | None
-    margin: float
-    dtype: str
 
 
 @dataclass
@@ -189,7 +162,7 @@ def _cast(xs: Sequence[np.ndarray], dtype: str) -> list[np.ndarray]:
 
 
 def _narrowest(dtypes: Sequence[str]) -> str:
-    return max([d for d in dtypes if d in exact.ROUNDOFF] or ["float32"], key=exact.ROUNDOFF.__getitem__)
+    return max([d for d in dtypes if d in ROUNDOFF] or ["float32"], key=ROUNDOFF.__getitem__)
 
 
 def _path(layer: keras.layers.Layer) -> str:
@@ -197,13 +170,8 @@ def _path(layer: keras.layers.Layer) -> str:
     return "/".join(weights[0].path.split("/")[:-1]) if weights else layer.name
 
 
-def check(
-    original: keras.Model, candidate: keras.Model, inputs: Any, judge: Callable[..., Any]
-) -> tuple[list[LayerCheck], list[str]]:
+def check(original: keras.Model, candidate: keras.Model, inputs: Any) -> tuple[list[LayerCheck], list[str]]:
     """Judge every folded layer of ``candidate`` on the inputs it receives in ``original`` (module docstring).
-
-    ``judge`` is `kerasbn.deploy.verify.judge_exact`, the whole-model check's
-    rule (passed in: this module measures, `kerasbn.deploy.verify` judges).
 
     Returns the per-layer checks and the layers outside the folds whose
     weights differ from the original's (there should be none).
@@ -236,25 +204,24 @@ def check(
     dtypes = [_narrowest([layer.compute_dtype for layer in c]) for c in mine]
     weights = [_narrowest([keras.backend.standardize_dtype(w.dtype) for la in c for w in la.weights]) for c in theirs]
     x64 = _cast(xs, "float64")
-    truth = _evaluate([[exact.layer_twin(la, "float64") for la in c] for c in mine], x64)
+    truth = _evaluate([[twins.layer_twin(la, "float64") for la in c] for c in mine], x64)
     own = _evaluate(mine, xs)
     got = _evaluate(theirs, xs)
-    got64 = _evaluate([[exact.layer_twin(la, "float64") for la in c] for c in theirs], x64)
+    got64 = _evaluate([[twins.layer_twin(la, "float64") for la in c] for c in theirs], x64)
     own_in_weights = {}
     for i, (d, w) in enumerate(zip(dtypes, weights)):
         if w != d:
             # A mixed-precision chain's weights are float32: its float64 evaluation
             # is judged by the original chain computing in float32.
-            twins = [exact.layer_twin(la, w) for la in mine[i]]
-            own_in_weights[i] = _evaluate([twins], _cast([xs[i]], w))[0]
+            copies = [twins.layer_twin(la, w) for la in mine[i]]
+            own_in_weights[i] = _evaluate([copies], _cast([xs[i]], w))[0]
     results = []
     for i, chain in enumerate(chains):
-        errors = {dtypes[i]: [exact.relative_error(truth[i], own[i])]}
+        errors = {dtypes[i]: [relative_error(truth[i], own[i])]}
         if i in own_in_weights:
-            errors[weights[i]] = [exact.relative_error(truth[i], own_in_weights[i])]
+            errors[weights[i]] = [relative_error(truth[i], own_in_weights[i])]
         result = judge(
-            [truth[i]],
-            errors,
+            ExactReference(outputs=[truth[i]], own=errors),
             [got[i]],
             dtype=dtypes[i],
             batch_size=len(xs[i]),
@@ -263,15 +230,15 @@ def check(
         )
         results.append(
             LayerCheck(
-                _path(chain.partner),
-                tuple(_path(bn) for bn in chain.bns),
-                result.passed,
-                exact.relative_error(truth[i], got[i]),
-                errors[dtypes[i]][0],
-                result.float64_error,
-                result.allowed,
-                result.margin,
-                dtypes[i],
+                layer=_path(chain.partner),
+                bns=tuple(_path(bn) for bn in chain.bns),
+                passed=result.passed,
+                error=relative_error(truth[i], got[i]),
+                own_error=errors[dtypes[i]][0],
+                float64_error=result.float64_error,
+                allowed=result.allowed,
+                margin=result.margin,
+                dtype=dtypes[i],
             )
         )
     return results, changed

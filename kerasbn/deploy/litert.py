@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from kerasbn.deploy.runtime import Runner
 from kerasbn.deploy.target import Target, require_tensorflow
-from kerasbn.errors import UnsupportedModelError
+from kerasbn.errors import UnsupportedModelError, first_line
 
 if TYPE_CHECKING:  # the module itself stays cheap to import
     import numpy as np
@@ -126,7 +126,7 @@ def to_litert(
             archive.write_out(folder, verbose=False)
             del archive
         except Exception as exc:  # tracing raises whatever the layers raise
-            raise UnsupportedModelError(f"cannot trace the model for LiteRT: {_first_line(exc)}") from exc
+            raise UnsupportedModelError(f"cannot trace the model for LiteRT: {first_line(exc)}") from exc
         converter = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=[SIGNATURE])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if float16:
@@ -195,12 +195,7 @@ def converter_message(exc: BaseException) -> str:
         match = _CONVERTER_ERROR.search(line)
         if match:
             return _shorten(match.group(1).strip())
-    return _first_line(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return _shorten(text[0] if text else type(exc).__name__)
+    return first_line(exc)
 
 
 def _shorten(line: str) -> str:

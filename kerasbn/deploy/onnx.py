@@ -32,7 +32,7 @@ import numpy as np
 
 from kerasbn.deploy.runtime import Runner
 from kerasbn.deploy.target import Target, require_tensorflow
-from kerasbn.errors import UnsupportedModelError
+from kerasbn.errors import UnsupportedModelError, first_line
 
 
 class OnnxTarget(Target):
@@ -129,7 +129,7 @@ def to_onnx(model: Any, sig: Any = None, *, opset: int | None = None) -> Any:
                     function, input_signature=specs, opset=opset, custom_op_handlers={"Erfc": (_erfc, [])}
                 )
         except Exception as exc:  # tf2onnx raises bare Exceptions for unsupported ops
-            raise UnsupportedModelError(f"tf2onnx cannot convert the model: {_first_line(exc)}") from exc
+            raise UnsupportedModelError(f"tf2onnx cannot convert the model: {first_line(exc)}") from exc
         finally:
             del function
             # tf2onnx's graphs hold reference cycles; unreleased, they stay resident
@@ -282,7 +282,7 @@ def quantize_onnx(source: str | os.PathLike, destination: str | os.PathLike, cal
             weight_type=QuantType.QInt8,
         )
     except Exception as exc:  # the quantizer raises many exception types for graphs it cannot handle
-        raise UnsupportedModelError(f"ONNX Runtime cannot quantize the model: {_first_line(exc)}") from exc
+        raise UnsupportedModelError(f"ONNX Runtime cannot quantize the model: {first_line(exc)}") from exc
     finally:
         prepared.unlink(missing_ok=True)
 
@@ -400,9 +400,3 @@ def _tf2onnx() -> Iterator[Any]:
             yield tf2onnx
         finally:
             logger.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from kerasbn.deploy.reports import Agreement, Int8Report, QuantizationAudit, WeightRange
 from kerasbn.errors import VerificationError
-from kerasbn.report import Agreement, Int8Report, QuantizationAudit, WeightRange
 
 DEFAULT_MIN_AGREEMENT = 0.99
 # Widest / narrowest channel range above which per-tensor int8 is flagged: the
@@ -48,34 +48,38 @@ class QuantizationError(VerificationError):
 def int8_report(
     model: Any,
     sig: Any,
-    target: Any,
-    path: Path,
+    *,
     float_export: Any,
-    float_runner: Callable,
     quantized: bytes,
     sets: Sequence[tuple[str, Sequence[np.ndarray]]],
+    path: Path,
     min_agreement: float,
 ) -> Int8Report:
     """The int8 file (``quantized``) judged against the float Keras ``model`` on every input set.
 
+    ``float_export`` is the checked float file it was quantized from (its
+    `kerasbn.deploy.export.ExportResult`, at a path that still exists); ``path``
+    is where the int8 file is to be written (reported).
+
     Raises:
         QuantizationError: the top-1 agreement falls short of ``min_agreement`` on a set.
     """
+    target = float_export.target
     int8_runner = target.runner(quantized, sig)
     agreements = tuple(_agreement(model, sig, int8_runner, label, arrays) for label, arrays in sets)
     one_row = [a[:1] for a in sets[0][1]]
     report = Int8Report(
-        path,
-        target.name,
-        agreements,
-        min_agreement,
-        float_export.size,
-        len(quantized),
-        _latency(float_runner, one_row),
-        _latency(int8_runner, one_row),
-        dict(float_export.op_counts),
-        target.op_counts(target.load(quantized)),
-        float_export,
+        path=path,
+        format=target.name,
+        agreements=agreements,
+        min_agreement=min_agreement,
+        size_float=float_export.size,
+        size_int8=len(quantized),
+        latency_float_ms=_latency(target.runner(float_export.path, sig), one_row),
+        latency_int8_ms=_latency(int8_runner, one_row),
+        op_counts_float=dict(float_export.op_counts),
+        op_counts_int8=target.op_counts(target.load(quantized)),
+        float_export=float_export,
     )
     if not report.passed:
         worst = min((a for a in agreements if a.top1 is not None), key=lambda a: a.top1)
@@ -88,7 +92,7 @@ def int8_report(
 
 
 def _agreement(model: Any, sig: Any, run: Callable, label: str, arrays: Sequence[np.ndarray]) -> Agreement:
-    from kerasbn.deploy.verify import keras_outputs
+    from kerasbn.deploy.outputs import keras_outputs
 
     expected = keras_outputs(model, sig.pack(list(arrays)))
     got = [np.asarray(y, np.float64) for y in run(arrays)]
@@ -100,12 +104,12 @@ def _agreement(model: Any, sig: Any, run: Callable, label: str, arrays: Sequence
     diffs = np.concatenate([np.abs(z - y).ravel() for y, z in zip(expected, got)])
     reference = max(float(np.max(np.abs(y))) for y in expected)
     return Agreement(
-        label,
-        int(arrays[0].shape[0]),
-        min(top1) if top1 else None,
-        float(np.max(diffs)),
-        float(np.mean(diffs)),
-        reference,
+        dataset=label,
+        samples=int(arrays[0].shape[0]),
+        top1=min(top1) if top1 else None,
+        max_abs_error=float(np.max(diffs)),
+        mean_abs_error=float(np.mean(diffs)),
+        max_abs_reference=reference,
     )
 
 
@@ -164,13 +168,13 @@ def audit_quantization(
             ratio_before, ratio_after = _spread(before, name, old[name]), _spread(before, name, new)
             rows.append(
                 WeightRange(
-                    partner,
-                    finding.layer,
-                    name,
-                    _per_channel(before, name, new).shape[1],
-                    ratio_before,
-                    ratio_after,
-                    ratio_after > threshold,
+                    layer=partner,
+                    bn=finding.layer,
+                    weight=name,
+                    channels=_per_channel(before, name, new).shape[1],
+                    ratio_before=ratio_before,
+                    ratio_after=ratio_after,
+                    flagged=ratio_after > threshold,
                 )
             )
     return QuantizationAudit(model.name, rows, threshold)
@@ -203,9 +207,3 @@ def _spread(layer: Any, name: str, kernel: np.ndarray) -> float:
     ranges = np.max(np.abs(_per_channel(layer, name, np.asarray(kernel, np.float64))), axis=0)
     ranges = ranges[ranges > 0]
     return float(ranges.max() / ranges.min()) if ranges.size else 1.0
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."

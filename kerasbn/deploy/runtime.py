@@ -1,7 +1,7 @@
 """Run an exported file the way a deployment would: ONNX Runtime or the LiteRT interpreter.
 
 Both runners take and return flat lists of arrays in the order of the Keras
-model's `keras.tree.flatten`-ed inputs and outputs, so `kerasbn.deploy.verify.compare`
+model's `keras.tree.flatten`-ed inputs and outputs, so `kerasbn.deploy.verify.Reference`
 judges them against Keras directly, and `median_latency` times them the same way.
 
 The LiteRT interpreter is `ai-edge-litert`'s; TensorFlow's ``tf.lite.Interpreter``

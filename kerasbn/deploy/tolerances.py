@@ -1,17 +1,18 @@
-"""The default verification tolerances, in one place.
+"""The numbers of the verification rule, in one place, with the measurements behind them.
 
-`kerasbn.deploy.verify.compare` and every exporter's check take their
-defaults from here; the command line passes a tolerance only when the user
-gives one.
+The rule itself is explained once, in `kerasbn.deploy.criteria`; every check
+takes its defaults from here, and the command line passes a tolerance only
+when the user gives one.
 """
 
-# The default check knows the exact answer (`kerasbn.deploy.verify.judge`): per
-# output, a candidate's max|Δ| / max|y64| against the original evaluated in
-# float64 must stay within EXACT_FACTOR times the original's own such error in
-# the same float type, plus ROUNDING_FLOOR unit roundoffs of that type (2^-24
-# float32, 2^-11 float16, 2^-8 bfloat16) for an original whose own error is by
-# chance near zero. A correct rewrite reorders the roundings; the factor covers
-# how far the worst element of a few thousand moves when they are reordered.
+# Unit roundoff u = 2^-p of each float type (p: significand bits, the hidden bit included):
+# one correctly rounded operation has a relative error of at most u.
+ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+# By the exact answer (`kerasbn.deploy.criteria.judge`): EXACT_FACTOR times the
+# original's own error, plus ROUNDING_FLOOR unit roundoffs. A correct rewrite
+# reorders the roundings; the factor covers how far the worst element of a few
+# thousand moves when they are reordered.
 # The floor covers another runtime's kernels on a shallow network, whose own
 # error is a few u: LiteRT's XNNPACK and ONNX Runtime's MLAS block their
 # reductions (and pick convolution algorithms) differently from Keras, which
@@ -26,12 +27,11 @@ ROUNDING_FLOOR = 16.0
 # outputs in float32), the check cannot fail, so it refuses instead.
 EXACT_CEILING = 1.0
 
-# Where the model has no float64 twin, the check is scale-aware: for each output, max|Δ| / max|y| must stay
-# within NOISE_FACTOR times the model's own float32 noise (how far its outputs
-# move when it is evaluated in another valid order, `kerasbn.deploy.verify.noise`),
-# and never below RELATIVE_FLOOR, about 17 float32 ulps of the output's scale.
-# Measured on keras-hub backbones and keras.applications (trained-like BN
-# statistics), a correct fold's error is 0.5-2.1 times that noise, and
+# Without a float64 twin (`kerasbn.deploy.criteria.compare`): NOISE_FACTOR times the
+# model's own float32 noise (`kerasbn.deploy.verify.noise`), never below
+# RELATIVE_FLOOR, about 17 float32 ulps of the output's scale. Measured on
+# keras-hub backbones and keras.applications (trained-like BN statistics), a
+# correct fold's error is 0.5-2.1 times that noise, and
 # 1.5e-7-2e-6 of max|y|. Where the noise was not measured (an ONNX
 # Runtime comparison, a caller without the model) the floor is the looser
 # UNCALIBRATED_FLOOR (84 ulps).

@@ -14,7 +14,7 @@ from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import dataflow, plan
 from kerasbn.folding.families import unwrap
 from kerasbn.folding.graph import Graph, build_graph
-from kerasbn.report import AuditReport, RedundantBias
+from kerasbn.folding.reports import AuditReport, RedundantBias
 
 
 def bn_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -76,4 +76,10 @@ def audit(model: keras.Model) -> AuditReport:
         RedundantBias(call.layer.name, plan.path(call), bn.layer.name, plan.out_channels(graph, call))
         for call, bn in plan.redundant_biases(graph)
     ]
-    return AuditReport(model.name, findings, biases, int(model.count_params()), int(saved))
+    return AuditReport(
+        model=model.name,
+        batch_norms=findings,
+        redundant_biases=biases,
+        parameters=int(model.count_params()),
+        parameters_saved=int(saved),
+    )

@@ -15,8 +15,8 @@ import numpy as np
 
 from kerasbn.folding import families, plan
 from kerasbn.folding.graph import build_graph
+from kerasbn.folding.reports import RedundantBias, StripReport
 from kerasbn.folding.rewrite import Patch, read_weights, rebuild
-from kerasbn.report import RedundantBias, StripReport
 
 
 @dataclass
@@ -68,5 +68,10 @@ def strip_redundant_biases(model: keras.Model) -> StripResult:
         patches[id(bn.layer)] = Patch({}, families.bias_into_mean(bn_weights, np.asarray(bias)))
         removed.append(RedundantBias(call.layer.name, plan.path(call), bn.layer.name, int(bias.size)))
     new = rebuild(model, patches)
-    report = StripReport(model.name, removed, int(model.count_params()), int(new.count_params()))
+    report = StripReport(
+        model=model.name,
+        removed=removed,
+        parameters_before=int(model.count_params()),
+        parameters_after=int(new.count_params()),
+    )
     return StripResult(new, report)

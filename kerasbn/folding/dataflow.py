@@ -158,11 +158,11 @@ def build_traced_graph(model: keras.Model) -> Graph:
         layer = owner_of_scope.get(key) or Op(key, ops[0].type)
         scope = _path(layer)
         call = Call(
-            len(graph.calls),
-            layer,
-            scope,
-            tuple(tensor_id(t) for t in inputs.values()),
-            tuple(tensor_id(t) for t in outs),
+            index=len(graph.calls),
+            layer=layer,
+            scope=scope,
+            inputs=tuple(tensor_id(t) for t in inputs.values()),
+            outputs=tuple(tensor_id(t) for t in outs),
         )
         graph.calls.append(call)
         graph._calls_by_layer.setdefault(id(layer), []).append(call)

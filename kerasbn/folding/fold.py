@@ -23,8 +23,8 @@ from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import families, plan
 from kerasbn.folding.audit import decisions
 from kerasbn.folding.graph import Graph, functional_of
+from kerasbn.folding.reports import FoldReport
 from kerasbn.folding.rewrite import Patch, read_weights, rebuild
-from kerasbn.report import FoldReport
 
 
 @dataclass
@@ -204,13 +204,13 @@ def fold(model: keras.Model) -> FoldResult:
     hows = {f.how for f in folded}
     method = "none" if not hows else (hows.pop() if len(hows) == 1 else "mixed")
     report = FoldReport(
-        model.name,
-        folded,
-        [f for f in findings if not f.foldable],
-        int(model.count_params()),
-        int(new.count_params()),
-        method,
-        notes,
+        model=model.name,
+        folded=folded,
+        not_folded=[f for f in findings if not f.foldable],
+        parameters_before=int(model.count_params()),
+        parameters_after=int(new.count_params()),
+        method=method,
+        notes=notes,
     )
     return FoldResult(new, report)
 

@@ -160,7 +160,7 @@ def build_graph(model: keras.Model) -> Graph:
                 graph.scope_outputs.update(outs)
             else:
                 outs = [new_id(kt.shape) for kt in node.outputs]
-                call = Call(len(graph.calls), layer, scope, tuple(inputs), tuple(outs))
+                call = Call(index=len(graph.calls), layer=layer, scope=scope, inputs=tuple(inputs), outputs=tuple(outs))
                 graph.calls.append(call)
                 graph._calls_by_layer.setdefault(id(layer), []).append(call)
                 for tid in outs:

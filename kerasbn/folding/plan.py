@@ -24,7 +24,7 @@ import keras
 
 from kerasbn.folding.families import Dense, family_of, is_bn, unwrap
 from kerasbn.folding.graph import Call, Graph, Op
-from kerasbn.report import BNFinding
+from kerasbn.folding.reports import BNFinding
 
 BACKWARD = "backward"
 FORWARD = "forward"
@@ -360,8 +360,27 @@ class Decisions:
 def _finding(bn: keras.layers.Layer, where: str, decision: Plan | Refusal, how: str | None = None) -> BNFinding:
     params = n_params(bn)
     if isinstance(decision, Plan):
-        return BNFinding(bn.name, where, decision.partner.layer.name, decision.direction, True, None, None, params, how)
-    return BNFinding(bn.name, where, decision.neighbour, None, False, decision.reason, decision.code, params)
+        return BNFinding(
+            layer=bn.name,
+            path=where,
+            partner=decision.partner.layer.name,
+            direction=decision.direction,
+            foldable=True,
+            reason=None,
+            code=None,
+            parameters=params,
+            how=how,
+        )
+    return BNFinding(
+        layer=bn.name,
+        path=where,
+        partner=decision.neighbour,
+        direction=None,
+        foldable=False,
+        reason=decision.reason,
+        code=decision.code,
+        parameters=params,
+    )
 
 
 def _unseen(bn: keras.layers.Layer, traced: Graph | None) -> Refusal:

@@ -39,9 +39,9 @@ import numpy as np
 
 from kerasbn.errors import KerasbnError
 from kerasbn.folding.rewrite import rebuild
-from kerasbn.report import CalibrationReport
 from kerasbn.statistics.collect import BATCH, INFERENCE, call_order, find_batch_norms, observe, population
 from kerasbn.statistics.data import Batches, open_batches
+from kerasbn.statistics.reports import CalibrationReport
 from kerasbn.statistics.staleness import compare_statistics, stored_statistics
 
 MODES = ("sequential", "paper")
@@ -132,7 +132,14 @@ def calibrate(
     called = set(order)
     missing = [s.path for i, s in enumerate(sites) if i not in called]
     report = CalibrationReport(
-        model.name, mode, batches.description, batches.samples, batches.batch_size, passes, records, missing
+        model=model.name,
+        mode=mode,
+        data=batches.description,
+        samples=batches.samples,
+        batch_size=batches.batch_size,
+        passes=passes,
+        batch_norms=records,
+        not_calibrated=missing,
     )
     return CalibrationResult(new, report)
 

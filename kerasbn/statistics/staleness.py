@@ -17,9 +17,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerasbn.report import BNStaleness, StalenessReport
 from kerasbn.statistics.collect import INFERENCE, BNSite, call_order, find_batch_norms, observe, population
 from kerasbn.statistics.data import Batches, open_batches
+from kerasbn.statistics.reports import BNStaleness, StalenessReport
 
 MAX_SHIFT = 0.25  # σ: a systematic shift of a quarter standard deviation changes what every unit after it sees
 MAX_RATIO = 1.5  # the normalized output's scale off by more than √1.5 ≈ 1.22
@@ -118,5 +118,11 @@ def audit_statistics(
         for i in order
     ]
     return StalenessReport(
-        model.name, batches.description, batches.samples, batches.batch_size, max_shift, max_ratio, records
+        model=model.name,
+        data=batches.description,
+        samples=batches.samples,
+        batch_size=batches.batch_size,
+        max_shift=max_shift,
+        max_ratio=max_ratio,
+        batch_norms=records,
     )

@@ -32,8 +32,8 @@ from kerasbn.folding import plan
 from kerasbn.folding.graph import check_model, functional_of
 from kerasbn.folding.rewrite import rebuild
 from kerasbn.layers.batch_normalization import BatchNormalization as KerasbnBN
-from kerasbn.report import SwapReport
 from kerasbn.statistics.collect import find_batch_norms
+from kerasbn.statistics.reports import SwapReport
 
 TARGETS = ("kerasbn", "keras")
 _KERASBN_ONLY = ("unbiased", "virtual_batch_size")
@@ -140,7 +140,15 @@ def swap(model: keras.Model, to: str = "kerasbn", *, unbiased: bool = False) -> 
     for site in find_batch_norms(new):
         if _source(site.layer, to) and site.path not in explained:
             stayed.append((site.path, "held by a custom layer in a way kerasbn cannot replace (e.g. in a list)"))
-    report = SwapReport(model.name, to, swapped, stayed, inside_custom, notes, int(model.count_params()))
+    report = SwapReport(
+        model=model.name,
+        to=to,
+        swapped=swapped,
+        stayed=stayed,
+        inside_custom=inside_custom,
+        notes=notes,
+        parameters=int(model.count_params()),
+    )
     return SwapResult(new, report)
 
 

@@ -5,6 +5,8 @@ failed verification, one line per error)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import textwrap
 
@@ -387,6 +389,26 @@ def test_installed_script_folds_and_audits(model_files, copy_of):
     done = run_script("audit", source.with_name("tiny.folded.keras"), "--strict", "--format", "json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["totals"]["bn_layers"] == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--version"], ["audit", "{model}", "--strict", "--format", "json"], ["fold", "{model}", "--batch", "0"]],
+    ids=["version", "audit-strict-findings", "bad-usage"],
+)
+def test_python_dash_m_runs_the_same_command(args, model_files):
+    # A fresh interpreter, as a user without the console script on the PATH runs it: same output, same exit code.
+    args = [a.format(model=model_files["keras"]) for a in args]
+    expected = invoke(*args)
+    done = subprocess.run(
+        [sys.executable, "-m", "kerasbn_cli", *args], capture_output=True, text=True, timeout=120, env=dict(os.environ)
+    )
+    assert done.returncode == expected.exit_code, done.stderr
+    assert expected.exit_code in (0, 1, 2)
+    if expected.exit_code == 2:
+        assert "--batch" in done.stderr and "Traceback" not in done.stderr
+    else:
+        assert done.stdout == expected.stdout
 
 
 # audit --quantization

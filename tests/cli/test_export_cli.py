@@ -235,7 +235,7 @@ BAD_EXPORTS = {
     "unknown_suffix": (("-o", "{out}/m.pb"), "cannot tell the format"),
     "suffix_against_to": (("-o", "{out}/m.onnx", "--to", "litert"), "not litert"),
     "unknown_format": (("-o", "{out}/m.onnx", "--to", "openvino"), "unknown export format 'openvino'"),
-    "opset_for_litert": (("-o", "{out}/m.tflite", "--opset", "13"), "--opset applies to ONNX only"),
+    "opset_for_litert": (("-o", "{out}/m.tflite", "--opset", "13"), "opset applies to ONNX only, not LiteRT"),
 }
 
 

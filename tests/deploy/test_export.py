@@ -50,14 +50,14 @@ def test_failed_check_writes_nothing(fmt, tmp_path, monkeypatch):
 def test_the_reference_is_evaluated_once_per_case(fmt, tmp_path, monkeypatch):
     # The original model's outputs on the check inputs are computed once and reused for every judgement.
     calls = []
-    real = kerasbn.deploy.verify.keras_outputs
+    real = kerasbn.deploy.outputs.keras_outputs
 
     def counting(model, inputs):
         calls.append(model)
         return real(model, inputs)
 
     model = _dense_bn()
-    monkeypatch.setattr(kerasbn.deploy.verify, "keras_outputs", counting)
+    monkeypatch.setattr(kerasbn.deploy.outputs, "keras_outputs", counting)
     result = kerasbn.export(model, tmp_path / f"m{targets()[fmt].suffix}", checks=Checks(batch_sizes=(1, 3, 8)))
     assert [c.batch_size for c in result.checks] == [1, 3, 8] and result.verified
     assert len(calls) == 3 and all(m is model for m in calls)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import kerasbn
-from kerasbn.deploy import exact
+from kerasbn.deploy import twins
 from kerasbn.deploy import verify as verify_module
-from kerasbn.deploy.tolerances import EXACT_FACTOR, RELATIVE_CEILING, ROUNDING_FLOOR
+from kerasbn.deploy.tolerances import EXACT_FACTOR, RELATIVE_CEILING, ROUNDING_FLOOR, ROUNDOFF
 from kerasbn.deploy.verify import compare, random_inputs
 from kerasbn.errors import UnsupportedModelError
 from tests.helpers import randomize_biases, randomize_bn
@@ -128,9 +128,9 @@ def test_default_check_accepts_the_fold_and_rejects_a_slightly_wrong_one(blocks,
     assert {layer.dtype_policy.name for layer in folded.layers[1:]} == {policy}
     good = kerasbn.verify(model, folded, seed=1)
     assert good.passed and good.margin <= 1 and good.reference == "float64"
-    dtype = exact.compute_dtype(model)
+    dtype = twins.compute_dtype(model)
     assert good.dtype == dtype and good.own_error > 0 and good.float64_error is not None
-    assert good.allowed >= ROUNDING_FLOOR * exact.ROUNDOFF["float32"] and "margin" in str(good)
+    assert good.allowed >= ROUNDING_FLOOR * ROUNDOFF["float32"] and "margin" in str(good)
     for what in ("wrong_axis", "wrong_scale", "wrong_bias"):
         bad = kerasbn.verify(model, _corrupt(folded, f"conv{blocks // 2}", what), seed=1)
         assert not bad.passed and bad.margin > 1, what
@@ -162,29 +162,29 @@ def _numpy_forward(model: keras.Model, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("bn", BN_CLASSES, ids=list(BN_CLASSES))
 def test_twin_computes_in_float64_and_equals_numpy(bn, policy):
     model = _dense_bn_dense(policy, BN_CLASSES[bn])
-    twin = exact.twin(model)
+    twin = twins.twin(model)
     assert {v.dtype for v in twin.weights} == {"float64"}
     assert {layer.compute_dtype for layer in twin.layers} == {"float64"}
     assert keras.config.dtype_policy().name == "float32"
     x = np.random.default_rng(3).standard_normal((16, 6))
-    (got,) = exact.evaluate(model, x)
+    (got,) = twins.evaluate(model, x)
     assert twin.predict_on_batch(x).dtype == np.float64
     ref = _numpy_forward(model, x)
     # Two dot products of ≤ 6 terms and the BN's few operations, each within
     # u = 2^-53 of its result: 32 u of the largest intermediate bounds them.
     scale = np.max(np.abs(x)) * 8 + 8
-    assert np.max(np.abs(got - ref)) <= 32 * exact.ROUNDOFF["float64"] * scale * np.max(np.abs(ref))
+    assert np.max(np.abs(got - ref)) <= 32 * ROUNDOFF["float64"] * scale * np.max(np.abs(ref))
     # The original computes in its own policy, not the twin's.
-    assert model.get_layer("d1").compute_dtype == exact.compute_dtype(model)
+    assert model.get_layer("d1").compute_dtype == twins.compute_dtype(model)
 
 
 def test_twin_follows_new_weights_and_is_cached():
     model = _dense_bn_dense("float32", L.BatchNormalization)
-    twin = exact.twin(model)
+    twin = twins.twin(model)
     model.get_layer("d2").bias.assign(np.full((3,), 5.0, "float32"))
-    assert exact.twin(model) is twin
+    assert twins.twin(model) is twin
     x = np.random.default_rng(4).standard_normal((4, 6))
-    np.testing.assert_allclose(exact.evaluate(model, x)[0], _numpy_forward(model, x), rtol=0, atol=1e-12 * 8)
+    np.testing.assert_allclose(twins.evaluate(model, x)[0], _numpy_forward(model, x), rtol=0, atol=1e-12 * 8)
 
 
 @keras.saving.register_keras_serializable(package="kbn_test_verify")
@@ -206,7 +206,7 @@ def test_without_a_float64_twin_the_noise_check_applies_and_says_why():
         x = keras.Input((5,))
         model = randomize_bn(keras.Model(x, _Unrebuildable(object())(L.BatchNormalization()(L.Dense(4)(x)))))
         with pytest.raises(UnsupportedModelError, match="cannot be"):
-            exact.twin(model)
+            twins.twin(model)
         # The global policy is restored after the failure.
         assert keras.config.dtype_policy().name == "mixed_float16"
     finally:
@@ -221,7 +221,7 @@ def test_check_runtime_judges_a_float32_file_of_a_mixed_model(policy):
     model = _conv_chain(2, policy)
 
     def float32_file(arrays):
-        return exact.evaluate(model, arrays[0], "float32")
+        return twins.evaluate(model, arrays[0], "float32")
 
     def wrong_file(arrays):
         return [y * (1 + DELTA) for y in float32_file(arrays)]
@@ -322,7 +322,7 @@ def test_a_discontinuous_model_is_judged_layer_by_layer(selection, policy):
     # Both folds checked on their own inputs, each against itself in float64 by the whole-model rule.
     assert {c.layer for c in good.layers} == {"conv", "head"} and all(c.passed for c in good.layers)
     assert all(c.margin <= 1 and c.float64_error is not None and c.error > 0 for c in good.layers)
-    assert all(c.dtype == exact.compute_dtype(model) for c in good.layers)
+    assert all(c.dtype == twins.compute_dtype(model) for c in good.layers)
     assert json.loads(json.dumps(good.to_dict())) == good.to_dict()
     for layer in ("conv", "head"):
         for what in ("wrong_axis", "wrong_scale", "wrong_bias"):

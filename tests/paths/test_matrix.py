@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 
 import kerasbn
-from kerasbn.deploy import exact
+from kerasbn.deploy import twins
 from kerasbn.deploy.target import targets
 from kerasbn.errors import KerasbnError
 from kerasbn.folding import plan
@@ -280,7 +280,7 @@ def _check(cell: Cell, original, produced, x) -> None:
     """The operation's output against the original model (``x``: seeded inputs in the model's structure)."""
     op = cell.operation
     bns = _bn_layers(original)
-    dtype = exact.compute_dtype(original)
+    dtype = twins.compute_dtype(original)
     if op in ("audit", "audit_quantization", "audit_data"):
         report = produced
         if op == "audit":
@@ -310,8 +310,8 @@ def _check(cell: Cell, original, produced, x) -> None:
     if op == "calibrate":
         _check_calibrated(cell, original, candidate)
         return
-    assert_matches_original(original, _keras(candidate, x), x, exact.compute_dtype(candidate))
-    assert exact.compute_dtype(candidate) == dtype, "a rewrite keeps the model's dtype policy"
+    assert_matches_original(original, _keras(candidate, x), x, twins.compute_dtype(candidate))
+    assert twins.compute_dtype(candidate) == dtype, "a rewrite keeps the model's dtype policy"
     if op == "fold":
         assert len(_bn_layers(candidate)) < len(bns) or _in_place(candidate)
     if op == "swap":
@@ -361,7 +361,7 @@ def _check_calibrated(cell: Cell, original, calibrated) -> None:
     training = _flat(fresh(data, training=True))
     inference = _keras(calibrated, data)
     n = len(_bn_layers(original))
-    bound = n / (2 * (CALIBRATION_ROWS - 1)) + 64 * ROUNDOFF[exact.compute_dtype(original)] * n
+    bound = n / (2 * (CALIBRATION_ROWS - 1)) + 64 * ROUNDOFF[twins.compute_dtype(original)] * n
     err = relative_error(training, inference)
     assert err <= bound, f"calibrated vs training mode on the data: {err:.3g} > {bound:.3g}"
 

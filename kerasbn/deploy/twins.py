@@ -1,4 +1,4 @@
-"""The model evaluated in another float type: the exact answer to judge a rewritten model or a file by.
+"""A model's twin in another float type, and its evaluation there: float64 gives the exact answer.
 
 A model's *twin* is the same model (same config, same weights) re-created
 with its floating dtype policies switched to one float type: in float64 it is
@@ -21,11 +21,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerasbn.errors import UnsupportedModelError
-
-# Unit roundoff u = 2^-p of each float type (p: significand bits, the hidden bit included):
-# one correctly rounded operation has a relative error of at most u.
-ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+from kerasbn.deploy.outputs import inference
+from kerasbn.deploy.tolerances import ROUNDOFF
+from kerasbn.errors import UnsupportedModelError, first_line
 
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -89,13 +87,13 @@ def _recreate(obj: Any, dtype: str, what: str) -> Any:
     try:
         config = _switch(keras.saving.serialize_keras_object(obj), dtype)
     except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
-        raise UnsupportedModelError(f"{what} cannot be written to a config: {_first_line(exc)}") from exc
+        raise UnsupportedModelError(f"{what} cannot be written to a config: {first_line(exc)}") from exc
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(dtype)
     try:
         return keras.saving.deserialize_keras_object(config)
     except Exception as exc:  # noqa: BLE001 (any failure means: no twin)
-        raise UnsupportedModelError(f"{what} cannot be re-created from its config: {_first_line(exc)}") from exc
+        raise UnsupportedModelError(f"{what} cannot be re-created from its config: {first_line(exc)}") from exc
     finally:
         keras.config.set_dtype_policy(previous)
 
@@ -189,69 +187,10 @@ def evaluate(model: keras.Model, inputs: Any, dtype: str = "float64") -> list[np
     try:
         outputs = inference(copy)(keras.tree.map_structure(cast, inputs))
     except Exception as exc:  # noqa: BLE001 (any failure means: no float64 evaluation)
-        raise UnsupportedModelError(f"its evaluation in {dtype} fails: {_first_line(exc)}") from exc
+        raise UnsupportedModelError(f"its evaluation in {dtype} fails: {first_line(exc)}") from exc
     outputs = keras.tree.flatten(outputs)
     for y in outputs:
         got = keras.backend.standardize_dtype(y.dtype)
         if got in ROUNDOFF and got != dtype:
             raise UnsupportedModelError(f"its copy in {dtype} returns {got}")
     return [np.asarray(y, np.float64) for y in outputs]
-
-
-_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def inference(model: keras.Model) -> Any:
-    """A compiled inference call of ``model`` (structured inputs → outputs as NumPy arrays), one per model.
-
-    On TensorFlow a graph function like ``predict_on_batch``'s (not eager,
-    not XLA: both add a channels_first Conv's bias along the wrong axis when
-    the channel count equals the width), but kerasbn's own, traced once for
-    every batch size (the signature's dynamic batch axis): a check at two
-    batch sizes would otherwise trace a large model twice, and TensorFlow
-    would count the traces against Keras's predict function and warn about
-    retracing on stderr.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return model.predict_on_batch
-    call = _CALLS.get(model)
-    if call is None:
-        import tensorflow as tf
-
-        from kerasbn.model_signature import signature
-
-        # The function holds the model weakly, or the cache would keep it alive.
-        ref = weakref.ref(model)
-        try:
-            specs = [signature(model).tf_structure()]
-        except UnsupportedModelError:
-            specs = None
-        call = tf.function(lambda x: ref()(x, training=False), input_signature=specs, autograph=False)
-        # One trace per model is by design; TensorFlow reads this flag (private, absent in other versions: harmless).
-        call._omit_frequent_tracing_warning = True
-        _CALLS[model] = call
-    return lambda x: keras.tree.map_structure(np.asarray, call(x))
-
-
-def _first_line(exc: Exception) -> str:
-    """The line of ``exc``'s message that says what is wrong."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if lines and lines[0].startswith("Graph execution error"):
-        # TensorFlow: the op's own message follows the Python traceback, before the node name.
-        told = [ln for ln in lines if not ln.startswith(("[[", "File ", "Detected at node", "Graph execution"))]
-        lines = told[-1:] or lines
-    return lines[0] if lines else type(exc).__name__
-
-
-def relative_error(y: np.ndarray, z: np.ndarray) -> float:
-    """``max|z − y| / max|y|``, NaN as infinite, a shape mismatch infinite (0/0 = 0, x/0 = inf)."""
-    y = np.asarray(y, np.float64)
-    z = np.asarray(z, np.float64)
-    if y.shape != z.shape:
-        return float("inf")
-    if not y.size:
-        return 0.0
-    err, scale = float(np.max(np.nan_to_num(np.abs(z - y), nan=np.inf))), float(np.max(np.abs(y)))
-    if scale > 0:
-        return err / scale
-    return 0.0 if err == 0 else float("inf")
