@@ -109,6 +109,9 @@ def _print_float_export(out: Any, result: Any) -> None:
     runtime = getattr(result, "runtime", "ONNX Runtime")
     if result.passes:
         out.print(f"Graph passes that changed it: {', '.join(result.passes)}")
+    notes = dict.fromkeys(check.batch_note for check in result.checks if getattr(check, "batch_note", None))
+    for note in notes:
+        out.print(f"Checked at {note}.")
     for check in result.checks:
         verdict = "ok" if check.passed else "FAILED"
         if getattr(check, "discontinuous", None):
@@ -184,7 +187,7 @@ def print_calibrate(settings: Any, report: Any, moved: Any, output: Any, fmt: st
 def _check_lines(checks: dict[str, Any]) -> list[str]:
     if not checks:
         return ["Not verified (--no-verify)."]
-    lines = []
+    lines = [f"Checked at {note}." for note in dict.fromkeys(r.batch_note for r in checks.values() if r.batch_note)]
     for stage, r in checks.items():
         if getattr(r, "discontinuous", None):
             lines.append(f"{stage.capitalize()}: {r.discontinuous}.")

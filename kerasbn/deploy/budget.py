@@ -66,8 +66,10 @@ def per_sample_bytes(model: Any) -> int:
     return LIVE * FLOAT64 * largest
 
 
-def check_batch(model: Any, requested: int, budget: int = DEFAULT_BUDGET) -> CheckBatch:
-    """The batch of random check inputs for ``model``: ``requested``, or less (at least 1) to stay within ``budget``."""
+def check_batch(model: Any, requested: int, budget: int | None = None) -> CheckBatch:
+    """The batch of random check inputs for ``model``: ``requested``, or less (at least 1) to stay within
+    ``budget`` bytes (`DEFAULT_BUDGET` when None)."""
+    budget = DEFAULT_BUDGET if budget is None else budget
     per_sample = per_sample_bytes(model)
     batch = max(1, min(requested, budget // per_sample))
     return CheckBatch(batch, requested, per_sample, budget)

@@ -16,7 +16,7 @@ import pytest
 
 import kerasbn
 from kerasbn.deploy.verify import VerifyResult
-from tests.cli.conftest import assert_clean_error, digest, invoke, listing, run_script, tiny_model
+from tests.cli.conftest import KERASBN, assert_clean_error, digest, invoke, listing, run_script, tiny_model
 from tests.helpers import assert_matches_original, randomize_bn
 
 
@@ -158,6 +158,39 @@ def test_fold_of_a_time_distributed_video_model(tmp_path):
     folded = kerasbn.load_model(tmp_path / "video.folded.keras")
     assert _bn_layers(folded) == []
     assert_matches_original(model, [np.asarray(folded(x), np.float64)], x, "float32")
+
+
+# Runs a command and prints its exit status, its peak resident memory (KiB) and its output: a fresh process,
+# so the peak is that command's alone.
+PEAK = (
+    "import resource, subprocess, sys\n"
+    "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.stdout.write(done.stdout + done.stderr)\n"
+)
+
+
+@pytest.mark.large
+def test_fold_of_a_4096_square_image_model_is_checked_within_the_memory_budget(tmp_path):
+    """At the default batch 8 this check went past 6 GB; the batch now follows the model's activations."""
+    from kerasbn.deploy.budget import DEFAULT_BUDGET
+
+    image = keras.Input((4096, 4096, 3), name="image")
+    y = keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(8, 3, strides=2, name="conv")(image))
+    y = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(y)))
+    randomize_bn(keras.Model(image, y)).save(tmp_path / "big.keras")
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK, str(KERASBN), "fold", str(tmp_path / "big.keras")],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    (status, peak_kib), output = done.stdout.splitlines()[0].split(), done.stdout
+    assert status == "0", output
+    assert "Checked at batch 1 instead of 8: the model's activations take about 1.1 GiB a sample" in output
+    assert "rewritten vs original" in output and "reloaded vs original" in output
+    # The budget bounds the activations of one evaluation; the process adds TensorFlow and the model.
+    assert int(peak_kib) * 1024 <= DEFAULT_BUDGET + 2 * 2**30, f"peak {int(peak_kib) / 2**20:.2f} GiB"
 
 
 def test_fold_from_h5_writes_keras(model_files, copy_of):

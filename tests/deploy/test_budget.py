@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import pytest
 
+import kerasbn
+from kerasbn.deploy import budget
 from kerasbn.deploy.budget import FLOAT64, LIVE, check_batch, per_sample_bytes
+from tests.helpers import assert_matches_original, file_outputs, randomize_bn
 
 L = keras.layers
 
@@ -60,3 +64,36 @@ def test_a_subclassed_model_counts_its_inputs():
     model = Net()
     model(keras.ops.zeros((1, 20)))
     assert per_sample_bytes(model) == LIVE * FLOAT64 * 20
+
+
+@pytest.fixture
+def three_samples(monkeypatch):
+    """A budget that holds three samples of `_conv_bn`'s activations."""
+    model = _conv_bn()
+    monkeypatch.setattr(budget, "DEFAULT_BUDGET", 3 * per_sample_bytes(model))
+    return model
+
+
+def _conv_bn() -> keras.Model:
+    x = keras.Input((32, 32, 3), name="image")
+    y = L.BatchNormalization()(L.Conv2D(16, 3)(x))
+    return randomize_bn(keras.Model(x, L.GlobalAveragePooling2D()(y)))
+
+
+def test_verify_checks_at_the_batch_the_budget_holds_and_says_so(three_samples):
+    result = kerasbn.verify(three_samples, kerasbn.fold(three_samples).model, batch_size=8)
+    assert result.passed and result.batch_size == 3
+    assert result.batch_note.startswith("batch 3 instead of 8: the model's activations take about ")
+    # Inputs the user gives are checked as given.
+    x = np.random.default_rng(0).normal(size=(5, 32, 32, 3)).astype("float32")
+    given = kerasbn.verify(three_samples, kerasbn.fold(three_samples).model, x)
+    assert given.batch_size == 5 and given.batch_note is None
+
+
+def test_an_export_is_checked_at_the_batch_the_budget_holds(three_samples, tmp_path):
+    path = tmp_path / "m.onnx"
+    result = kerasbn.export(three_samples, path, checks=kerasbn.Checks(batch_sizes=(1, 8)))
+    assert [c.batch_size for c in result.checks] == [1, 3]
+    assert [c.batch_note is not None for c in result.checks] == [False, True]  # batch 1 is as asked
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype("float32")
+    assert_matches_original(three_samples, file_outputs(path, "onnx", three_samples, x), x, "float32")
