@@ -1,7 +1,7 @@
 """The check's batch: as many random samples as the model's activations allow within a memory budget.
 
 A check evaluates the original model in its own float type and in float64
-(`kerasbn.deploy.exact`), and the candidate, on the same random inputs. What
+(`kerasbn.deploy.twins`), and the candidate, on the same random inputs. What
 that costs grows with the batch times the model's largest activation: a
 4096×4096×3 image model checked at the default batch 8 went past 6 GB. So
 the batch of random check inputs is chosen here, once, from the activation
