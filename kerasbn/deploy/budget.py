@@ -58,10 +58,15 @@ class CheckBatch:
 
 def per_sample_bytes(model: Any) -> int:
     """Estimated peak bytes of one sample's activations in a float64 evaluation of ``model`` (see the module)."""
+    from kerasbn.errors import UnsupportedModelError
     from kerasbn.folding.graph import build_graph
     from kerasbn.model_signature import signature
 
-    shapes = list(build_graph(model).shapes.values()) or [spec.shape for spec in signature(model).inputs]
+    try:
+        shapes = list(build_graph(model).shapes.values())
+    except UnsupportedModelError:  # no graph to read: the inputs are what is known
+        shapes = []
+    shapes = shapes or [spec.shape for spec in signature(model).inputs]
     largest = max((_elements(shape) for shape in shapes), default=1)
     return LIVE * FLOAT64 * largest
 
