@@ -54,15 +54,16 @@ SHAPES = [(32, 56, 56, 64), (256, 1024), (8, 28, 28, 256)]
 DTYPES = ["float32", "bfloat16"]
 TRAIN_PASSES = 8
 INFER_PASSES = 2
-# glibc returns large freed buffers to the OS and maps them afresh, so a
-# step's time swings with page faults depending on the allocation history of
-# the process. XLA's worker threads allocate in arenas of their own, which
-# shrink on free whatever the trim threshold: with one arena the JAX CPU step
-# on (32, 56, 56, 64) took 4–5 ms steadily, with one per thread 5 or 17 ms
-# from one second to the next (1.36 million page faults in 300 steps against
-# 0.14 million). The child processes keep freed memory in one arena, for
-# every implementation alike (glibc reads these when a process starts; it
-# ignores an mmap threshold above 32 MiB, the largest tensor here is 25.7 MB).
+# The headline rows run in the environment users have. glibc returns large
+# freed buffers to the OS and maps them afresh, so a step's time swings with
+# page faults depending on the allocation history of the process (XLA's
+# worker threads allocate in arenas of their own, which shrink on free
+# whatever the trim threshold). With `--malloc-tuned`, the JAX process runs
+# once more with freed memory kept in one arena, its rows labelled
+# `MALLOC_LABEL`: what the page faults cost, never the headline (glibc reads
+# these when a process starts; it ignores an mmap threshold above 32 MiB,
+# the largest tensor here is 25.7 MB).
+MALLOC_LABEL = "tuned malloc"
 MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
@@ -105,6 +106,12 @@ def main() -> None:
         help="source tree of an earlier kerasbn: time it and this one in alternating processes, "
         f"training-step ratios to {BEFORE_AFTER_JSON.relative_to(ROOT)}",
     )
+    parser.add_argument(
+        "--malloc-tuned",
+        action="store_true",
+        help=f"also run JAX with glibc's {', '.join(MALLOC_ENV)} set, as rows of their own (mode 'jit, "
+        f"{MALLOC_LABEL}'); in a single-backend run: label this process's rows so (the caller sets the variables)",
+    )
     parser.add_argument("--baseline-label", default=None, help="what the baseline is, for the table")
     parser.add_argument("--rounds", type=int, default=2, help="with --baseline: alternations of the two trees")
     parser.add_argument("--append", action="store_true", help="with --baseline: add rounds to the existing table")
@@ -123,14 +130,18 @@ def main() -> None:
         # (32, 56, 56, 64) took 10.5 or 16 ms after a TF graph run, 10.5 ms
         # always without one). The model.fit comparison compiles with XLA.
         results = []
-        for name, mode, fit in [p for p in PROCESSES if args.mode is None or p[1] == args.mode]:
-            out = ROOT / "build" / f"layer-{name}-{mode}.json"
+        processes = [(*p, False) for p in PROCESSES if args.mode is None or p[1] == args.mode]
+        if args.malloc_tuned:
+            processes += [(name, mode, False, True) for name, mode, _, _ in processes if name == "jax"]
+        for name, mode, fit, tuned in processes:
+            out = ROOT / "build" / f"layer-{name}-{mode}{'-malloc' * tuned}.json"
             out.parent.mkdir(exist_ok=True)
             cmd = [sys.executable, __file__, "--backend", name, "--mode", mode, "--json", str(out), "--no-markdown"]
-            cmd += ["--quick"] * args.quick + ["--no-fit"] * (args.no_fit or not fit)
+            cmd += ["--quick"] * args.quick + ["--no-fit"] * (args.no_fit or not fit) + ["--malloc-tuned"] * tuned
             cmd += [f"--shape={shape}" for shape in args.shape or []]
             cmd += ["--repeats", str(args.repeats)] if args.repeats else []
-            subprocess.run(cmd, check=True, env={**MALLOC_ENV, **os.environ, "KERAS_BACKEND": name})
+            env = {**os.environ, **(MALLOC_ENV if tuned else {}), "KERAS_BACKEND": name}
+            subprocess.run(cmd, check=True, env=env)
             results.append(json.loads(out.read_text()))
         merged = {
             # Every process's versions (each backend's), the first process's machine fields.
@@ -138,14 +149,23 @@ def main() -> None:
             "runs": [r for res in results for r in res["runs"]],
             "fit": [f for res in results for f in res["fit"]],
             "quick": args.quick,
+            "load": [res["load"] for res in results],
         }
         path = args.json or CPU_JSON
         path.write_text(json.dumps(merged, indent=1) + "\n")
     else:
         shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shape] if args.shape else None
+        if args.malloc_tuned and "MALLOC_ARENA_MAX" not in os.environ:
+            raise SystemExit(
+                "--malloc-tuned with one backend labels rows: set the MALLOC_* variables in its environment."
+            )
         result = run_backend(
             args.backend, args.quick, args.repeats, not args.no_fit, args.steps_per_call, args.mode, shapes
         )
+        if args.malloc_tuned:
+            for r in result["runs"]:
+                r["mode"] = f"{r['mode']}, {MALLOC_LABEL}"
+            result["load"]["process"] += f", {MALLOC_LABEL}"
         path = args.json or (CPU_JSON if result["machine"]["device"] == "cpu" else GPU_JSON)
         path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
@@ -172,7 +192,7 @@ def compare(args) -> None:
                 cmd += ["--no-markdown", "--no-fit"] + ["--quick"] * args.quick
                 cmd += [f"--shape={shape}" for shape in args.shape or []]
                 cmd += ["--repeats", str(args.repeats)] if args.repeats else []
-                env = {**MALLOC_ENV, **os.environ, "KERAS_BACKEND": name, "KERASBN_SOURCE": str(source)}
+                env = {**os.environ, "KERAS_BACKEND": name, "KERASBN_SOURCE": str(source)}
                 subprocess.run(cmd, check=True, env=env)
                 files[side].append(out)
     result = before_after(files, args.baseline_label or str(args.baseline), args.quick)
@@ -267,6 +287,7 @@ def run_backend(
 
     if keras.backend.backend() != name:
         raise SystemExit(f"Keras was imported with the {keras.backend.backend()} backend, not {name}.")
+    load_start = os.getloadavg()[0]
     bench = {"tensorflow": TFBench, "torch": TorchBench}.get(name, lambda: JaxBench(steps_per_call))()
     repeats = repeats or (5 if quick else 21)
     shapes = only_shapes or (SHAPES[:1] if quick else SHAPES)
@@ -319,7 +340,10 @@ def run_backend(
                             flush=True,
                         )
     fits = bench.fit_ratio(quick) if fit else []
-    return {"machine": bench.machine(), "runs": runs, "fit": fits, "quick": quick}
+    # The machine's 1-minute load average (as `uptime` prints it) when the
+    # process started and ended: what else ran beside the benchmark.
+    load = {"process": f"{name} {only or ', '.join(bench.modes)}", "start": load_start, "end": os.getloadavg()[0]}
+    return {"machine": bench.machine(), "runs": runs, "fit": fits, "quick": quick, "load": load}
 
 
 def _layers(keras, dtype, shape):
@@ -673,6 +697,7 @@ TARGETS = {
     ("tensorflow", "graph"): 0.5,
     ("tensorflow", "xla"): 0.5,
     ("jax", "jit"): 0.8,
+    ("jax", f"jit, {MALLOC_LABEL}"): 0.8,
     ("torch", "eager"): 0.6,
     ("torch", "compile"): 0.8,
 }
@@ -686,10 +711,11 @@ def _table(result: dict, gpu: bool) -> list[str]:
         "copy ms | kerasbn ÷ copy | of bandwidth bound |",
         "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
+    order = [p[:2] for p in PROCESSES]
     keys = sorted(
         {k[:5] for k in by},
         key=lambda k: (
-            [p[:2] for p in PROCESSES].index(k[:2]) if k[:2] in [p[:2] for p in PROCESSES] else 9,
+            order.index(k[:2]) if k[:2] in order else order.index((k[0], k[1].split(",")[0])) + 0.5,
             SHAPES.index(k[2]) if k[2] in SHAPES else 9,
             k[3],
             k[4] != "train",
@@ -758,13 +784,25 @@ def _memory_lines(result: dict) -> list[str]:
     return lines
 
 
+def _load_lines(result: dict) -> list[str]:
+    """The machine's load beside each process (1-minute averages, as `uptime` prints them)."""
+    loads = result.get("load")
+    if not loads:
+        return []
+    loads = loads if isinstance(loads, list) else [loads]
+    each = "; ".join(f"{p['process']} {p['start']:.1f} → {p['end']:.1f}" for p in loads)
+    return [f"Load average (1 minute) when each process started → ended: {each}.", ""]
+
+
 def _fit_lines(result: dict) -> list[str]:
     if not result.get("fit"):
         return []
     lines = [
         "",
         "Small CNN (3 × Conv–BN–ReLU, 32×32×3 inputs, batch 64), `model.fit(jit_compile=True)`, "
-        "median epoch time after a compiling epoch (ratio: median of the per-epoch ratios):",
+        "median epoch time after a compiling epoch (ratio: median of the per-epoch ratios)"
+        + (f" ({result['fit_note']})" if result.get("fit_note") else "")
+        + ":",
         "",
         "| backend | samples | kerasbn ms/epoch | Keras ms/epoch | kerasbn ÷ Keras |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -806,6 +844,28 @@ DESIGN_MEASUREMENTS = [
     "`torch.compile` the kernels 1.87 and 1.82 (inductor lowers the gradient kernel to unfused code), the closed "
     "form saving d 1.26 and 1.89, saving x and recomputing d 0.93, autodiff through the shifted form 1.64 "
     "(`ops/torch.py`).",
+    "torch eager inference on (32, 56, 56, 64) float32: the subtraction then torch's inference kernel 4.3 ms, "
+    "the subtraction then β + d·a by an in-place `addcmul` 1.8 ms, a copy 1.2 ms: each new tensor of this size "
+    "costs its page faults (`ops/torch.py: fused_inference`).",
+    "torch eager (2.13 CPU), the statistics' Σd and Σd² on (32, 56, 56, 64) float32: as `d·d` written and two "
+    "blocked sums, three passes; from one pass of `native_batch_norm_backward` with dy = x = d, mean 0 and "
+    "inverse deviation 1 over 32-row blocks, its partial Σd² 2.7e-7 relative to float64. The training step, one "
+    "thread, CPU time (the machine's load average near 9, wall times meaningless): 0.30 against 0.43 × Keras's "
+    "(`ops/torch.py: moment_sums`).",
+    "JAX on CPU, the statistics of a small batch (256, 1024): YNNPACK's plain sums read a materialized d, one pass "
+    "each, 11 passes over the data in the training step; one variadic reduction over leading blocks reads x "
+    "once, 8 passes (XLA's dump). The step's CPU time 0.87 against 1.14 × Keras's, wall 0.90 against 1.21 × "
+    "(one process each, load average near 8) (`ops/jax.py`).",
+    "JAX on CPU, the 1.55 MiB of temporaries of the layer benchmark's jitted step (XLA's buffer assignment): the "
+    "statistics' first-level partial sums (Σd, Σd², one per 32 rows). With dy an argument of the step, the "
+    "gradient's Σdy and Σdy·d do not depend on the statistics, and XLA schedules them (their partials in the "
+    "buffers of the outputs y and dx, written last) while the statistics' partials are still held, so those get "
+    "a buffer of their own. Centring the gradient on the rounded mean (shift + δ, exact with the remainder in δ's "
+    "place) made the gradient's sums wait for the statistics: their partials moved into the output buffers, and "
+    "the gradient's 3.1 MiB out of them (XLA then wrote y before the gradient's second level); reverted. "
+    "`lax.optimization_barrier` does not order them: XLA:CPU removes it before scheduling. Where dy comes from "
+    "y (a loss after the layer: every model), kerasbn's step keeps fewer temporaries than Keras's: 6.1 against "
+    "24.5 MiB on (32, 56, 56, 64), 1.5 against 6.1 on (8, 28, 28, 256), 0.27 against 1.02 on (256, 1024), float32.",
     "torch's CPU reductions for the statistics, Σd² over (100352, 64) at an offset of 10⁴: a plain cascade sum "
     "2.6e-7 relative, `linalg.vector_norm` 1.7e-5, torch's own `batch_norm_update_stats` 1.3e-5 in the "
     "variance; its gradient kernel's dγ and dβ 5e-6 relative (1e5 values per feature), 1.8e-5 (1e6) "
@@ -860,12 +920,12 @@ def write_markdown() -> None:
         "run as a copy of the same tensor (2 passes): 8 passes for a training step, 2 for inference; "
         "“of bandwidth bound” = bound ÷ time (above 100 % where the copy of a small tensor is latency-bound, "
         "or where the compiler fuses passes the bound counts). bfloat16 runs use the `mixed_bfloat16` policy "
-        "for both layers; TF's fused kernel is shown for float32 only. CPU processes run with glibc's "
-        "`MALLOC_ARENA_MAX=1` and its mmap, trim and top-pad thresholds raised so that freed buffers are reused "
-        "rather than mapped afresh (with an arena per XLA thread, page faults swung the JAX step between 5 and "
-        "17 ms from one second to the next). "
-        "Commands: `python benchmarks/layer.py` (CPU; TF graph, TF-XLA and JAX each in its own process, since "
-        "running one mode first shifted the timings of another); on a GPU machine `bash benchmarks/gpu.sh` "
+        "for both layers; TF's fused kernel is shown for float32 only. Every process runs in the default "
+        "environment, as users run it; the rows whose mode says “tuned malloc” come from one more JAX process "
+        "with glibc's `MALLOC_ARENA_MAX=1` and its mmap, trim and top-pad thresholds raised (freed buffers "
+        "reused rather than mapped afresh): what page faults cost the step, not what a user gets. "
+        "Commands: `python benchmarks/layer.py --malloc-tuned` (CPU; each backend and mode in its own process, "
+        "since running one mode first shifted the timings of another); on a GPU machine `bash benchmarks/gpu.sh` "
         "writes `layer-gpu.json`, copied here as `docs/layer-benchmarks-gpu.json`, then "
         "`python benchmarks/layer.py --render`.",
     ]
@@ -884,7 +944,7 @@ def write_markdown() -> None:
             ),
             "",
         ]
-        body += _table(result, gpu) + _fit_lines(result) + _memory_lines(result)
+        body += _load_lines(result) + _table(result, gpu) + _fit_lines(result) + _memory_lines(result)
     body += _before_after_lines() + _design_lines()
     section = "\n".join(body) + "\n"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"

@@ -104,7 +104,9 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization:
             stale = kerasbn.audit_statistics(keras_model, batches, on_batch=progress.advance)
     if not settings.quiet:
         render.print_audit(report, fmt, {"quantization": ranges, "statistics": stale})
-    if strict and (report.foldable or report.redundant_biases or (stale is not None and stale.stale)):
+    if strict and (
+        report.foldable or report.redundant_biases or report.weight_problems or (stale is not None and stale.stale)
+    ):
         return EXIT_FINDINGS
     return EXIT_OK
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,7 +329,11 @@ def run_guarded(settings: Settings, body: Callable[[], int | None]) -> None:
     from kerasbn.errors import KerasbnError, VerificationError, first_line
 
     try:
-        code = body() or EXIT_OK
+        with warnings.catch_warnings():
+            # NumPy's "invalid value encountered in sqrt" and the like: what a computation got wrong is
+            # reported by the check that compares its result, in one line.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            code = body() or EXIT_OK
     except (click.exceptions.Exit, click.ClickException):
         raise
     except VerificationError as exc:

@@ -31,6 +31,7 @@ _PUBLIC = {
     "FoldReport": "kerasbn.folding.reports",
     "RedundantBias": "kerasbn.folding.reports",
     "StripReport": "kerasbn.folding.reports",
+    "WeightProblem": "kerasbn.folding.reports",
     "load_model": "kerasbn.deploy.files",
     "save_model": "kerasbn.deploy.files",
     "verify": "kerasbn.deploy.verify",
@@ -82,7 +83,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from kerasbn.folding.audit import audit
     from kerasbn.folding.biases import StripResult, strip_redundant_biases
     from kerasbn.folding.fold import FoldResult, fold
-    from kerasbn.folding.reports import AuditReport, BNFinding, FoldReport, RedundantBias, StripReport
+    from kerasbn.folding.reports import AuditReport, BNFinding, FoldReport, RedundantBias, StripReport, WeightProblem
     from kerasbn.model_signature import Signature, signature
     from kerasbn.statistics.calibrate import CalibrationResult, calibrate
     from kerasbn.statistics.reports import BNStaleness, CalibrationReport, StalenessReport, SwapReport

@@ -33,6 +33,7 @@ from kerasbn.deploy.reports import Int8Report
 from kerasbn.deploy.target import Target, target_for, targets
 from kerasbn.deploy.verify import Checks, Reference, VerifyResult
 from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError, first_line
+from kerasbn.folding.model_checks import check_weights
 from kerasbn.model_signature import Signature, signature
 from kerasbn.printable import Printable, Table
 
@@ -196,7 +197,8 @@ def export(
         ExportVerificationError: The runtime disagrees with Keras; nothing is written.
         kerasbn.deploy.quantize.QuantizationError: The int8 file falls short of `min_agreement`.
         kerasbn.errors.UnsupportedModelError: The model cannot be traced, converted or quantized.
-        kerasbn.errors.KerasbnError: Bad options or data, or the output path is not writable or exists.
+        kerasbn.errors.KerasbnError: Bad options or data, the output path is not writable or exists, or a
+            weight holds NaN or infinite values or a negative BN variance (`kerasbn.folding.model_checks`).
 
     Examples:
         >>> import keras, kerasbn, tempfile, pathlib
@@ -207,6 +209,7 @@ def export(
         >>> result.verified, result.op_counts.get("BatchNormalization", 0)
         (True, 0)
     """
+    check_weights(model)
     step = on_step or (lambda _message: None)
     path = Path(path)
     options = ExportOptions(

@@ -59,8 +59,10 @@ def load_model(
 
     Raises:
         ModelLoadError: the file is missing, not a model, truncated, corrupted,
-            uses an unknown layer, or holds a lambda refused in safe mode.
-        UnsupportedModelError: the model has no functional graph.
+            uses an unknown layer, holds a lambda refused in safe mode, or
+            declares more than it holds (`kerasbn.deploy.declared_sizes`).
+        UnsupportedModelError: the model has no functional graph, or its layers
+            cannot run on its inputs (`kerasbn.folding.model_checks.check_runnable`).
     """
     path = Path(path)
     kind = _check_input_file(path)
@@ -68,12 +70,18 @@ def load_model(
 
     import keras
 
-    with warnings.catch_warnings(record=True) as caught:
+    from kerasbn.deploy.declared_sizes import weight_budget, weights_held
+    from kerasbn.folding.model_checks import check_runnable
+
+    held = weights_held(path, kind)
+    with warnings.catch_warnings(record=True) as caught, weight_budget(path, held) as budget:
         warnings.simplefilter("always")
         try:
             model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
         except Exception as exc:  # Keras reports file problems with many exception types
-            raise _classify_keras_error(path, kind, exc) from exc
+            raise budget.refusal or _classify_keras_error(path, kind, exc) from exc
+        if budget.refusal is not None:  # refused inside a step whose errors Keras swallows
+            raise budget.refusal
     for warning in caught:
         # Keras only warns when weights in the file do not match the config and
         # layers keep random initial values; rewriting such a model would be silently wrong.
@@ -83,6 +91,10 @@ def load_model(
             )
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     _check_has_graph(path, model)
+    try:
+        check_runnable(model)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{path}: {exc}") from exc
     return model
 
 

@@ -3,7 +3,8 @@
 The audit changes nothing. For every BatchNormalization layer (Keras's and
 kerasbn's, nested models included) it names the partner layer and the fold
 direction, or the reason the BN stays; it also lists every Dense/Conv bias
-that a following BN makes redundant.
+that a following BN makes redundant, and every weight holding NaN, infinite
+values or a negative variance (`kerasbn.folding.model_checks`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import dataflow, plan
 from kerasbn.folding.families import unwrap
 from kerasbn.folding.graph import Graph, build_graph
+from kerasbn.folding.model_checks import weight_problems
 from kerasbn.folding.reports import AuditReport, RedundantBias
 
 
@@ -82,4 +84,5 @@ def audit(model: keras.Model) -> AuditReport:
         redundant_biases=biases,
         parameters=int(model.count_params()),
         parameters_saved=int(saved),
+        weight_problems=weight_problems(model),
     )

@@ -23,6 +23,7 @@ from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import families, plan
 from kerasbn.folding.audit import decisions
 from kerasbn.folding.graph import Graph, functional_of
+from kerasbn.folding.model_checks import check_weights
 from kerasbn.folding.reports import FoldReport
 from kerasbn.folding.rewrite import Patch, read_weights, rebuild
 
@@ -162,6 +163,8 @@ def fold(model: keras.Model) -> FoldResult:
     Raises:
         kerasbn.errors.UnsupportedModelError: ``model`` is unbuilt, or a fold is
             needed in place and the model cannot be copied.
+        kerasbn.errors.KerasbnError: a weight holds NaN or infinite values, or a
+            BN variance is negative (`kerasbn.folding.model_checks`).
 
     Examples:
         >>> import keras, kerasbn
@@ -171,6 +174,7 @@ def fold(model: keras.Model) -> FoldResult:
         >>> [type(l).__name__ for l in result.model.layers]
         ['InputLayer', 'Conv2D', 'Identity']
     """
+    check_weights(model)
     graph, decided = decisions(model)
     removals, in_place = list(decided.removals), list(decided.in_place)
     notes: list[str] = []

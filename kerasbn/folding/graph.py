@@ -67,6 +67,7 @@ class Graph:
     Attributes:
         calls: Every layer call, in topological order.
         shapes: Static shape of every tensor id.
+        dtypes: Dtype of every tensor id, as Keras declares it.
         producer: Tensor id → the call that produces it (absent for model inputs).
         consumers: Tensor id → the calls that read it (each call once).
         outputs: Tensor ids that are outputs of the outer model.
@@ -77,6 +78,7 @@ class Graph:
 
     calls: list[Call] = field(default_factory=list)
     shapes: dict[int, tuple] = field(default_factory=dict)
+    dtypes: dict[int, str] = field(default_factory=dict)
     producer: dict[int, Call] = field(default_factory=dict)
     consumers: dict[int, list[Call]] = field(default_factory=dict)
     outputs: set[int] = field(default_factory=set)
@@ -139,9 +141,10 @@ def build_graph(model: keras.Model) -> Graph:
     graph = Graph()
     ids: dict[tuple, int] = {}
 
-    def new_id(shape) -> int:
+    def new_id(kt) -> int:
         tid = len(graph.shapes)
-        graph.shapes[tid] = tuple(shape)
+        graph.shapes[tid] = tuple(kt.shape)
+        graph.dtypes[tid] = kt.dtype
         return tid
 
     def visit(fn: Functional, scope: tuple[str, ...], key: tuple, input_ids: list[int]) -> list[int]:
@@ -159,7 +162,7 @@ def build_graph(model: keras.Model) -> Graph:
                 outs = visit(inner, scope + (layer.name,), sub_key, inputs)
                 graph.scope_outputs.update(outs)
             else:
-                outs = [new_id(kt.shape) for kt in node.outputs]
+                outs = [new_id(kt) for kt in node.outputs]
                 call = Call(index=len(graph.calls), layer=layer, scope=scope, inputs=tuple(inputs), outputs=tuple(outs))
                 graph.calls.append(call)
                 graph._calls_by_layer.setdefault(id(layer), []).append(call)
@@ -171,7 +174,7 @@ def build_graph(model: keras.Model) -> Graph:
                 ids[key + (id(kt),)] = tid
         return [ids[key + (id(kt),)] for kt in fn.outputs]
 
-    top_inputs = [new_id(kt.shape) for kt in functional.inputs]
+    top_inputs = [new_id(kt) for kt in functional.inputs]
     outs = visit(functional, (), (), top_inputs)
     graph.outputs.update(outs)
     graph.scope_outputs.update(outs)

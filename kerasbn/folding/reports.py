@@ -1,7 +1,8 @@
 """The fold engine's records: what the audit found and what a fold or a bias strip did.
 
 `BNFinding` is the planner's verdict on one BN (`kerasbn.folding.plan`),
-`RedundantBias` one bias a following BN absorbs; `AuditReport`, `FoldReport`
+`RedundantBias` one bias a following BN absorbs, `WeightProblem` one weight
+no model should hold (`kerasbn.folding.model_checks`); `AuditReport`, `FoldReport`
 and `StripReport` are what `kerasbn.audit`, `kerasbn.fold` and
 `kerasbn.strip_redundant_biases` return. Each report follows the package's
 one printable protocol (`kerasbn.printable`): it says what it shows, and
@@ -17,6 +18,7 @@ from kerasbn.printable import Printable, Table
 
 BN_COLUMNS = ("BN", "partner", "direction", "folds", "reason")
 BIAS_COLUMNS = ("layer", "BN", "parameters")
+WEIGHT_COLUMNS = ("layer", "weight", "problem")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,21 @@ class RedundantBias:
     parameters: int
 
 
+@dataclass(frozen=True)
+class WeightProblem:
+    """A weight no model should hold: NaN or infinite values, or a BN variance below zero.
+
+    Attributes:
+        layer: The layer's path (``nested_model/…/layer``).
+        weight: The weight's name (``moving_variance``, ``kernel``…).
+        problem: What is wrong, e.g. ``"3 NaN among its 16 values"``.
+    """
+
+    layer: str
+    weight: str
+    problem: str
+
+
 @dataclass
 class AuditReport(Printable):
     """The audit of one model.
@@ -86,6 +103,8 @@ class AuditReport(Printable):
         parameters: Weight count of the model.
         parameters_saved: Weights a fold removes (folded BN weights minus the
             biases that partners without one gain).
+        weight_problems: One `WeightProblem` per weight holding NaN or infinite
+            values or a negative BN variance: such a model cannot be folded or exported.
     """
 
     model: str
@@ -93,6 +112,7 @@ class AuditReport(Printable):
     redundant_biases: list[RedundantBias] = field(default_factory=list)
     parameters: int = 0
     parameters_saved: int = 0
+    weight_problems: list[WeightProblem] = field(default_factory=list)
 
     @property
     def bn_layers(self) -> int:
@@ -110,7 +130,7 @@ class AuditReport(Printable):
         return sum(b.parameters for b in self.redundant_biases)
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict: ``model``, ``totals``, ``batch_norms``, ``redundant_biases``."""
+        """A JSON-ready dict: ``model``, ``totals``, ``batch_norms``, ``redundant_biases``, ``weight_problems``."""
         return {
             "model": self.model,
             "totals": {
@@ -124,10 +144,11 @@ class AuditReport(Printable):
             },
             "batch_norms": [f.to_dict() for f in self.batch_norms],
             "redundant_biases": [asdict(b) for b in self.redundant_biases],
+            "weight_problems": [asdict(p) for p in self.weight_problems],
         }
 
     def view(self) -> list[Table | str]:
-        """The BN table and, when there are any, the redundant biases."""
+        """The BN table and, when there are any, the redundant biases and the weights that cannot be right."""
         saving = f"saving {self.parameters_saved:,} of {self.parameters:,} parameters"
         sections: list[Table | str] = [
             Table(
@@ -147,6 +168,16 @@ class AuditReport(Printable):
                     rows=bias_rows(self.redundant_biases),
                     caption=f"{len(self.redundant_biases)} biases, {self.bias_parameters:,} parameters",
                     markdown_rows=[[b.path, b.bn, b.parameters] for b in self.redundant_biases],
+                )
+            )
+        if self.weight_problems:
+            sections.append(
+                Table(
+                    title="Weights that cannot be right",
+                    headers=WEIGHT_COLUMNS,
+                    rows=[[p.layer, p.weight, p.problem] for p in self.weight_problems],
+                    caption=f"{len(self.weight_problems)} weight(s) hold NaN, infinite values or negative variances: "
+                    "fold and export refuse the model",
                 )
             )
         return sections

@@ -41,6 +41,16 @@ def sums(values: Sequence, axes: Sequence[int], exact: bool = True) -> list:
     return module().sums(values, axes, exact)
 
 
+def moment_sums(d, axes: Sequence[int]) -> list:
+    """``[Σd, Σd²]`` over ``axes`` (keepdims), good to float32 rounding of the result.
+
+    A backend may take both in one pass over ``d`` (`kerasbn.ops.torch`);
+    otherwise they are the exact `sums` of ``d`` and ``d·d``.
+    """
+    own = getattr(module(), "moment_sums", None)
+    return sums([d, d * d], axes) if own is None else own(d, axes)
+
+
 def materialize(x):
     """``x`` computed once, before its consumers."""
     return module().materialize(x)

@@ -171,7 +171,7 @@ def moments(x, axes: Sequence[int], mask=None, synchronized: bool = False) -> Mo
     if mask is not None:
         d = d * w
         (count,) = dispatch.sums([w], axes)
-    s1, s2 = dispatch.sums([d, d * d], axes)
+    s1, s2 = dispatch.moment_sums(d, axes)
     if mask is None:
         # In the sums' dtype: TensorFlow adds the partial sums in float64.
         count = _dynamic_count(x, axes, s1.dtype)

@@ -50,7 +50,7 @@ def _block_axes(shape: Sequence[int | None], axes: Sequence[int], leading: bool)
     return sorted(block)
 
 
-def _block_size(n: int | None) -> int | None:
+def block_size(n: int | None) -> int | None:
     """The largest divisor of ``n`` that is a usable block, if any."""
     if n is None:
         return None
@@ -97,7 +97,7 @@ def blocked_sums(
         # The first (last) reduced axis alone is longer than a block: split
         # it into (b, n/b) (or (n/b, b)) and sum over the b-blocks first.
         split = axes[0] if leading else axes[-1]
-        b = _block_size(x.shape[split])
+        b = block_size(x.shape[split])
         if b is None:
             # No block to sum exactly in float32: accumulate all in `acc`.
             return [ops.sum(ops.cast(v, acc), axis=axes, keepdims=True) for v in values]

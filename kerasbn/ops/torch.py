@@ -5,9 +5,12 @@ closed-form `torch.autograd.Function` under `torch.compile`, and
 Sums. torch's CPU reductions add a contiguous inner run of float32 in
 cascades (pairwise blocks), good to float32 rounding of the result (3e-7
 relative for Σd² over 10⁵ values), but not every layout nor inductor's
-code: the statistics take blocked sums (see `sums`). ``torch.linalg.vector_norm`` for Σd² would save a pass but is off by
-1e-5 to 5e-4 relative, and torch's own batch statistics
-(``batch_norm_update_stats``) by 1e-5: neither is used.
+code: the statistics take blocked sums (see `sums`).
+``torch.linalg.vector_norm`` for Σd² is off by 1e-5 to 5e-4 relative, and
+torch's own batch statistics (``batch_norm_update_stats``) by 1e-5: neither
+is used. Eagerly, Σd and Σd² over blocks come from one pass of torch's
+batch-norm gradient kernel (see `moment_sums`), each op run eagerly being a
+pass over the data of its own.
 
 Eager training. The layer's exact statistics go into torch's kernels as
 TensorFlow's fused kernels get them (`kerasbn.ops.tensorflow`): the forward
@@ -20,18 +23,17 @@ exact to rounding at the scale of the spread, where ``x·a`` would round at
 the scale of the offset. Half-precision data go in as they are, with the
 mean as one float32 value, as on TensorFlow. The gradient kernel's float32
 sums of dy and dy·x̂ are good to ≤ 2e-5 relative of dγ and dβ (1e6 values
-per feature) and 2e-7 of dx. Measured on (32, 56, 56, 64) float32 against a
-closed-form `torch.autograd.Function` of torch ops (two reductions, dx as
-one `addcmul` and one in-place subtraction): the training step took 0.65
-against 0.77 of Keras's autodiff (docs/benchmarks.md), since each torch op
-run eagerly is its own pass over the data and the kernels fuse them.
+per feature) and 2e-7 of dx. The kernels do in one pass each what a
+closed form of torch ops takes several for (two reductions, an ``addcmul``
+and a subtraction, each its own pass eagerly); docs/benchmarks.md has the
+measurements.
 
 Compiled training (``torch.compile``, Keras's ``jit_compile=True``).
 Inductor lowers the gradient kernel into generic code that it does not fuse
-with its neighbours (1.8 × Keras's compiled step), so the closed form runs
-as plain torch ops in an autograd function that saves ``x`` rather than
-``d`` and recomputes ``d`` in the backward: inductor fuses the two sums into
-one pass and ``dx`` into another (0.93 × against 1.3 × when ``d`` is saved).
+with its neighbours, so the closed form runs as plain torch ops in an
+autograd function that saves ``x`` rather than ``d`` and recomputes ``d``
+in the backward: inductor fuses the two sums into one pass and ``dx`` into
+another, where a saved ``d`` is one more tensor to write and read.
 
 Replicas. ``synchronized=True`` all-reduces over the default
 `torch.distributed` process group (one process per replica, as
@@ -68,6 +70,44 @@ def sums(values: Sequence, axes: Sequence[int], exact: bool = True) -> list:
         small = 2 * reduce.BLOCK
         return reduce.blocked_sums(values, sorted(axes), leading=True, variadic=None, acc="float64", small=small)
     return generic.sums(values, axes)
+
+
+def moment_sums(d, axes: Sequence[int]) -> list:
+    """``[Σd, Σd²]`` over ``axes`` (keepdims): eagerly both in one pass of a torch kernel.
+
+    ``native_batch_norm_backward`` with ``dy = x = d``, mean 0 and inverse
+    standard deviation 1 returns ``Σdy`` and ``Σdy·(x − mean)·invstd``,
+    that is ``Σd`` and ``Σd²``, from one read of ``d``. Viewed as
+    ``(b, rest)`` with ``b`` a block of the leading reduced axis, its
+    "channels" are the partial sums over `reduce.BLOCK` values at most,
+    which are then added in float64 as `sums` adds its partials: one pass
+    instead of three (``d·d`` written, then read by its sum, and ``d`` read
+    by its own). Where that view does not exist (the first axis kept, no
+    block dividing it), under `torch.compile` (inductor fuses the plain
+    sums) or with a gradient to record, the exact `sums` of ``d`` and ``d·d``.
+    """
+    axes = sorted(axes)
+    n = d.shape[0]
+    block = n if n <= reduce.BLOCK else reduce.block_size(n)
+    m = math.prod(d.shape[a] for a in axes)
+    if (
+        _compiling()
+        or d.requires_grad
+        or d.dtype not in (torch.float32, torch.float64)
+        or axes[0] != 0
+        or block is None
+        or block < 8
+        or m <= 2 * reduce.BLOCK
+    ):
+        return sums([d, d * d], axes)
+    flat = d.reshape(block, -1)
+    zero = torch.zeros(flat.shape[1], dtype=d.dtype, device=d.device)
+    one = torch.ones(flat.shape[1], dtype=d.dtype, device=d.device)
+    _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
+        flat, flat, None, None, None, zero, one, True, 0.0, [False, True, True]
+    )
+    rest = [n // block, *d.shape[1:]]
+    return [p.reshape(rest).to(torch.float64).sum(axes, keepdim=True) for p in (s1, s2)]
 
 
 # --------------------------------------------------------------------------- replicas
@@ -249,11 +289,9 @@ def fused_inference(x, mean, variance, gamma, beta, epsilon: float):
     For float32 the subtraction comes first, since the kernel's own
     ``x·a + b`` rounds at the scale of the offset: ``d = x − mean``, then
     ``β + d·a`` written over ``d`` where no gradient is recorded (`predict`,
-    `torch.no_grad`). Each
-    eager op is a pass and each new tensor of this size costs page faults:
-    on (32, 56, 56, 64) the subtraction and torch's kernel took 4.3 ms, the
-    subtraction and an in-place ``addcmul`` 1.8 ms, a copy 1.2 ms. Under
-    `torch.compile` plain ops, which inductor fuses into one pass.
+    `torch.no_grad`): each eager op is a pass, and each new tensor of this
+    size costs page faults (docs/benchmarks.md). Under `torch.compile` plain
+    ops, which inductor fuses into one pass.
     """
     a = torch.rsqrt(variance + epsilon)
     if gamma is not None:

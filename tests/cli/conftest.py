@@ -6,7 +6,9 @@ second once TensorFlow is loaded; the corpus is built once per session.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -92,6 +94,31 @@ def _zip(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
+def declared_weights(weights: bytes) -> bytes:
+    """``weights`` with the Dense kernel declared as 900,000,000 float32 values that hold no data.
+
+    Chunked and compressed, the dataset stores next to nothing: 3.6 GB declared,
+    under the 4 GiB from which Keras's own guard refuses such datasets.
+    """
+    import h5py
+
+    buffer = io.BytesIO(weights)
+    with h5py.File(buffer, "r+") as f:
+        del f["layers/dense/vars/0"]
+        f.create_dataset(
+            "layers/dense/vars/0", shape=(900_000_000,), dtype="float32", chunks=(10**6,), compression="gzip"
+        )
+    return buffer.getvalue()
+
+
+def with_layer(config: dict, name: str, **settings: object) -> dict:
+    """A copy of a functional model's config with settings of the layer ``name`` replaced."""
+    config = copy.deepcopy(config)
+    (layer,) = [layer for layer in config["config"]["layers"] if layer["name"] == name]
+    layer["config"].update(settings)
+    return config
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory, model_files) -> dict[str, Path]:
     """At least 20 broken or refused model files, each named after what is wrong with it."""
@@ -151,6 +178,25 @@ def corpus(tmp_path_factory, model_files) -> dict[str, Path]:
         "unbuilt_sequential": folder / "unbuilt.keras",
         "a_directory": folder / "saved_model_dir",
         "zip_bomb": folder / "bomb.keras",
+        "declares_huge_dense": with_config(
+            "huge_dense.keras", json.dumps(config).replace('"units": 4', f'"units": {10**9}')
+        ),
+        "declares_huge_weights": _zip(
+            folder / "huge_weights.keras",
+            {**members, "model.weights.h5": declared_weights(members["model.weights.h5"])},
+        ),
+        "input_int32": with_config("input_int32.keras", json.dumps(with_layer(config, "image", dtype="int32"))),
+        "input_bool": with_config("input_bool.keras", json.dumps(with_layer(config, "image", dtype="bool"))),
+        "input_string": with_config("input_string.keras", json.dumps(with_layer(config, "image", dtype="string"))),
+        "bn_int4_policy": with_config(
+            "bn_int4.keras", json.dumps(with_layer(config, "bn_conv", dtype="int4_from_float32"))
+        ),
+        "input_listed_twice": with_config(
+            "input_twice.keras",
+            json.dumps(
+                {**config, "config": {**config["config"], "input_layers": [config["config"]["input_layers"]] * 2}}
+            ),
+        ),
     }
     with zipfile.ZipFile(cases["zip_bomb"], "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, data in members.items():

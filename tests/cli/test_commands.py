@@ -60,6 +60,41 @@ def test_audit_strict_exit_codes(model_files, tmp_path):
     assert result.exit_code == 0, result.stderr
 
 
+@pytest.fixture
+def diverged(tmp_path) -> object:
+    """A model file whose first BN's moving variance holds a NaN, as after a diverged training run."""
+    model = tiny_model()
+    variance = model.get_layer("bn_conv").moving_variance
+    values = np.asarray(variance).copy()
+    values[1] = np.nan
+    variance.assign(values)
+    model.save(tmp_path / "diverged.keras")
+    return tmp_path / "diverged.keras"
+
+
+def test_audit_lists_weights_that_cannot_be_right(diverged):
+    result = invoke("audit", diverged, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["weight_problems"] == [
+        {"layer": "bn_conv", "weight": "moving_variance", "problem": "1 NaN among its 3 values"}
+    ]
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="relu")])
+    plain.get_layer(index=0).kernel.assign(np.full((3, 2), np.inf))
+    plain.save(diverged.with_name("inf.keras"))
+    assert invoke("audit", diverged.with_name("inf.keras"), "--strict").exit_code == 1
+
+
+@pytest.mark.parametrize("command", ["fold", "export"])
+def test_fold_and_export_refuse_non_finite_weights_in_one_line(diverged, command):
+    before = listing(diverged.parent)
+
+    result = invoke(command, diverged)
+
+    assert_clean_error(result.exit_code, result.stdout, result.stderr)
+    assert "layer 'bn_conv': weight 'moving_variance' holds 1 NaN among its 3 values" in result.stderr
+    assert listing(diverged.parent) == before
+
+
 def test_audit_reads_legacy_h5(model_files):
     result = invoke("audit", model_files["h5"], "--format", "json")
     assert result.exit_code == 0, result.stderr

@@ -3,9 +3,15 @@ says what is wrong, no traceback, nothing written, the input unchanged."""
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
+import subprocess
+import tempfile
+
 import pytest
 
-from tests.cli.conftest import COMMANDS, assert_clean_error, digest, invoke, listing, run_script
+from tests.cli.conftest import COMMANDS, KERASBN, assert_clean_error, digest, invoke, listing, run_script
 
 # What the one line must say for each case of the corpus.
 EXPECTED = {
@@ -37,6 +43,13 @@ EXPECTED = {
     "unbuilt_sequential": "no input shape",
     "a_directory": "is a TensorFlow SavedModel folder",
     "zip_bomb": "decompression bomb",
+    "declares_huge_dense": "the model config declares more weights than the file holds (layer 'dense' (Dense)",
+    "declares_huge_weights": "dataset 'layers/dense/vars/0' alone declares 3,600,000,000",
+    "input_int32": "layer 'conv' (Conv2D) reads a tensor of dtype int32",
+    "input_bool": "layer 'conv' (Conv2D) reads a tensor of dtype bool",
+    "input_string": "layer 'conv' (Conv2D) reads a tensor of dtype string",
+    "bn_int4_policy": "layer 'bn_conv' (BatchNormalization) has the quantized dtype policy 'int4_from_float32'",
+    "input_listed_twice": "lists the input 'image' more than once",
 }
 
 
@@ -82,3 +95,50 @@ def test_malformed_input_in_a_real_process(corpus, case, command):
 def test_verbose_does_not_add_tracebacks_to_input_errors(corpus, command):
     result = invoke(command, corpus["truncated_half"], "-v")
     assert_clean_error(result.exit_code, result.stdout, result.stderr)
+
+
+def _run_limited(*args: object, memory: int, timeout: int = 300) -> tuple[int, str, str, int]:
+    """The installed script under an address-space limit: exit code, stdout, stderr and its peak resident bytes."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    def expire(signum, frame):
+        raise TimeoutError(f"kerasbn {args} ran longer than {timeout} s")
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen([str(KERASBN), *map(str, args)], stdout=out, stderr=err, preexec_fn=limit)
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(timeout)
+        try:
+            # wait4 reaps the child with its own peak, not the largest of every child this process had.
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.kill()
+            raise
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return process.returncode, out.read(), err.read(), usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command", ["audit", pytest.param("fold", marks=pytest.mark.large), pytest.param("export", marks=pytest.mark.large)]
+)
+@pytest.mark.parametrize("case", ["declares_huge_dense", "declares_huge_weights"])
+def test_a_file_that_declares_more_than_it_holds_is_refused_in_bounded_memory(corpus, case, command):
+    # The 32 KB files declare 192 GB (a Dense kernel) and 3.6 GB (a weights dataset); the command
+    # without them peaks near 1 GB resident.
+    path = corpus[case]
+    before = listing(path.parent)
+
+    code, stdout, stderr, peak = _run_limited(command, path, memory=3 * 2**30)
+
+    assert_clean_error(code, stdout, stderr)
+    assert EXPECTED[case] in stderr
+    assert peak < 2 * 2**30, peak
+    assert listing(path.parent) == before

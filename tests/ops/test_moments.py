@@ -83,6 +83,22 @@ def test_masked_moments_ignore_far_padding(offset, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (1e3, 1e-3), (-1e5, 10.0)], ids=["centred", "far", "farther"])
+@pytest.mark.parametrize(
+    "shape,feature",
+    [((300, 4), 1), ((40, 3, 9), 1), ((8, 6, 6, 3), 3), ((32, 5, 2), 2), ((7, 30, 2), 2)],
+    ids=["dense-300", "channels-first-40", "nhwc-8", "nwc-32", "batch-7"],
+)
+def test_moments_in_every_mode_and_batch_layout(shape, feature, offset, scale, mode):
+    """Every mode (the property test runs the last one) on batches whose sums take leading blocks of
+    several sizes, or none (a batch of 7): eager torch sums over those blocks in one kernel pass."""
+    rng = np.random.default_rng(6)
+    x = (rng.normal(size=shape) * scale + offset).astype("float32")
+    axes = tuple(a for a in range(len(shape)) if a != feature)
+    check(x, axes, *run_moments(x, axes, mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_ghost_batch_groups_each_get_their_own_shift(mode):
     """Groups (a kept leading axis) at offsets 1e5 apart: each is exact on its own."""
     rng = np.random.default_rng(4)
