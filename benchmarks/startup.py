@@ -7,9 +7,9 @@ bare ``python -c pass`` of the same interpreter (so a noisy neighbour slows
 both alike), after one warm-up round; the figures are medians, and the
 ratio is the median of the per-round ratios to the bare interpreter. The
 suite asserted ``--help`` ≤ 0.3 s until a fresh clone on a loaded 2-core
-machine took 0.43–0.50 s; on 2 shared cores at a load average of 7 this
-measured 0.66 s for ``--help`` against 0.19 s for the bare interpreter
-(ratio 3.1). A duration says as much about the neighbours as about the
+machine took 0.43–0.50 s. On 2 shared x86_64 cores, 15 rounds: at a load
+average of 0.7, ``--help`` 0.075 s against 0.022 s for the bare interpreter
+(ratio 3.5); at a load average of 7 (5 rounds), 0.66 s against 0.19 s. A duration says as much about the neighbours as about the
 import graph: it is measured here, never asserted in the suite.
 
 Run: ``.venv/bin/python benchmarks/startup.py [--rounds 15]``.
