@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install lint format test test-large test-large-slice test-fast test-jax test-torch docs demo bench clean
+.PHONY: install lint format test test-large test-large-slice test-fast test-jax test-torch docs demo qat-demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,11 @@ docs: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+## PTQ against QAT on digits at 8, 4 and 3 weight bits, 4 seeds; the 8-bit QAT model exported to int8 LiteRT
+## and ONNX and scored in their runtimes (build/qat/; 38 minutes on 2 cores under heavy load).
+qat-demo: $(STAMP)
+	$(BIN)/python examples/qat.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/layer.py

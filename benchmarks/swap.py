@@ -103,9 +103,14 @@ def worker(model_name: str, jit, steps: int, only: str | None = None) -> dict:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype("float32")
     y = rng.integers(0, 10, size=(BATCH,))
+    return time_training_steps(variants, x, y, jit, steps)
+
+
+def time_training_steps(variants: dict, x, y, jit, steps: int, warmup: int = WARMUP) -> dict[str, list[float]]:
+    """Seconds of each ``train_on_batch`` step per variant (compiled with SGD), the variants alternating."""
     for model in variants.values():
         model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", jit_compile=jit)
-        for _ in range(WARMUP):
+        for _ in range(warmup):
             model.train_on_batch(x, y)
     times = {k: [] for k in variants}
     for _ in range(steps):
@@ -127,24 +132,47 @@ SETUPS = [
 ]
 
 
-def run_worker(backend: str, model_name: str, jit, steps: int) -> dict:
+def run_workers(script: str, backend: str, args: list[str], first: tuple[str, str]) -> list[dict]:
+    """Per-step seconds by variant from ``script --worker ARGS`` in a process of ``backend`` (JSON, last line).
+
+    On JAX the variant compiled first in a process once ran up to 2x faster, whichever it was: there
+    one process per way round (``--variant`` names the one compiled first, of the two in ``first``).
+    """
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    args = [sys.executable, __file__, "--worker", model_name, "--steps", str(steps), "--jit", json.dumps(jit)]
-    # On JAX the variant compiled first in a process once ran up to 2x faster, whichever it was;
-    # one process per way round there, and the geometric mean of the two.
-    runs = [["--variant", "keras"], ["--variant", "kerasbn"]] if backend == "jax" else [[]]
+    runs = [["--variant", v] for v in first] if backend == "jax" else [[]]
     results = []
     for extra in runs:
-        done = subprocess.run(args + extra, capture_output=True, text=True, env=env, check=False)
+        done = subprocess.run(
+            [sys.executable, script, "--worker", *args, *extra], capture_output=True, text=True, env=env, check=False
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"{backend} {model_name}: {done.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{backend} {args}: {done.stderr.strip().splitlines()[-1:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    median = {k: math.prod(statistics.median(r[k]) for r in results) ** (1 / len(results)) for k in results[0]}
-    ratios = [statistics.median(a / b for a, b in zip(r["kerasbn"], r["keras"])) for r in results]
+    return results
+
+
+def geometric_mean(values) -> float:
+    values = list(values)
+    return math.prod(values) ** (1 / len(values))
+
+
+def median_seconds(results: list[dict]) -> dict[str, float]:
+    """Each variant's median step, the geometric mean over the processes."""
+    return {k: geometric_mean(statistics.median(r[k]) for r in results) for k in results[0]}
+
+
+def median_ratio(results: list[dict], variant: str, baseline: str) -> float:
+    """The median of the per-step ratios ``variant ÷ baseline``, the geometric mean over the processes."""
+    return geometric_mean(statistics.median(a / b for a, b in zip(r[variant], r[baseline])) for r in results)
+
+
+def run_worker(backend: str, model_name: str, jit, steps: int) -> dict:
+    args = [model_name, "--steps", str(steps), "--jit", json.dumps(jit)]
+    results = run_workers(__file__, backend, args, ("keras", "kerasbn"))
     shares = [1 - statistics.median(a / b for a, b in zip(r["no BN"], r["keras"])) for r in results]
     return {
-        **median,
-        "ratio": math.prod(ratios) ** (1 / len(ratios)),
+        **median_seconds(results),
+        "ratio": median_ratio(results, "kerasbn", "keras"),
         "bn_share": sum(shares) / len(shares),
     }
 
@@ -216,10 +244,15 @@ def write(rows: list[tuple], steps: int) -> None:
     for m, b, k, n, r, share in rows:
         target = "–" if "debugging" in b else f"≤ 1.0: {'met' if r <= 1.0 else 'missed'}"
         lines.append(f"| {m} | {b} | {k:.0f} | {n:.0f} | {r:.2f} | {target} | {share:.0%} |")
+    write_section(lines)
+
+
+def write_section(lines: list[str]) -> None:
+    """Replace the section that ``lines`` begins (its ``## `` title) in docs/benchmarks.md, or append it."""
     text = DOCS.read_text()
     section = "\n".join(lines) + "\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    pattern = re.compile(rf"^{re.escape(lines[0])}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     DOCS.write_text(text)
 
 

@@ -32,16 +32,20 @@ from kerasbn_cli.options import (
     export_to_option,
     fold_option,
     format_option,
+    freeze_after_option,
     int8_option,
     min_agreement_option,
     mode_option,
     opset_option,
     output_option,
+    per_tensor_option,
+    qat_calibration_option,
     quantization_option,
     strict_option,
     swap_to_option,
     unbiased_option,
     verify_options,
+    weight_bits_option,
 )
 
 # Before TensorFlow is first imported (inside the commands): its C++ log noise.
@@ -74,7 +78,8 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization:
     Also lists the Dense/Conv biases that a following BN makes redundant, and
     totals. With --data, also compares each BN's stored statistics with the
     population statistics of that data (mean shift in σ, variance ratio) and
-    flags stale ones. Changes nothing.
+    flags stale ones. For a quantization-aware model (kerasbn qat), also lists
+    its quantizers, their bits and ranges. Changes nothing.
 
     \b
     Example:
@@ -102,8 +107,9 @@ def audit(settings: Settings, model: Path, fmt: str, strict: bool, quantization:
         if batches is not None:
             progress.step("Measuring BN statistics on the data")
             stale = kerasbn.audit_statistics(keras_model, batches, on_batch=progress.advance)
+        quantizers = kerasbn.qat.audit(keras_model) if kerasbn.qat.is_qat(keras_model) else None
     if not settings.quiet:
-        render.print_audit(report, fmt, {"quantization": ranges, "statistics": stale})
+        render.print_audit(report, fmt, {"quantization": ranges, "statistics": stale, "qat": quantizers})
     if strict and (
         report.foldable or report.redundant_biases or report.weight_problems or (stale is not None and stale.stale)
     ):
@@ -219,6 +225,11 @@ def export(
     and compared with the float model: top-1 agreement, errors, size and
     latency. Nothing is written if the agreement is below --min-agreement.
 
+    A quantization-aware model (kerasbn qat) is written as int8 from its
+    learned ranges, without --int8 or --calibration; nothing is written
+    unless the file holds its trained integer weights and ranges and its
+    outputs stay within 2 output steps of the simulated model.
+
     \b
     Example:
       kerasbn export resnet.keras -o resnet.onnx --opset 17
@@ -227,6 +238,7 @@ def export(
       kerasbn export net.keras -o net.tflite
       kerasbn export mixed.keras -o net.fp16.onnx --dtype float16
       kerasbn export net.keras -o net.int8.tflite --int8 --calibration calib.npz --inputs test.npz
+      kerasbn export net.qat.keras -o net.int8.onnx --inputs test.npz
     """
     from kerasbn_cli import render
 
@@ -238,7 +250,11 @@ def export(
             output = model.with_suffix(targets()[to].suffix if to in targets() else ".onnx")
         target = target_for(output, to)
         if int8 != (calibration is not None):
-            raise KerasbnError("--int8 needs --calibration DATA.npz" if int8 else "--calibration goes with --int8")
+            raise KerasbnError(
+                "--int8 needs --calibration DATA.npz (a quantization-aware model needs neither)"
+                if int8
+                else "--calibration goes with --int8"
+            )
         if target.name == "onnx":
             quiet.import_frameworks("tf2onnx")  # its own start-up noise
         keras_model, inputs = _load(settings, checking, model, output, step)
@@ -268,7 +284,11 @@ def export(
                 overwrite=settings.force,
                 on_step=step,
             )
-    if int8:
+    from kerasbn.deploy.qat_int8 import QatExportResult
+
+    if isinstance(result, QatExportResult):
+        render.print_qat_export(settings, result, fmt)
+    elif int8:
         render.print_int8(settings, result, fmt)
     else:
         render.print_export(settings, result, fmt)
@@ -359,6 +379,115 @@ def swap(
         result = kerasbn.swap(original, to=to, unbiased=unbiased)
         checks = _save_checked(settings, checking, result.model, output, step, inputs, original)
     render.print_rewrite(settings, "swap", result.report, checks, output, fmt)
+    return EXIT_OK
+
+
+@main.command("qat")
+@MODEL_ARGUMENT
+@output_option("MODEL.qat.keras beside MODEL")
+@qat_calibration_option
+@weight_bits_option
+@per_tensor_option
+@freeze_after_option
+@verify_options(
+    "Check that the QAT model without fake quant is the folded original, and that the reloaded file "
+    "reproduces the QAT model exactly."
+)
+@format_option()
+@common_options
+def qat(
+    settings: Settings,
+    checking: Checking,
+    model: Path,
+    output: Path | None,
+    calibration: Path | None,
+    weight_bits: int,
+    per_tensor: bool,
+    freeze_after: int | None,
+    fmt: str,
+) -> int:
+    """Prepare MODEL for quantization-aware training: BN folded into fake-quantized layers.
+
+    Every Conv/Depthwise/Separable/Dense → BN pair that folds becomes one
+    fused layer (batch statistics with the σ_B/σ correction until frozen);
+    other Dense/Conv layers get weight fake-quant; 8-bit activation
+    quantizers go where an int8 graph requantizes. Train the written model
+    with fit (keras.saving.load_model, safe mode) and export it as int8.
+    MODEL is never modified.
+
+    \b
+    Example:
+      kerasbn qat model.keras -o model.qat.keras --calibration calib.npz
+      kerasbn qat model.keras --weight-bits 4 --per-tensor --freeze-after 2000
+    """
+    from kerasbn_cli import render
+
+    output = output or model.with_name(f"{model.stem}.qat.keras")
+    with render.progress(settings.quiet) as step:
+        import numpy as np
+
+        import kerasbn
+        from kerasbn.deploy.outputs import keras_outputs, random_inputs
+        from kerasbn.errors import VerificationError
+        from kerasbn.statistics.data import open_batches
+
+        original, inputs = _load(settings, checking, model, output, step)
+        batches = open_batches(calibration, original) if calibration is not None else None
+        step("Preparing")
+        prepared = kerasbn.qat.prepare(
+            original,
+            weight_bits=weight_bits,
+            per_channel=not per_tensor,
+            calibration=batches,
+            freeze_after=freeze_after,
+        )
+        inputs = inputs if inputs is not None else random_inputs(original, checking.batch, seed=0)
+        folded = None
+        if checking.verify:
+            step("Comparing the QAT model without fake quant with the original")
+            folded = checking.compare(original, kerasbn.qat.convert(prepared), inputs)
+            if not folded.passed:
+                raise VerificationError(f"the QAT model's fold differs from the original: {folded}; nothing written")
+        # The reloaded file must be this QAT model exactly (its fake quant runs in float32 only, so
+        # there is no float64 twin to judge it by: same weights, same outputs, bit for bit).
+        expected = keras_outputs(prepared, inputs) if checking.verify else []
+
+        def check(reloaded: Any) -> None:
+            got = keras_outputs(reloaded, inputs)
+            if not all(np.array_equal(a, b) for a, b in zip(expected, got)):
+                raise VerificationError("the reloaded QAT model differs from the prepared one; nothing written")
+
+        step(f"Writing {output.name}")
+        kerasbn.save_model(
+            prepared,
+            output,
+            overwrite=settings.force,
+            check=check if checking.verify else None,
+            safe_mode=settings.safe_mode,
+            custom_modules=settings.imports,
+        )
+    if not settings.quiet:
+        report = kerasbn.qat.audit(prepared)
+        preparation = prepared.qat_preparation
+        if fmt == "json":
+            render.print_json(
+                {
+                    "output": str(output),
+                    "fused": [{"layer": a, "bn": b} for a, b in preparation.fused],
+                    "weight_quantized": preparation.weight_quantized,
+                    "float_layers": [vars(f) for f in preparation.float_layers],
+                    "quantizers": report.to_dict()["quantizers"],
+                    "verified": None if folded is None else folded.to_dict(),
+                }
+            )
+        else:
+            out = render.console()
+            out.print(report)
+            for f in preparation.float_layers:
+                out.print(f"stays float: {f.layer}: {f.reason}")
+            fused = len(preparation.fused)
+            out.print(f"{fused} BN fused, {len(preparation.weight_quantized)} other layers weight-quantized.")
+            out.print(f"Wrote {output}" + ("" if folded is not None else " (not verified: --no-verify)"))
     return EXIT_OK
 
 

@@ -144,6 +144,27 @@ mode_option = click.option(
     "paper: Algorithm 2 as written, every BN on its batch statistics (one pass).",
 )
 
+# qat
+qat_calibration_option = click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    metavar="DATA",
+    help="Set the activation ranges from DATA (a .npy or .npz file named after the inputs, or a folder of "
+    "images), so training starts from the post-training-quantized model [default: the first training batch].",
+)
+weight_bits_option = click.option(
+    "--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Bits of the weight grids."
+)
+per_tensor_option = click.option(
+    "--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel)."
+)
+freeze_after_option = click.option(
+    "--freeze-after",
+    type=click.IntRange(min=0),
+    metavar="STEPS",
+    help="Freeze the BN statistics after STEPS training steps [default: when training calls kerasbn.qat.freeze].",
+)
+
 # swap
 swap_to_option = click.option(
     "--to",

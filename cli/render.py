@@ -138,6 +138,18 @@ def print_int8(settings: Any, report: Any, fmt: str) -> None:
     out.print(f"Wrote {report.path}")
 
 
+def print_qat_export(settings: Any, result: Any, fmt: str) -> None:
+    """What kerasbn.export wrote for a quantization-aware model: the op table and the integer check."""
+    if settings.quiet:
+        return
+    if fmt == "json":
+        print_json(result.to_dict())
+        return
+    out = console()
+    out.print(result)
+    out.print(f"Wrote {result.path}")
+
+
 def print_audit(report: Any, fmt: str, sections: dict[str, Any] | None = None) -> None:
     """The audit as rich tables, JSON (`AuditReport.to_dict`) or Markdown.
 

@@ -1,8 +1,9 @@
 """kerasbn: paper-exact Batch Normalization for Keras 3, and a BN fold engine.
 
-``import kerasbn`` loads the layer and its ops only: the layer registers
-itself with Keras there, so that ``.keras`` files holding it load after a
-plain ``import kerasbn``. The fold engine, file handling and exporters load
+``import kerasbn`` loads the layer and its ops, and the layers of
+quantization-aware models (`kerasbn.qat.layers`), only: they register
+themselves with Keras there, so that ``.keras`` files holding them load after
+a plain ``import kerasbn``. The fold engine, file handling and exporters load
 on first use (PEP 562). Nothing here touches the process's stderr or logging.
 """
 
@@ -13,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from kerasbn.layers import BatchNormalization
+from kerasbn.qat import layers as _qat_layers  # noqa: F401 (registers the QAT layers, so QAT files load)
 
 try:
     __version__ = version("kerasbn")  # one source of truth: pyproject.toml
@@ -58,10 +60,17 @@ _PUBLIC = {
     "SwapReport": "kerasbn.statistics.reports",
 }
 
-__all__ = sorted([*_PUBLIC, "BatchNormalization"]) + ["__version__"]
+# Public subpackages, imported on first use like the names above.
+_SUBPACKAGES = ("qat",)
+
+__all__ = sorted([*_PUBLIC, *_SUBPACKAGES, "BatchNormalization"]) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        value = importlib.import_module(f"kerasbn.{name}")
+        globals()[name] = value
+        return value
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'kerasbn' has no attribute {name!r}")
@@ -71,10 +80,11 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+    return sorted(set(globals()) | set(_PUBLIC) | set(_SUBPACKAGES))
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from kerasbn import qat
     from kerasbn.deploy.export import ExportResult, export, export_int8, export_litert, export_onnx
     from kerasbn.deploy.files import load_model, save_model
     from kerasbn.deploy.quantize import audit_quantization

@@ -22,6 +22,10 @@ DOCTESTED = [
     "kerasbn.layers.batch_normalization",
     "kerasbn.statistics.calibrate",
     "kerasbn.statistics.swap",
+    "kerasbn.ops.fake_quant",
+    "kerasbn.qat.layers",
+    "kerasbn.qat.preparation",
+    "kerasbn.qat.freezing",
 ]
 
 

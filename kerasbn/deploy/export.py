@@ -161,8 +161,14 @@ def export(
     inputs_label: str = "inputs",
     overwrite: bool = False,
     on_step: Callable[[str], None] | None = None,
-) -> ExportResult | Int8Report:
+) -> ExportResult | Int8Report | Any:
     """Fold BatchNormalization away, convert, check the file in its own runtime, and write it atomically.
+
+    A quantization-aware model (`kerasbn.qat.prepare`) is written as int8 from
+    its learned grids and ranges, with no calibration data, and checked
+    against its own simulated outputs (`kerasbn.deploy.qat_int8.export_qat`,
+    which returns a `kerasbn.deploy.qat_int8.QatExportResult`); `fold` and
+    `compare_unfolded` do not apply to it.
 
     Args:
         model: A `keras.Model` of any kind (functional, Sequential, nested,
@@ -191,11 +197,13 @@ def export(
         on_step: Called with a short description before each long step.
 
     Returns:
-        An `ExportResult`, or with `int8` an `kerasbn.deploy.reports.Int8Report`.
+        An `ExportResult`, with `int8` an `kerasbn.deploy.reports.Int8Report`, for a
+        quantization-aware model a `kerasbn.deploy.qat_int8.QatExportResult`.
 
     Raises:
         ExportVerificationError: The runtime disagrees with Keras; nothing is written.
         kerasbn.deploy.quantize.QuantizationError: The int8 file falls short of `min_agreement`.
+        kerasbn.deploy.qat_int8.QatVerificationError: The int8 file of a quantization-aware model is not that model.
         kerasbn.errors.UnsupportedModelError: The model cannot be traced, converted or quantized.
         kerasbn.errors.KerasbnError: Bad options or data, the output path is not writable or exists, or a
             weight holds NaN or infinite values or a negative BN variance (`kerasbn.folding.model_checks`).
@@ -211,6 +219,10 @@ def export(
     """
     check_weights(model)
     step = on_step or (lambda _message: None)
+    if _quantization_aware(model):
+        if compare_unfolded:
+            raise KerasbnError("compare_unfolded does not apply to a quantization-aware model: it has no BN to fold")
+        return _export_quantization_aware(model, path, to, int8, dtype, checks, opset, optimize, overwrite, step)
     path = Path(path)
     options = ExportOptions(
         target=target_for(path, to),
@@ -378,6 +390,40 @@ def _int8_file(
             ),
         )
     return report, quantized
+
+
+def _quantization_aware(model: Any) -> bool:
+    from kerasbn.ops.fake_quant import is_quantization_aware
+
+    return hasattr(model, "_flatten_layers") and is_quantization_aware(model)
+
+
+def _export_quantization_aware(
+    model: Any,
+    path: Any,
+    to: Any,
+    int8: Any,
+    dtype: Any,
+    checks: Any,
+    opset: Any,
+    optimize: bool,
+    overwrite: bool,
+    step: Any,
+) -> Any:
+    """A quantization-aware model is its own int8 model: `kerasbn.deploy.qat_int8.export_qat`, no calibration."""
+    from kerasbn.deploy.qat_int8 import export_qat
+
+    if int8 is not None:
+        raise KerasbnError(
+            "a quantization-aware model exports as int8 from its learned ranges: give no calibration data"
+        )
+    if dtype not in (None, "float32"):
+        raise KerasbnError(
+            f"a quantization-aware model exports as int8, not {dtype}: kerasbn.qat.convert(model) gives its float model"
+        )
+    return export_qat(
+        model, path, to=to, checks=checks, opset=opset, optimize=optimize, overwrite=overwrite, on_step=step
+    )
 
 
 def _in_float32(model: Any) -> Any:

@@ -81,6 +81,7 @@ def to_litert(
     *,
     float16: bool = False,
     representative: Iterable[Sequence[np.ndarray]] | None = None,
+    learned_ranges: bool = False,
 ) -> bytes:
     """Convert `model` to a LiteRT flatbuffer with a dynamic batch dimension.
 
@@ -96,6 +97,14 @@ def to_litert(
             input order with a batch of one. Weights and activations become
             int8 (only int8 builtin ops are allowed); the inputs and outputs
             stay float32, so the file is a drop-in for the float one.
+        learned_ranges: the model carries its own quantization (the FakeQuant
+            ops of a quantization-aware model, `kerasbn.deploy.qat_int8`): the
+            converter's ``Optimize.DEFAULT`` with no representative data reads
+            every scale from them (int8 kernels, float32 inputs and outputs).
+            From a concrete function instead of a SavedModel it would refuse
+            ``FakeQuantWithMinMaxVarsPerChannel`` as a non-builtin op, and
+            without ``Optimize.DEFAULT`` it leaves the kernels float between
+            QUANTIZE/DEQUANTIZE pairs.
 
     Raises:
         UnsupportedModelError: the model cannot be traced or the converter rejects it.
@@ -129,8 +138,9 @@ def to_litert(
             raise UnsupportedModelError(f"cannot trace the model for LiteRT: {first_line(exc)}") from exc
         converter = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=[SIGNATURE])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        if float16:
+        if float16 or learned_ranges:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if float16:
             converter.target_spec.supported_types = [tf.float16]
         if representative is not None:
             samples = list(representative)

@@ -161,6 +161,237 @@ PASSES: tuple[tuple[str, Pass], ...] = (
 )
 
 
+def fold_constant_quantize(model: Any) -> Any:
+    """``QuantizeLinear`` of a constant → the integer constant it computes (ONNX's own rounding).
+
+    tf2onnx writes a quantized weight as ``QuantizeLinear(float W) →
+    DequantizeLinear``; ONNX Runtime fuses an int8 kernel only where the
+    weight is ``DequantizeLinear`` of an integer constant. The constant is
+    what ``QuantizeLinear`` defines: ``saturate(round(W / scale) + zero_point)``
+    in float32, rounded half to even.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    init = {t.name: t for t in graph.initializer}
+    dead = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or not all(name in init for name in node.input if name):
+            continue
+        x = numpy_helper.to_array(init[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(init[node.input[1]]).astype(np.float32)
+        has_zero = len(node.input) > 2 and bool(node.input[2])
+        zero = numpy_helper.to_array(init[node.input[2]]) if has_zero else np.zeros(scale.shape, np.uint8)
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1) % max(x.ndim, 1)
+        if scale.ndim == 1 and scale.size > 1:
+            shape = [1] * x.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        info = np.iinfo(zero.dtype)
+        q = np.clip(np.rint(x / scale) + zero.astype(np.int64), info.min, info.max).astype(zero.dtype)
+        graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
+        init[node.output[0]] = graph.initializer[-1]
+        dead.append(node)
+    for node in dead:
+        graph.node.remove(node)
+    return _drop_unused_initializers(model)
+
+
+def move_layout_into_weights(model: Any) -> Any:
+    """``DequantizeLinear(integer constant) → Reshape/Transpose`` → the Reshape/Transpose applied to the constant.
+
+    tf2onnx writes a depthwise kernel ``(kh, kw, in, mult)`` as the
+    dequantized Keras layout followed by a Reshape and a Transpose into
+    ONNX's ``(in·mult, 1, kh, kw)``; ONNX Runtime fuses an int8 Conv only
+    when its weight comes straight from ``DequantizeLinear``. Moving a
+    layout change before the dequantization is exact (it only moves
+    elements); the per-channel ``axis`` moves with its dimension, and a
+    Reshape that splits or merges the channel axis is left alone. A
+    per-tensor ``DequantizeLinear`` of an activation followed by a layout
+    change (tf2onnx's NHWC → NCHW Reshape of a one-channel input) swaps with
+    it, for the same reason.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    changed = True
+    while changed:
+        changed = False
+        init = {t.name: t for t in graph.initializer}
+        uses = _uses(graph)
+        consumers = {name: node for node in graph.node for name in node.input}
+        for dq in graph.node:
+            if dq.op_type != "DequantizeLinear" or not all(name in init for name in dq.input[1:] if name):
+                continue
+            after = consumers.get(dq.output[0])
+            if after is None or after.op_type not in ("Reshape", "Transpose"):
+                continue
+            if not _single_use(dq.output[0], uses, graph):
+                continue
+            if dq.input[0] not in init:
+                if numpy_helper.to_array(init[dq.input[1]]).size != 1:
+                    continue
+                # An activation: the layout change moves before the dequantization, onto the integers.
+                moved = _unique(f"{after.output[0]}_quantized", {n: None for n in uses} | init)
+                after.input[0], dq.input[0] = dq.input[0], moved
+                after.output[0], dq.output[0] = moved, after.output[0]
+                graph.node.remove(after)
+                graph.node.insert(list(graph.node).index(dq), after)
+                changed = True
+                break
+            q = numpy_helper.to_array(init[dq.input[0]])
+            scale = numpy_helper.to_array(init[dq.input[1]])
+            axis = next((helper.get_attribute_value(a) for a in dq.attribute if a.name == "axis"), 1) % max(q.ndim, 1)
+            moved = _moved_layout(after, q, axis, init)
+            if moved is None:
+                continue
+            value, new_axis = moved
+            if scale.size > 1 and new_axis is None:
+                continue
+            name = _unique(f"{after.output[0]}_quantized", init)
+            graph.initializer.append(numpy_helper.from_array(value, name))
+            dq.input[0] = name
+            for attribute in list(dq.attribute):
+                if attribute.name == "axis":
+                    dq.attribute.remove(attribute)
+            if scale.size > 1:
+                dq.attribute.append(helper.make_attribute("axis", new_axis))
+            dq.output[0] = after.output[0]
+            graph.node.remove(after)
+            changed = True
+            break
+    return _drop_unused_initializers(model)
+
+
+def _moved_layout(node: Any, q: np.ndarray, axis: int, init: dict) -> tuple[np.ndarray, int | None] | None:
+    """``(q`` laid out as ``node`` lays it out, where the channel ``axis`` went; None if it was split or merged)."""
+    from onnx import helper, numpy_helper
+
+    if node.op_type == "Transpose":
+        perm = next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
+        perm = perm if perm is not None else list(range(q.ndim))[::-1]
+        return q.transpose(perm), perm.index(axis)
+    if len(node.input) < 2 or node.input[1] not in init:
+        return None
+    if any(a.name == "allowzero" and a.i for a in node.attribute):
+        return None
+    shape = [q.shape[i] if d == 0 else int(d) for i, d in enumerate(numpy_helper.to_array(init[node.input[1]]))]
+    value = q.reshape(shape)
+    before = int(np.prod(q.shape[:axis]))
+    for k, size in enumerate(value.shape):
+        if int(np.prod(value.shape[:k])) == before and size == q.shape[axis]:
+            return value, k
+    return value, None
+
+
+def quantize_conv_bias(model: Any) -> Any:
+    """A float bias of an int8 ``Conv`` or 2-D ``MatMul`` → an int32 ``DequantizeLinear`` with scale ``s_x·s_w``.
+
+    An int8 convolution accumulates ``Σ q_x·q_w`` in int32 at scale
+    ``s_x·s_w`` (per output channel), and adds its bias there, as
+    ``round(b / (s_x·s_w))`` (Jacob et al. 2018, section 2.4; LiteRT
+    stores biases so). tf2onnx leaves the bias a float ``Add`` after the Conv
+    (or a float third input); ONNX Runtime fuses a quantized Conv
+    (``QLinearConv``) only with no bias or an int32 one; a 2-D ``MatMul``
+    and its bias ``Add`` become one ``Gemm`` (``QGemm``). The rounding moves
+    each output by at most half of ``s_x·s_w``, far below one step of the
+    requantized output.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    ranks = _ranks(onnx.shape_inference.infer_shapes(model).graph)
+    graph = model.graph
+    init = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    uses = _uses(graph)
+    for conv in list(graph.node):
+        if conv.op_type not in ("Conv", "MatMul"):
+            continue
+        scales = [_dequantized_scale(producer.get(name), init) for name in conv.input[:2]]
+        if scales[0] is None or scales[1] is None or scales[0].size != 1:
+            continue
+        if producer[conv.input[1]].input[0] not in init:
+            continue
+        weight_shape = numpy_helper.to_array(init[producer[conv.input[1]].input[0]]).shape
+        if conv.op_type == "MatMul" and (ranks.get(conv.input[0]) != 2 or len(weight_shape) != 2):
+            continue
+        channels = weight_shape[0] if conv.op_type == "Conv" else weight_shape[1]
+        add = None
+        if conv.op_type == "MatMul":
+            readers = consumers.get(conv.output[0], [])
+            if len(readers) != 1 or readers[0].op_type != "Add" or not _single_use(conv.output[0], uses, graph):
+                continue
+            add = readers[0]
+            _, constant = _operand_and_constant(add, producer, init)
+            if constant is None or list(init[constant].dims) not in ([channels], [1, channels]):
+                continue
+            bias = numpy_helper.to_array(init[constant]).reshape(-1)
+            if bias.dtype != np.float32:
+                continue
+        elif len(conv.input) > 2 and conv.input[2]:
+            if conv.input[2] not in init:
+                continue
+            bias = numpy_helper.to_array(init[conv.input[2]])
+        else:
+            readers = consumers.get(conv.output[0], [])
+            if len(readers) != 1 or readers[0].op_type != "Add" or not _single_use(conv.output[0], uses, graph):
+                continue
+            add = readers[0]
+            _, constant = _operand_and_constant(add, producer, init)
+            rank = ranks.get(conv.output[0])
+            if constant is None or rank is None:
+                continue
+            bias = _per_channel(numpy_helper.to_array(init[constant]), rank, channels, np.dtype(np.float32))
+            if bias is None:
+                continue
+        step = (scales[0].astype(np.float32) * scales[1].astype(np.float32)).reshape(-1)
+        step = np.broadcast_to(step, (channels,)).astype(np.float32)
+        integers = np.rint(bias.astype(np.float64) / step)
+        if np.any(np.abs(integers) > np.iinfo(np.int32).max):
+            continue
+        names = [_unique(f"{conv.output[0]}_bias_{kind}", init) for kind in ("quantized", "scale", "zero_point")]
+        values = (integers.astype(np.int32), step, np.zeros(channels, np.int32))
+        for name, value in zip(names, values):
+            graph.initializer.append(numpy_helper.from_array(value, name))
+            init[name] = graph.initializer[-1]
+        bias_name = _unique(f"{conv.output[0]}_bias", init)
+        graph.node.insert(
+            list(graph.node).index(conv),
+            onnx.helper.make_node("DequantizeLinear", names, [bias_name], axis=0, name=bias_name),
+        )
+        del conv.input[2:]
+        conv.input.append(bias_name)
+        if conv.op_type == "MatMul":  # A 2-D MatMul with a bias is a Gemm (which takes an int32 bias as C)
+            conv.op_type = "Gemm"
+        if add is not None:
+            conv.output[0] = add.output[0]
+            graph.node.remove(add)
+    return _drop_unused_initializers(model)
+
+
+def _dequantized_scale(node: Any, init: dict) -> np.ndarray | None:
+    """The scale of a ``DequantizeLinear`` with constant scale (and, for a weight, integer constant input)."""
+    from onnx import numpy_helper
+
+    if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in init:
+        return None
+    return numpy_helper.to_array(init[node.input[1]])
+
+
+# The passes of an int8 QDQ graph (a quantization-aware model's export, `kerasbn.deploy.qat_int8`):
+# after them ONNX Runtime runs QLinearConv / QGemm / QLinearMatMul, not float kernels between Q/DQ pairs.
+QDQ_PASSES: tuple[tuple[str, Pass], ...] = (
+    ("QuantizeLinear of constants → integer weights", fold_constant_quantize),
+    ("Reshape/Transpose → integer weights", move_layout_into_weights),
+    ("float Conv/MatMul bias → int32 bias", quantize_conv_bias),
+)
+
+
 def _uses(graph: Any) -> dict[str, int]:
     uses: dict[str, int] = {}
     for node in graph.node:

@@ -116,6 +116,11 @@ def check_model(model: object) -> Functional:
     return functional
 
 
+def input_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The `InputLayer` of each input of ``model`` (a Functional or built Sequential), in input order."""
+    return [kt._keras_history.operation for kt in keras.tree.flatten(check_model(model).inputs)]
+
+
 def nodes_in_order(functional: Functional) -> list:
     """The non-input nodes of a functional model in topological order."""
     order = []

@@ -1,4 +1,4 @@
-"""Build a new Keras model from an old one with some layers changed or removed.
+"""Build a new Keras model from an old one with some layers changed, removed or inserted.
 
 The graph is replayed node by node on fresh `keras.Input` tensors with a
 clone of every layer (so the result shares no variable with the original),
@@ -41,6 +41,8 @@ class Patch:
 
 # Makes a replacement layer from the original's config (`rebuild`'s ``replace``).
 Replacement = Callable[[dict], keras.layers.Layer]
+# Makes a new layer to call on an output of the given layer (`rebuild`'s ``after``).
+Insertion = Callable[[keras.layers.Layer], keras.layers.Layer]
 
 
 def read_weights(layer: keras.layers.Layer) -> dict[str, np.ndarray]:
@@ -49,10 +51,17 @@ def read_weights(layer: keras.layers.Layer) -> dict[str, np.ndarray]:
 
 
 class _Rebuilder:
-    def __init__(self, patches: dict[int, Patch], removed: set[int], replace: dict[int, Replacement] | None = None):
+    def __init__(
+        self,
+        patches: dict[int, Patch],
+        removed: set[int],
+        replace: dict[int, Replacement] | None = None,
+        after: dict[int, Insertion] | None = None,
+    ):
         self.patches = patches
         self.removed = removed
         self.replace = replace or {}
+        self.after = after or {}
         self.clones: dict[int, keras.layers.Layer] = {}
         self.pending: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
 
@@ -99,6 +108,8 @@ class _Rebuilder:
     def _sequential(self, model: keras.Sequential, fn) -> keras.Sequential:
         first = model._layers[0]
         layers = [type(first).from_config(first.get_config())]
+        if id(first) in self.after:
+            layers.append(self.after[id(first)](first))
         body = model.layers
         for i, layer in enumerate(body):
             if id(layer) in self.removed:
@@ -106,7 +117,16 @@ class _Rebuilder:
                     layers.append(self._stand_in(layer))
                 continue
             layers.append(self.clone(layer))
+            if id(layer) in self.after:
+                layers.append(self.after[id(layer)](layer))
         return keras.Sequential(layers, name=model.name)
+
+    def _insert(self, layer: keras.layers.Layer, result):
+        """``result`` (the outputs of a call of ``layer``) through the layers inserted after it."""
+        make = self.after.get(id(layer))
+        if make is None:
+            return result
+        return keras.tree.map_structure(lambda t: make(layer)(t), result)
 
     def _functional(self, model: keras.Model, fn) -> keras.Model:
         tensors: dict[int, object] = {}
@@ -117,7 +137,7 @@ class _Rebuilder:
             # The tensor name (not only the InputLayer's) is what exporters
             # such as tf2onnx call the graph input.
             new.name = kt.name
-            tensors[id(kt)] = new
+            tensors[id(kt)] = self._insert(input_layer, new)
             new_inputs.append(new)
         outputs = {id(kt) for kt in fn.outputs}
         for node in nodes_in_order(fn):
@@ -129,7 +149,7 @@ class _Rebuilder:
                 if id(node.outputs[0]) in outputs:
                     result = self._stand_in(layer)(result)
             else:
-                result = self.clone(layer)(*args, **kwargs)
+                result = self._insert(layer, self.clone(layer)(*args, **kwargs))
             for kt, value in zip(node.outputs, keras.tree.flatten(result)):
                 tensors[id(kt)] = value
         inputs = keras.tree.pack_sequence_as(fn._inputs_struct, new_inputs)
@@ -153,8 +173,9 @@ class _Rebuilder:
             for dst in new.weights:
                 if dst.name in values:
                     dst.assign(np.asarray(values[dst.name]).astype(dst.dtype))
-                else:
+                elif dst.name in by_name:
                     dst.assign(_own_copy(by_name[dst.name]))
+                # Else a weight the replacement adds (a counter, a range) keeps its initial value.
 
 
 def _override(layer: keras.layers.Layer, config: dict, changes: dict) -> None:
@@ -178,6 +199,7 @@ def rebuild(
     removed: set[int] | None = None,
     replace: dict[int, Replacement] | None = None,
     copies: dict[int, keras.layers.Layer] | None = None,
+    after: dict[int, Insertion] | None = None,
 ) -> keras.Model:
     """A new model equal to ``model`` except for the given changes.
 
@@ -187,13 +209,15 @@ def rebuild(
         removed: ``id(layer)`` of single-input layers to drop (their output becomes their input).
         replace: ``id(layer)`` → a function that makes the layer's replacement from its
             (patched) config, e.g. another class; weights are copied by name.
+        after: ``id(layer)`` → a function that makes a new layer for each output of
+            each call of ``layer`` (an `InputLayer` included), inserted there.
         copies: If given, filled with ``id(old layer)`` → its new layer, for every
             re-created layer and the sublayers of custom layers (matched in order).
 
     Returns:
         The new model; ``model`` is not modified and shares no variable with it.
     """
-    builder = _Rebuilder(patches or {}, removed or set(), replace)
+    builder = _Rebuilder(patches or {}, removed or set(), replace, after)
     new = builder.model(model)
     builder.copy_weights()
     if copies is not None:

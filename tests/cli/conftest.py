@@ -27,7 +27,7 @@ from kerasbn_cli.main import main
 from tests.helpers import randomize_bn
 
 KERASBN = Path(sys.executable).with_name("kerasbn")
-COMMANDS = ("audit", "fold", "strip-biases", "export", "calibrate", "swap")
+COMMANDS = ("audit", "fold", "strip-biases", "export", "calibrate", "swap", "qat")
 
 
 def tiny_model() -> keras.Model:

@@ -39,6 +39,10 @@ OPERATION_LABELS = {
     "float16_litert": "LiteRT --dtype float16",
     "calibrate": "calibrate",
     "swap": "swap",
+    "qat_prepare": "qat (prepare)",
+    "qat_fit": "qat + fit step",
+    "qat_litert": "qat → int8 LiteRT",
+    "qat_onnx": "qat → int8 ONNX",
 }
 DIMENSIONS = (
     ("model kind", 0, KIND_LABELS),

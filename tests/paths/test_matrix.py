@@ -7,8 +7,8 @@ one-line reason and exit 2 (`REFUSED`); a combination that cannot apply is
 listed in `INAPPLICABLE` with why. No cell prints "unexpected".
 
 Dimensions: 8 model kinds × 3 policies × 2 backends (TensorFlow, JAX-saved)
-× 13 operations × 2 fronts (the library on the model, the CLI on the saved
-file) is 1248 cells (936 once the inapplicable are taken out), too many for
+× 17 operations × 2 fronts (the library on the model, the CLI on the saved
+file) is 1632 cells (1224 once the inapplicable are taken out), too many for
 the suite's time budget, so `CELLS` samples the product deterministically for
 ``make test`` and the rest (`REST`) is `large`, run by ``make test-large``:
 
@@ -20,7 +20,10 @@ the suite's time budget, so `CELLS` samples the product deterministically for
   two kinds (functional, Sequential built by fit), fronts alternating;
 - saved by JAX (the suite runs on TensorFlow): every operation on three kinds
   in float32 (but ``--dtype float16``) and on one in mixed_float16, the CLI
-  (`JAX_MODELS`).
+  (`JAX_MODELS`);
+- quantization-aware training: the handful of cells of `QAT_SAMPLE` (each
+  QAT operation once, on the cheap kinds, a JAX-saved file among them, and
+  the two refusals); the QAT operations above are not in the rows before.
 
 The diagonal (`DIAGONAL`: every kind, every policy and every operation at least
 once, on the cheapest models) runs in ``make test-fast``; the rest is slow.
@@ -40,10 +43,12 @@ import numpy as np
 import pytest
 
 import kerasbn
+import kerasbn.qat
 from kerasbn.deploy import twins
 from kerasbn.deploy.target import targets
 from kerasbn.errors import KerasbnError
 from kerasbn.folding import plan
+from kerasbn.qat import layers as qat_layers
 from tests.cli.conftest import invoke
 from tests.helpers import ROUNDOFF, assert_matches_original, file_outputs, relative_error
 from tests.paths import models
@@ -62,7 +67,15 @@ OPERATIONS = (
     "float16_litert",
     "calibrate",
     "swap",
+    "qat_prepare",
+    "qat_fit",
+    "qat_litert",
+    "qat_onnx",
 )
+# Quantization-aware training: `kerasbn qat` / `kerasbn.qat.prepare` (ranges calibrated), one training step,
+# and the QAT model exported as int8 with no calibration (its own grids and ranges).
+QAT_OPERATIONS = ("qat_prepare", "qat_fit", "qat_litert", "qat_onnx")
+QAT_EXPORTS = {"qat_litert": "litert", "qat_onnx": "onnx"}
 CHEAP = ("audit", "fold", "swap")
 FRONTS = ("library", "cli")
 BACKENDS = ("tensorflow", "jax")
@@ -99,15 +112,18 @@ def _sampled() -> list[Cell]:
         for j, op in enumerate(OPERATIONS):
             if _in_float32_row(kind, op):
                 cells.append(Cell(kind, "float32", "tensorflow", op, FRONTS[(i + j) % 2]))
+    rewrites = [op for op in OPERATIONS if op not in QAT_OPERATIONS]
     for policy in models.POLICIES[1:]:
         for i, kind in enumerate(MIXED_KINDS):
-            cells += [Cell(kind, policy, "tensorflow", op, FRONTS[(i + j) % 2]) for j, op in enumerate(OPERATIONS)]
+            cells += [Cell(kind, policy, "tensorflow", op, FRONTS[(i + j) % 2]) for j, op in enumerate(rewrites)]
     for kind, policy in JAX_MODELS:
-        cells += [Cell(kind, policy, "jax", op, "cli") for op in OPERATIONS if policy != "float32" or op not in FLOAT16]
-    return cells
+        cells += [Cell(kind, policy, "jax", op, "cli") for op in rewrites if policy != "float32" or op not in FLOAT16]
+    return cells + list(QAT_SAMPLE)
 
 
 def _in_float32_row(kind: str, op: str) -> bool:
+    if op in QAT_OPERATIONS:
+        return False
     if kind == "application":
         return op in APPLICATION_OPERATIONS
     return op not in FLOAT16 or kind in FLOAT16_KINDS
@@ -129,6 +145,17 @@ JAX_MODELS = (
     ("functional", "mixed_float16"),
 )
 
+# QAT in `make test`: one cell per operation, both fronts, a JAX-saved file, and the refusals (a subclassed
+# model, a mixed-precision one); each costs a few seconds (an export converts twice: file and check).
+QAT_SAMPLE = (
+    Cell("functional", "float32", "tensorflow", "qat_prepare", "cli"),
+    Cell("sequential_input", "float32", "tensorflow", "qat_fit", "library"),
+    Cell("nested", "float32", "tensorflow", "qat_litert", "library"),
+    Cell("sequential_fit", "float32", "jax", "qat_onnx", "cli"),
+    Cell("subclassed", "float32", "tensorflow", "qat_prepare", "library"),
+    Cell("functional", "mixed_float16", "tensorflow", "qat_fit", "cli"),
+)
+
 # The cheap cells that cover every kind, policy and operation at least once (`make test-fast`); the front is
 # the one `_sampled` gives the cell.
 DIAGONAL = {
@@ -146,13 +173,25 @@ DIAGONAL = {
     ("sequential_fit", "mixed_float16", "tensorflow", "swap"),
     ("functional", "mixed_float16", "tensorflow", "float16_onnx"),
     ("sequential_input", "float32", "tensorflow", "float16_litert"),
+    ("functional", "float32", "tensorflow", "qat_prepare"),
+    ("sequential_input", "float32", "tensorflow", "qat_fit"),
+    ("nested", "float32", "tensorflow", "qat_litert"),
+    ("sequential_fit", "float32", "jax", "qat_onnx"),
 }
 
 # Cells refused by design: (kind, policy, backend, operation, front) with None for "any" → the reason's
 # words in the one-line error (exit 2), as docs/limitations.md documents it.
 REFUSED: dict[tuple[str | None, ...], str] = {
-    ("subclassed", None, None, op, None): "is subclassed and has no functional graph"
-    for op in ("audit_data", "strip_biases", "calibrate", "swap")
+    **{
+        ("subclassed", None, None, op, None): "is subclassed and has no functional graph"
+        for op in ("audit_data", "strip_biases", "calibrate", "swap", *QAT_OPERATIONS)
+    },
+    # The fake-quant grids are float32: a mixed-precision model is quantized from its float32 twin by the user.
+    **{
+        (None, policy, None, op, None): "quantization-aware training needs a float32 model"
+        for policy in models.POLICIES[1:]
+        for op in QAT_OPERATIONS
+    },
 }
 
 # Combinations that cannot apply, and why (none of them is in `CELLS`).
@@ -181,7 +220,7 @@ assert {c[3] for c in DIAGONAL} == set(OPERATIONS)
 
 # MobileNetV2's conversions take a minute each: its export cells run in `make test-large`, its audit, fold and
 # swap cells in `make test` (the row's kind-specific paths).
-LARGE = {("application", op) for op in ("export_onnx", "int8_litert")}
+LARGE = {("application", op) for op in ("export_onnx", "int8_litert", *QAT_OPERATIONS)}
 
 
 def _param(cell: Cell, rest: bool = False):
@@ -221,6 +260,8 @@ def _data_files(cell: Cell, folder: Path, rows: int, seed: int) -> Path:
 
 def _cli(cell: Cell, path: Path, folder: Path) -> tuple[int, str, str, Path | None]:
     op = cell.operation
+    if op in QAT_OPERATIONS:
+        return _qat_cli(cell, path, folder)
     out = None
     if op == "audit":
         args = ["audit", path, "--format", "json"]
@@ -254,6 +295,8 @@ MIN_AGREEMENT = 0.9
 
 def _library(cell: Cell, model, folder: Path):
     op = cell.operation
+    if op in QAT_OPERATIONS:
+        return _qat_library(cell, model, folder)
     if op == "audit":
         return kerasbn.audit(model)
     if op == "audit_data":
@@ -279,6 +322,9 @@ def _library(cell: Cell, model, folder: Path):
 def _check(cell: Cell, original, produced, x) -> None:
     """The operation's output against the original model (``x``: seeded inputs in the model's structure)."""
     op = cell.operation
+    if op in QAT_OPERATIONS:
+        _check_qat(cell, original, produced, x)
+        return
     bns = _bn_layers(original)
     dtype = twins.compute_dtype(original)
     if op in ("audit", "audit_quantization", "audit_data"):
@@ -349,6 +395,105 @@ def _check_int8(original, got: list[np.ndarray], x) -> None:
         assert rms <= INT8_RMS, f"int8 file: RMS error {rms:.3g} of the outputs' RMS > {INT8_RMS}"
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Quantization-aware training: the QAT model (and what was done with it) is the product of the cell.
+
+
+class QatProduct(NamedTuple):
+    model: object  # the QAT model, after its training step for qat_fit
+    file: Path | None = None  # the int8 file of an export; the model saved after its step for qat_fit
+    loss: object = None  # qat_fit: what train_on_batch returned
+    before: list[np.ndarray] | None = None  # qat_fit: the trainable weights before the step
+
+
+QAT_CALIBRATION_ROWS = 64
+# Output steps (of the output's 8-bit quantizer) an int8 file may differ from the QAT model it was written
+# from, per element: the issue's budget (integer requantization after each layer against one float rounding).
+QAT_MAX_LSB = 2
+
+
+def _qat_library(cell: Cell, model, folder: Path) -> QatProduct:
+    calibration = models.as_model_input(cell.kind, models.data(cell.kind, QAT_CALIBRATION_ROWS, 1))
+    qat = kerasbn.qat.prepare(model, calibration=calibration)
+    if cell.operation == "qat_fit":
+        return _fit_step(cell, qat, folder)
+    if cell.operation in QAT_EXPORTS:
+        out = folder / f"out.int8{targets()[QAT_EXPORTS[cell.operation]].suffix}"
+        kerasbn.export(qat, out)
+        return QatProduct(qat, out)
+    return QatProduct(qat)
+
+
+def _qat_cli(cell: Cell, path: Path, folder: Path) -> tuple[int, str, str, Path]:
+    """`kerasbn qat` on the file; for an export cell then `kerasbn export` of the QAT file, no calibration."""
+    qat_path = folder / "out.qat.keras"
+    data = _data_files(cell, folder, QAT_CALIBRATION_ROWS, 1)
+    prepared = invoke("qat", path, "-o", qat_path, "--calibration", data)
+    if prepared.exit_code != 0 or cell.operation not in QAT_EXPORTS:
+        return prepared.exit_code, prepared.stdout, prepared.stderr, qat_path
+    out = folder / f"out.int8{targets()[QAT_EXPORTS[cell.operation]].suffix}"
+    exported = invoke("export", qat_path, "-o", out)
+    return exported.exit_code, prepared.stdout + exported.stdout, prepared.stderr + exported.stderr, out
+
+
+def _qat_from_cli(cell: Cell, out: Path, folder: Path) -> QatProduct:
+    """What the CLI cell produced: the QAT file loaded (then trained one step, as a user's script would)."""
+    if cell.operation in QAT_EXPORTS:
+        return QatProduct(kerasbn.load_model(folder / "out.qat.keras"), out)
+    qat = kerasbn.load_model(out)
+    return _fit_step(cell, qat, folder) if cell.operation == "qat_fit" else QatProduct(qat)
+
+
+def _fit_step(cell: Cell, qat, folder: Path) -> QatProduct:
+    """One ``train_on_batch`` step (SGD, mean squared error to zero targets), then the model saved."""
+    x = models.as_model_input(cell.kind, models.data(cell.kind, 16, 2))
+    targets_ = keras.tree.map_structure(lambda y: np.zeros(y.shape, "float32"), qat.predict_on_batch(x))
+    loss = {"score": "mse", "embedding": "mse"} if cell.kind == "dict_io" else "mse"
+    qat.compile(optimizer=keras.optimizers.SGD(1e-2), loss=loss)
+    before = [np.array(w.numpy()) for w in qat.trainable_weights]
+    result = qat.train_on_batch(x, targets_)
+    path = folder / "trained.qat.keras"
+    qat.save(path)
+    return QatProduct(qat, path, result, before)
+
+
+def _check_qat(cell: Cell, original, produced: QatProduct, x) -> None:
+    """The QAT model fuses every BN; its outputs (or the int8 file's) near the float model's, the file's
+    within `QAT_MAX_LSB` output steps of the QAT model's; a training step moves the weights and survives saving.
+    """
+    qat = produced.model
+    want = _keras(qat, x)
+    fused = qat_layers.fused(qat)
+    # Every BN of the matrix models follows its Conv or Dense: each becomes one fused layer.
+    assert len(fused) == len(_bn_layers(original)) and not _bn_layers(qat), (len(fused), len(_bn_layers(qat)))
+    if cell.operation == "qat_prepare":
+        _check_int8(original, want, x)  # calibrated and untrained: the post-training-quantized model
+    elif cell.operation == "qat_fit":
+        assert all(np.all(np.isfinite(v)) for v in keras.tree.flatten(produced.loss)), produced.loss
+        moved = [not np.array_equal(a, w.numpy()) for a, w in zip(produced.before, qat.trainable_weights)]
+        assert any(moved), "a training step moved no weight"
+        for a, b in zip(want, _keras(kerasbn.load_model(produced.file), x)):
+            np.testing.assert_array_equal(a, b, err_msg="the trained QAT model reloads with other outputs")
+    else:
+        got = file_outputs(produced.file, QAT_EXPORTS[cell.operation], qat, x)
+        for y, z, step in zip(want, got, _output_steps(qat)):
+            lsb = float(np.max(np.abs(y - z))) / step
+            assert lsb <= QAT_MAX_LSB + 1e-3, f"int8 file: {lsb:.3g} output steps from the QAT model"
+        _check_int8(original, got, x)
+
+
+def _output_steps(qat) -> list[float]:
+    """Each output's grid step: that of the activation quantizer it comes from (through pass-through layers)."""
+    steps = []
+    for tensor in qat.outputs:
+        layer = tensor._keras_history.operation
+        while not isinstance(layer, qat_layers.ActivationQuantizer):
+            layer = layer.input._keras_history.operation
+        lo, hi = (float(v) for v in keras.ops.convert_to_numpy(layer.nudged_range())[:2])
+        steps.append((hi - lo) / (2**layer.bits - 1))
+    return steps
+
+
 def _check_calibrated(cell: Cell, original, calibrated) -> None:
     """Calibrated on one batch of data, the model in inference is the original in training mode on that batch.
 
@@ -408,6 +553,8 @@ def test_user_path(cell: Cell, path_models, tmp_path):
         assert code == 0, (code, stdout, stderr)
         if cell.operation.startswith("audit"):
             produced = json.loads(stdout)
+        elif cell.operation in QAT_OPERATIONS:
+            produced = _qat_from_cli(cell, out, tmp_path)
         elif cell.operation in EXPORTS:
             produced = out
         else:

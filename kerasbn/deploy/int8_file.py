@@ -1,0 +1,160 @@
+"""The integers an int8 file holds: its quantized weights and its activations' quantization parameters.
+
+An exporter of a quantization-aware model promises that the file computes
+with the grids the model trained on. These readers take the promise apart
+as a runtime would see it, without running anything:
+
+- `litert_weights` / `onnx_weights`: every integer weight tensor a kernel
+  multiplies with (LiteRT's CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED,
+  TRANSPOSE_CONV; ONNX's ``DequantizeLinear`` of an int8 constant), with its
+  scales and the axis they run along; LiteRT's INT4 tensors unpacked.
+- `litert_activations` / `onnx_activations`: the ``(scale, zero point)`` of
+  every quantized activation (LiteRT's int8 non-constant tensors, ONNX's
+  ``QuantizeLinear`` of a computed tensor), zero points as unsigned 8-bit
+  values (LiteRT's int8 zero point + 128).
+
+`kerasbn.deploy.qat_int8` compares both with the model's own grids and ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# LiteRT ops whose second input is the weight tensor.
+_LITERT_WEIGHT_OPS = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "CONV_3D": 1, "TRANSPOSE_CONV": 1}
+
+
+@dataclass(frozen=True)
+class IntegerWeights:
+    """One integer weight tensor of a file.
+
+    Attributes:
+        op: The op reading it (``"CONV_2D"``, ``"DequantizeLinear"``).
+        name: The tensor's name in the file.
+        values: The integers, in the file's layout, as int32.
+        scale: One scale per channel along ``axis``, or one value (per tensor).
+        axis: The channel axis of ``values`` the scales run along (None per tensor).
+        stored_bits: The width the file stores them in (8, or 4 for LiteRT's INT4).
+    """
+
+    op: str
+    name: str
+    values: np.ndarray
+    scale: np.ndarray
+    axis: int | None
+    stored_bits: int = 8
+
+
+def litert_weights(content: bytes) -> list[IntegerWeights]:
+    """The integer weights of the LiteRT flatbuffer ``content`` (see the module docstring)."""
+    from kerasbn.deploy.litert import _schema
+
+    schema = _schema()
+    model = schema.Model.GetRootAsModel(content, 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    found: dict[int, IntegerWeights] = {}
+    for g in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(g)
+        for o in range(graph.OperatorsLength()):
+            op = graph.Operators(o)
+            code = model.OperatorCodes(op.OpcodeIndex())
+            name = names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "")
+            if name not in _LITERT_WEIGHT_OPS or op.InputsLength() <= _LITERT_WEIGHT_OPS[name]:
+                continue
+            index = op.Inputs(_LITERT_WEIGHT_OPS[name])
+            tensor = graph.Tensors(index)
+            bits = {schema.TensorType.INT8: 8, schema.TensorType.INT4: 4}.get(tensor.Type())
+            data = model.Buffers(tensor.Buffer()).DataAsNumpy()
+            quantization = tensor.Quantization()
+            if bits is None or isinstance(data, int) or quantization is None or not quantization.ScaleLength():
+                continue
+            shape = tuple(int(d) for d in tensor.ShapeAsNumpy())
+            values = _unpack_int4(data, int(np.prod(shape))) if bits == 4 else data.view(np.int8)
+            scale = np.asarray(quantization.ScaleAsNumpy(), np.float32)
+            found[index] = IntegerWeights(
+                name,
+                tensor.Name().decode(),
+                values.astype(np.int32).reshape(shape),
+                scale if scale.size > 1 else scale.reshape(()),
+                int(quantization.QuantizedDimension()) if scale.size > 1 else None,
+                bits,
+            )
+    return list(found.values())
+
+
+def _unpack_int4(data: np.ndarray, count: int) -> np.ndarray:
+    """LiteRT's packed INT4: two values a byte, the low nibble first, two's complement."""
+    raw = np.asarray(data, np.uint8)
+    nibbles = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(-1)[:count].astype(np.int32)
+    return np.where(nibbles > 7, nibbles - 16, nibbles)
+
+
+def litert_activations(content: bytes) -> list[tuple[float, int]]:
+    """``(scale, unsigned zero point)`` of every quantized computed tensor of the LiteRT flatbuffer."""
+    from kerasbn.deploy.litert import _schema
+
+    schema = _schema()
+    model = schema.Model.GetRootAsModel(content, 0)
+    found = []
+    for g in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(g)
+        for t in range(graph.TensorsLength()):
+            tensor = graph.Tensors(t)
+            quantization = tensor.Quantization()
+            constant = not isinstance(model.Buffers(tensor.Buffer()).DataAsNumpy(), int)
+            if tensor.Type() not in (schema.TensorType.INT8, schema.TensorType.UINT8) or constant:
+                continue
+            if quantization is None or quantization.ScaleLength() != 1:
+                continue
+            offset = 128 if tensor.Type() == schema.TensorType.INT8 else 0
+            found.append((float(quantization.Scale(0)), int(quantization.ZeroPoint(0)) + offset))
+    return found
+
+
+def onnx_weights(model: Any) -> list[IntegerWeights]:
+    """The integer weights of the ONNX ``model``: every ``DequantizeLinear`` of an 8-bit integer constant."""
+    from onnx import helper, numpy_helper
+
+    init = {t.name: t for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in init or node.input[1] not in init:
+            continue
+        values = numpy_helper.to_array(init[node.input[0]])
+        if values.dtype not in (np.int8, np.uint8):
+            continue  # an int32 bias
+        scale = numpy_helper.to_array(init[node.input[1]]).astype(np.float32)
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
+        per_channel = scale.size > 1
+        found.append(
+            IntegerWeights(
+                node.op_type,
+                node.input[0],
+                values.astype(np.int32),
+                scale if per_channel else scale.reshape(()),
+                axis % values.ndim if per_channel else None,
+            )
+        )
+    return found
+
+
+def onnx_activations(model: Any) -> list[tuple[float, int]]:
+    """``(scale, unsigned zero point)`` of every ``QuantizeLinear`` of a computed tensor in the ONNX ``model``."""
+    from onnx import numpy_helper
+
+    init = {t.name: t for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in init or node.input[1] not in init:
+            continue
+        scale = numpy_helper.to_array(init[node.input[1]])
+        has_zero = len(node.input) > 2 and node.input[2] in init
+        zero = numpy_helper.to_array(init[node.input[2]]) if has_zero else np.zeros((), np.uint8)
+        if scale.size != 1:
+            continue
+        offset = 128 if zero.dtype == np.int8 else 0
+        found.append((float(scale.reshape(())), int(zero.reshape(())) + offset))
+    return found
