@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install lint format test test-large test-fast test-jax test-torch docs demo qat-demo bench clean
+.PHONY: install lint format test test-large test-large-slice test-fast test-jax test-torch docs demo qat-demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ test-torch: $(STAMP)
 
 test-large: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PYTEST) -m large
+
+## CI's share of the large tests: slice K of LARGE_SLICES by a hash of each test's id, K the HEAD commit's hash
+## mod LARGE_SLICES (tests/conftest.py, --slice), so each commit runs a different twelfth (about 10 minutes on
+## 2 cores) and every large test runs within a few submissions. SLICE=K/N runs a given slice again.
+LARGE_SLICES ?= 12
+SLICE ?= commit/$(LARGE_SLICES)
+test-large-slice: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PYTEST) -m large --slice $(SLICE)
 
 ## A quick subset: everything not marked slow, TensorFlow backend.
 test-fast: $(STAMP)

@@ -128,6 +128,8 @@ def fold(settings: Settings, checking: Checking, model: Path, output: Path | Non
 
     The folded model is compared with the original in memory and again as
     reloaded from the written file; nothing is written unless both agree.
+    When nothing folds (no BN, or none that folds exactly), the model is
+    unchanged: it says so and only the reloaded file is compared.
     Prints what was folded, what was not and why, parameters before and
     after, and the largest error.
 
@@ -145,8 +147,11 @@ def fold(settings: Settings, checking: Checking, model: Path, output: Path | Non
         original, inputs = _load(settings, checking, model, output, step)
         step("Folding")
         result = kerasbn.fold(original)
-        checks = _save_checked(settings, checking, result.model, output, step, inputs, original)
-    render.print_rewrite(settings, "fold", result.report, checks, output, fmt)
+        changed = bool(result.report.folded)
+        # Nothing folded: what is written is the original, which needs no comparison with itself in memory.
+        written = result.model if changed else original
+        checks = _save_checked(settings, checking, written, output, step, inputs, original)
+    render.print_rewrite(settings, "fold", result.report, checks, output, fmt, unchanged=not changed)
     return EXIT_OK
 
 

@@ -109,6 +109,9 @@ def _print_float_export(out: Any, result: Any) -> None:
     runtime = getattr(result, "runtime", "ONNX Runtime")
     if result.passes:
         out.print(f"Graph passes that changed it: {', '.join(result.passes)}")
+    notes = dict.fromkeys(check.batch_note for check in result.checks if getattr(check, "batch_note", None))
+    for note in notes:
+        out.print(f"Checked at {note}.")
     for check in result.checks:
         verdict = "ok" if check.passed else "FAILED"
         if getattr(check, "discontinuous", None):
@@ -196,7 +199,7 @@ def print_calibrate(settings: Any, report: Any, moved: Any, output: Any, fmt: st
 def _check_lines(checks: dict[str, Any]) -> list[str]:
     if not checks:
         return ["Not verified (--no-verify)."]
-    lines = []
+    lines = [f"Checked at {note}." for note in dict.fromkeys(r.batch_note for r in checks.values() if r.batch_note)]
     for stage, r in checks.items():
         if getattr(r, "discontinuous", None):
             lines.append(f"{stage.capitalize()}: {r.discontinuous}.")
@@ -230,8 +233,13 @@ def _allowed(r: Any) -> str:
     return f"allowed {error(r.allowed)} ({noise})"
 
 
-def print_rewrite(settings: Any, kind: str, report: Any, checks: dict[str, Any], output: Any, fmt: str) -> None:
-    """A rewrite's report (``kind``: ``"fold"``, ``"swap"``), its verification in memory and reloaded, the output."""
+def print_rewrite(
+    settings: Any, kind: str, report: Any, checks: dict[str, Any], output: Any, fmt: str, *, unchanged: bool = False
+) -> None:
+    """A rewrite's report (``kind``: ``"fold"``, ``"swap"``), its verification in memory and reloaded, the output.
+
+    ``unchanged``: the rewrite changed nothing, so it was not compared in memory.
+    """
     if settings.quiet:
         return
     if fmt == "json":
@@ -239,12 +247,18 @@ def print_rewrite(settings: Any, kind: str, report: Any, checks: dict[str, Any],
             {
                 "output": str(output),
                 kind: report.to_dict(),
+                "changed": not unchanged,
                 "verification": {stage: r.to_dict() for stage, r in checks.items()} or None,
             }
         )
         return
     out = console()
     out.print(report)
+    if unchanged:
+        out.print(
+            "Nothing folded: the model is unchanged, so it was not compared in memory"
+            + ("; the written file was reloaded and compared." if checks else ".")
+        )
     for line in _check_lines(checks):
         out.print(line)
     out.print(f"Wrote {output}")

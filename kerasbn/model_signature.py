@@ -64,8 +64,10 @@ class Signature:
     Attributes:
         inputs: The inputs in `keras.tree.flatten` order of the structure the model takes.
         structure: That structure with `InputSpec` leaves (one spec, a list, a dict...).
-        output_names: The outputs' names in `keras.tree.flatten` order
-            (``None`` for a subclassed model, whose outputs are known only once called).
+        output_names: The names exported graphs give the outputs, in `keras.tree.flatten` order: a dict
+            output's key, else the output layer's name, by the rule of `InputSpec.name` (``output``,
+            ``output_N`` for a name Keras made up); ``None`` for a subclassed model, whose outputs are
+            known only once called.
     """
 
     inputs: tuple[InputSpec, ...]
@@ -186,7 +188,8 @@ def signature(model: keras.Model) -> Signature:
         keys = _keys(structure, [_layer_name(t) for t in tensors])
         shapes = [tuple(t.shape) for t in tensors]
         dtypes = [_fed(keras.backend.standardize_dtype(t.dtype), model) for t in tensors]
-        outputs = tuple(t.name for t in keras.tree.flatten(fn._outputs_struct))
+        produced = keras.tree.flatten(fn._outputs_struct)
+        outputs = tuple(_export_names(_keys(fn._outputs_struct, [_layer_name(t) for t in produced]), "output"))
     else:
         recorded = getattr(model, "_build_shapes_dict", None) or {}
         if len(recorded) != 1:
@@ -260,15 +263,16 @@ def _keys(structure: Any, default: list[str], shapes: bool = False) -> list[str]
 _AUTOMATIC = re.compile(r"(input_layer|keras_tensor)(_\d+)?")
 
 
-def _export_names(keys: list[str]) -> list[str]:
+def _export_names(keys: list[str], kind: str = "input") -> list[str]:
     """One rule for every target: ``[A-Za-z0-9_]``, a leading letter, unique; ``input`` (``input_<i>``) for a
-    name Keras made up, so that the file's inputs do not depend on what else the process built."""
+    name Keras made up, so that the file's inputs do not depend on what else the process built (``output``
+    for outputs)."""
     names: list[str] = []
     for i, key in enumerate(keys):
         if key and _AUTOMATIC.fullmatch(key):
-            key = "input" if len(keys) == 1 else f"input_{i}"
+            key = kind if len(keys) == 1 else f"{kind}_{i}"
         cleaned = re.sub(r"[^A-Za-z0-9_]", "_", key or "")
-        name = cleaned if cleaned and cleaned[0].isalpha() else f"input_{i}"
+        name = cleaned if cleaned and cleaned[0].isalpha() else f"{kind}_{i}"
         while name in names:
             name = f"{name}_{i}"
         names.append(name)

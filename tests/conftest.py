@@ -122,3 +122,74 @@ def gradients(layer, x, dy):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# `--slice K/N` runs the tests whose id hashes to K mod N (of those the other options select); `--slice commit/N`
+# takes K from the checked-out commit, so CI runs a different share of the `large` tests at each commit and every
+# test within a few commits. A test's slice depends on its id alone: not on the order, the markers or the machine.
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slice",
+        metavar="K/N",
+        default=None,
+        help="run only slice K of N (0 ≤ K < N) of the selected tests, by a hash of each test's id; "
+        "K may be 'commit': the HEAD commit's hash mod N",
+    )
+
+
+SLICE = pytest.StashKey[tuple]()
+
+
+def pytest_configure(config):
+    """Work out ``--slice`` once: (K, N, where K came from), or None."""
+    import subprocess
+
+    spec = config.getoption("--slice")
+    config.stash[SLICE] = None
+    if spec is None:
+        return
+    try:
+        k, n = spec.split("/")
+        n = int(n)
+        if n < 1:
+            raise ValueError("N must be at least 1")
+        source = "--slice"
+        if k == "commit":
+            head = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=config.rootpath
+            ).stdout.strip()
+            k, source = int(head, 16) % n, f"commit {head[:12]}"
+        k = int(k)
+    except (ValueError, OSError, subprocess.CalledProcessError) as exc:
+        raise pytest.UsageError(f"--slice {spec}: expected K/N, or commit/N in a git checkout ({exc})") from exc
+    if not 0 <= k < n:
+        raise pytest.UsageError(f"--slice {spec}: K must be in 0..N-1")
+    config.stash[SLICE] = (k, n, source)
+
+
+def slice_of(nodeid: str, n: int) -> int:
+    """The slice (of ``n``) a test id falls in: a hash, the same on every machine and in every order."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:8], "big") % n
+
+
+def pytest_report_header(config):
+    chosen = config.stash[SLICE]
+    if chosen is not None:
+        k, n, source = chosen
+        return f"slice {k} of {n} (K from {source}; the same tests again: --slice {k}/{n})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    chosen = config.stash[SLICE]
+    if chosen is None:
+        return
+    k, n, _ = chosen
+    dropped = [item for item in items if slice_of(item.nodeid, n) != k]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if slice_of(item.nodeid, n) == k]

@@ -139,6 +139,9 @@ class VerifyResult(Printable):
             follow a top-k, arg-max or NMS), or ``None`` when it did; then the
             other fields describe the outputs computed before any selection.
         layers: The per-layer checks of a discontinuous model (empty otherwise).
+        batch_note: Why the random check inputs hold fewer samples than asked
+            (the model's activations and the check's memory budget,
+            `kerasbn.deploy.budget`), or ``None``.
     """
 
     passed: bool
@@ -159,6 +162,7 @@ class VerifyResult(Printable):
     float64_error: float | None = None
     discontinuous: str | None = None
     layers: tuple[LayerCheck, ...] = ()
+    batch_note: str | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of the fields (an infinite margin or error as the string ``"inf"``)."""

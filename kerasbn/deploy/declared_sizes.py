@@ -39,7 +39,7 @@ _UNSAVED_VALUES = 2**24
 
 
 def weights_held(path: Path, kind: str) -> int:
-    """The number of weight values in the model file at ``path`` (``kind`` "keras" or "h5").
+    """The number of weight values in the model file (or unzipped .keras folder) at ``path`` (``kind`` "keras" or "h5").
 
     Raises `ModelLoadError` when its datasets declare more than they store. A
     weights file that cannot be read at all is left to Keras to report, and
@@ -51,15 +51,27 @@ def weights_held(path: Path, kind: str) -> int:
         if kind == "h5":
             with h5py.File(path, "r") as f:
                 return _count(path, f)
+        if path.is_dir():  # an unzipped .keras folder (files.py): its weights file is the archive's member
+            if not (path / WEIGHTS_MEMBER).is_file():
+                return _size(path)
+            with h5py.File(path / WEIGHTS_MEMBER, "r") as f:
+                return _count(path, f)
         with zipfile.ZipFile(path) as archive:
             if WEIGHTS_MEMBER not in archive.namelist():
-                return path.stat().st_size  # .npz weights: Keras's own guard reads them
+                return _size(path)  # .npz weights: Keras's own guard reads them
             with _member(path, archive, archive.getinfo(WEIGHTS_MEMBER)) as member, h5py.File(member, "r") as f:
                 return _count(path, f)
     except ModelLoadError:
         raise
     except Exception:  # h5py raises many kinds on damaged files; Keras names the damage
-        return path.stat().st_size
+        return _size(path)
+
+
+def _size(path: Path) -> int:
+    """Bytes in the file at ``path``, or in the files of the folder (an unzipped .keras model)."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return path.stat().st_size
 
 
 def _count(path: Path, weights: Any) -> int:

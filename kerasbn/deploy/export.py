@@ -377,8 +377,7 @@ def _int8_file(
         step(f"Quantizing to int8 for {target.runtime}")
         quantized = target.serialize(target.quantize(conversion.model, sig, float_path, sets[0][1]))
         step("Comparing the int8 model with the float model")
-        report = _run_guarded(
-            target,
+        report = target.guarded(
             lambda: int8_report(
                 model,
                 sig,
@@ -467,7 +466,7 @@ def _checked(
         return result
     target, sig = conversion.target, conversion.sig
     step(f"Checking with {target.runtime}")
-    result = replace(result, checks=_run_guarded(target, lambda: reference.judge(target.runner(file, sig))))
+    result = replace(result, checks=target.guarded(lambda: reference.judge(target.runner(file, sig))))
     failed = [c for c in result.checks if not c.passed]
     if not failed:
         return result
@@ -480,23 +479,6 @@ def _checked(
         f"{worst.max_abs_error:.3g} exceeds {worst.tolerance}; nothing written",
         result,
     )
-
-
-def _run_guarded(target: Target, body: Callable[[], Any]) -> Any:
-    """``body()``, with a runtime's failure to load or run a file as one `UnsupportedModelError` line.
-
-    ONNX Runtime and the LiteRT interpreter raise their own exception types
-    for a graph they cannot load (a type without a kernel, an unknown op) or
-    run; either means the model does not deploy to this target as converted.
-    """
-    try:
-        return body()
-    except (KerasbnError, VerificationError):
-        raise
-    except Exception as exc:  # the runtimes' own errors (InvalidGraph, RuntimeError, ValueError...)
-        raise UnsupportedModelError(
-            f"{target.runtime} cannot run the converted {target.title} file: {first_line(exc)}; nothing written"
-        ) from exc
 
 
 def _blame_pass(conversion: Conversion, reference: Reference) -> None:

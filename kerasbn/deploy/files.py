@@ -46,7 +46,8 @@ def load_model(
     """Load a `.keras` or legacy `.h5` model for inspection or rewriting.
 
     Args:
-        path: the model file.
+        path: the model file, or an unzipped `.keras` folder (``keras.saving.save_model(model, folder,
+            zipped=False)``: ``config.json`` and ``model.weights.h5``), loaded with the same safety.
         safe_mode: keep Keras safe mode on (refuses Python lambdas). Turn it
             off only for files you trust: deserializing a lambda runs its code.
         custom_modules: modules to import first; they register the custom
@@ -217,9 +218,8 @@ def _check_input_file(path: Path) -> str:
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
-        raise ModelLoadError(
-            f"{path}: is a directory; give a .keras or .h5 file (TensorFlow SavedModel folders are not Keras 3 models)"
-        )
+        _check_keras_folder(path)
+        return "keras"
     suffix = path.suffix
     try:
         with path.open("rb") as f:
@@ -285,6 +285,37 @@ def _check_keras_archive(path: Path) -> None:
         raise ModelLoadError(f"{path}: corrupted .keras archive (config.json is not valid JSON)") from exc
     if not isinstance(config, dict) or not isinstance(config.get("class_name"), str):
         raise ModelLoadError(f"{path}: corrupted .keras archive (config.json does not describe a model)")
+
+
+def _check_keras_folder(path: Path) -> None:
+    """An unzipped ``.keras`` model (``keras.saving.save_model(..., zipped=False)``), or a true refusal.
+
+    Keras reads such a folder as it reads the archive (`keras.saving.load_model`:
+    ``config.json`` under the same safe mode, then the weights file), so it is
+    loaded with the same safety; only the container checks differ. A
+    TensorFlow SavedModel folder (``saved_model.pb``) and any other folder are
+    refused, saying which.
+    """
+    if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
+        raise ModelLoadError(
+            f"{path}: is a TensorFlow SavedModel folder, not a Keras model; "
+            "give a .keras or .h5 file or an unzipped .keras folder"
+        )
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(
+            f"{path}: is a directory without config.json; give a .keras or .h5 file or an unzipped .keras folder"
+        )
+    if not any((path / name).is_file() for name in _WEIGHT_MEMBERS):
+        raise ModelLoadError(f"{path}: unzipped .keras folder without model weights (model.weights.h5)")
+    try:
+        parsed = json.loads(config.read_bytes())
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read config.json: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelLoadError(f"{path}: corrupted .keras folder (config.json is not valid JSON)") from exc
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("class_name"), str):
+        raise ModelLoadError(f"{path}: corrupted .keras folder (config.json does not describe a model)")
 
 
 def _import_modules(modules: Iterable[str]) -> None:

@@ -75,12 +75,12 @@ def litert_weights(content: bytes) -> list[IntegerWeights]:
             values = _unpack_int4(data, int(np.prod(shape))) if bits == 4 else data.view(np.int8)
             scale = np.asarray(quantization.ScaleAsNumpy(), np.float32)
             found[index] = IntegerWeights(
-                name,
-                tensor.Name().decode(),
-                values.astype(np.int32).reshape(shape),
-                scale if scale.size > 1 else scale.reshape(()),
-                int(quantization.QuantizedDimension()) if scale.size > 1 else None,
-                bits,
+                op=name,
+                name=tensor.Name().decode(),
+                values=values.astype(np.int32).reshape(shape),
+                scale=scale if scale.size > 1 else scale.reshape(()),
+                axis=int(quantization.QuantizedDimension()) if scale.size > 1 else None,
+                stored_bits=bits,
             )
     return list(found.values())
 
@@ -131,11 +131,11 @@ def onnx_weights(model: Any) -> list[IntegerWeights]:
         per_channel = scale.size > 1
         found.append(
             IntegerWeights(
-                node.op_type,
-                node.input[0],
-                values.astype(np.int32),
-                scale if per_channel else scale.reshape(()),
-                axis % values.ndim if per_channel else None,
+                op=node.op_type,
+                name=node.input[0],
+                values=values.astype(np.int32),
+                scale=scale if per_channel else scale.reshape(()),
+                axis=axis % values.ndim if per_channel else None,
             )
         )
     return found

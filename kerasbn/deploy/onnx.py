@@ -99,8 +99,10 @@ TARGET = OnnxTarget()
 def to_onnx(model: Any, sig: Any = None, *, opset: int | None = None) -> Any:
     """Convert `model` to an `onnx.ModelProto` with a dynamic batch dimension: tf2onnx's graph, no passes.
 
-    Inputs are named as `kerasbn.model_signature.Signature` names them (``sig``, the
-    model's own when None); outputs are the model's outputs in `keras.tree.flatten` order.
+    Inputs and outputs are named as `kerasbn.model_signature.Signature` names them
+    (``sig``, the model's own when None; a subclassed model's outputs ``output``,
+    ``output_1``, ...), outputs in `keras.tree.flatten` order. Constants the trace
+    captured are initializers (`_captures_as_initializers`).
     """
     import tensorflow as tf
 
@@ -113,6 +115,8 @@ def to_onnx(model: Any, sig: Any = None, *, opset: int | None = None) -> Any:
 
     function = tf.function(forward, input_signature=specs, autograph=False)
     with _tf2onnx() as tf2onnx, _graph_mode_grouped_conv(), _vectorized_map():
+        # Traced here, under the patches; tf2onnx converts the same (cached) trace.
+        captured = _captured_constants(function.get_concrete_function(*specs))
         try:
             try:
                 with _optimizer_without_copies():
@@ -131,7 +135,68 @@ def to_onnx(model: Any, sig: Any = None, *, opset: int | None = None) -> Any:
             # tf2onnx's graphs hold reference cycles; unreleased, they stay resident
             # through the passes and the checks (gigabytes for ResNet50).
             gc.collect()
+    _captures_as_initializers(proto, captured)
+    _name_outputs(proto, sig.output_names)
     return proto
+
+
+def _captured_constants(concrete: Any) -> dict[str, np.ndarray]:
+    """The tensors (not variables) a traced function captured, by the name of the placeholder standing for each.
+
+    A layer holding a constant as a plain tensor (``keras.layers.Normalization``
+    given ``mean`` and ``variance``: ConvNeXt's first layer) is traced as a
+    placeholder fed with the captured value. tf2onnx freezes captured
+    variables but leaves such a placeholder a graph input, which ONNX Runtime
+    then asks the caller for (Keras's own ``model.export(format="onnx")`` writes
+    the same graph).
+    """
+    import tensorflow as tf
+
+    placeholders = concrete.graph.inputs[len(concrete.graph.inputs) - len(concrete.captured_inputs) :]
+    return {
+        placeholder.name: value.numpy()
+        for value, placeholder in zip(concrete.captured_inputs, placeholders)
+        if value.dtype != tf.resource and hasattr(value, "numpy")
+    }
+
+
+def _captures_as_initializers(proto: Any, captured: dict[str, np.ndarray]) -> None:
+    """The graph inputs that stand for captured constants become initializers holding their values."""
+    from onnx import numpy_helper
+
+    constants = [i for i in proto.graph.input if i.name in captured]
+    for graph_input in constants:
+        proto.graph.initializer.append(numpy_helper.from_array(captured[graph_input.name], graph_input.name))
+        proto.graph.input.remove(graph_input)
+
+
+def _name_outputs(proto: Any, names: Sequence[str] | None) -> None:
+    """The graph's outputs renamed to the model's output names (tf2onnx's are ``Identity:0``, ``Identity_1:0``...).
+
+    ``names`` is `Signature.output_names`; ``None`` (a subclassed model) names them
+    ``output``, ``output_1``, ... A name another tensor of the graph already has
+    (an input's) gets a ``_<i>`` suffix.
+    """
+    outputs = list(proto.graph.output)
+    if names is None or len(names) != len(outputs):
+        names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    graph = proto.graph
+    inputs = {i.name for i in graph.input}
+    taken = inputs | {i.name for i in graph.initializer} | {name for node in graph.node for name in node.output}
+    renames = {}
+    for i, (output, name) in enumerate(zip(outputs, names)):
+        if output.name in inputs:  # an input passed straight through keeps the input's name
+            renames[output.name] = output.name
+            continue
+        while name in taken and name != output.name:
+            name = f"{name}_{i}"
+        taken.add(name)
+        renames[output.name] = name
+    for node in graph.node:
+        node.output[:] = [renames.get(n, n) for n in node.output]
+        node.input[:] = [renames.get(n, n) for n in node.input]
+    for output in outputs:
+        output.name = renames[output.name]
 
 
 @contextlib.contextmanager

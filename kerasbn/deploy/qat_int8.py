@@ -300,7 +300,6 @@ def export_qat(
     """
     from dataclasses import replace
 
-    from kerasbn.deploy.export import _run_guarded as run_guarded
     from kerasbn.deploy.files import atomic_output, check_output_path
     from kerasbn.deploy.target import target_for
     from kerasbn.deploy.verify import Checks
@@ -327,7 +326,7 @@ def export_qat(
     step(f"Converting the quantization-aware model to int8 {target.title}")
     graph, passes = convert(model, target.name, sig, opset=opset, optimize=optimize)
     content = target.serialize(graph)
-    runtime_ops = run_guarded(target, lambda: optimized_op_counts(content)) if target.name == "onnx" else None
+    runtime_ops = target.guarded(lambda: optimized_op_counts(content)) if target.name == "onnx" else None
     result = QatExportResult(
         path=path,
         format=target.name,
@@ -339,7 +338,7 @@ def export_qat(
     )
     if checks.verify:
         step(f"Checking the int8 file with {target.runtime} against the simulated model")
-        check = run_guarded(target, lambda: check_file(model, target.name, content, sig, checks, steps))
+        check = target.guarded(lambda: check_file(model, target.name, content, sig, checks, steps))
         result = replace(result, check=check)
         if not check.passed:
             raise QatVerificationError(

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kerasbn.deploy.runtime import Runner
-from kerasbn.errors import KerasbnError, UnsupportedModelError
+from kerasbn.errors import KerasbnError, UnsupportedModelError, VerificationError, first_line
 
 # One line per format: the module that defines its ``TARGET``.
 REGISTRY = (
@@ -86,6 +86,22 @@ class Target(abc.ABC):
     def describe(self, filename: str, version: int) -> str:
         """The heading of the op table."""
         return f"{self.title} graph of {filename} (version {version})"
+
+    def guarded(self, body: Callable[[], Any]) -> Any:
+        """``body()``, with the runtime's failure to load or run a file as one `UnsupportedModelError` line.
+
+        ONNX Runtime and the LiteRT interpreter raise their own exception types
+        for a graph they cannot load (a type without a kernel, an unknown op) or
+        run; either means the model does not deploy to this target as converted.
+        """
+        try:
+            return body()
+        except (KerasbnError, VerificationError):
+            raise
+        except Exception as exc:  # the runtimes' own errors (InvalidGraph, RuntimeError, ValueError...)
+            raise UnsupportedModelError(
+                f"{self.runtime} cannot run the converted {self.title} file: {first_line(exc)}; nothing written"
+            ) from exc
 
     @abc.abstractmethod
     def quantize(self, model: Any, sig: Any, float_path: Path, rows: Sequence[np.ndarray]) -> Any:

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from kerasbn.deploy import twins
+from kerasbn.deploy.budget import CheckBatch, check_batch
 from kerasbn.deploy.criteria import Discontinuity, ExactReference, VerifyResult, compare, judge, relative_error, verdict
 from kerasbn.deploy.outputs import batch_size_of, keras_outputs, outputs_on_random, random_inputs
 from kerasbn.errors import UnsupportedModelError
@@ -58,6 +59,9 @@ class Checks:
         atol, rtol: Give either for the element-wise criterion; by default
             the check knows the exact answer (`kerasbn.deploy.criteria`).
         seed: Seed of the random inputs (batch size ``k`` of the list gets ``seed + k``).
+            A batch size the model's activations do not allow within the
+            check's memory budget is reduced (`kerasbn.deploy.budget`; the
+            results say so).
     """
 
     verify: bool = True
@@ -78,12 +82,14 @@ class Checks:
     def elementwise(self) -> bool:
         return self.atol is not None or self.rtol is not None
 
-    def cases(self, sig: Signature) -> list[list[np.ndarray]]:
-        """The flat input arrays of every check: the given inputs whole and as one row, else random ones."""
+    def cases(self, sig: Signature, most: int | None = None) -> list[list[np.ndarray]]:
+        """The flat input arrays of every check: the given inputs whole and as one row, else random ones
+        (at most ``most`` samples each, one check per distinct batch size)."""
         if self.inputs is not None:
             arrays = sig.flatten(self.inputs)
             return [arrays, [a[:1] for a in arrays]]
-        return [sig.random(b, self.seed + k) for k, b in enumerate(self.batch_sizes)]
+        sizes = dict.fromkeys(b if most is None else min(b, most) for b in self.batch_sizes)
+        return [sig.random(b, self.seed + k) for k, b in enumerate(sizes)]
 
 
 def exact_reference(
@@ -139,10 +145,13 @@ class Reference:
     noises: list[list[float] | None] = field(init=False)
     note: str | None = field(init=False, default=None)
     discontinuity: Discontinuity | None = field(init=False, default=None)
+    batch: CheckBatch | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.sig = signature(self.model)
-        self.cases = self.checks.cases(self.sig)
+        if self.checks.inputs is None and self.checks.batch_sizes:
+            self.batch = check_batch(self.model, max(self.checks.batch_sizes))
+        self.cases = self.checks.cases(self.sig, self.batch.batch if self.batch else None)
         if not self.checks.elementwise:
             self.dtype = self.dtype or twins.compute_dtype(self.model)
         self.expected, self.answers, self.noises = [], [], []
@@ -173,17 +182,20 @@ class Reference:
         discontinuous model its outputs before the selection are judged.
         """
         return tuple(
-            verdict(
-                expected,
-                [np.asarray(y) for y in run(list(arrays))],
-                batch_size=batch_size_of(arrays),
-                atol=self.checks.atol,
-                rtol=self.checks.rtol,
-                answer=answer,
-                noise=measured,
-                note=self.note,
-                dtype=self.dtype,
-                discontinuity=self.discontinuity,
+            _noted(
+                verdict(
+                    expected,
+                    [np.asarray(y) for y in run(list(arrays))],
+                    batch_size=batch_size_of(arrays),
+                    atol=self.checks.atol,
+                    rtol=self.checks.rtol,
+                    answer=answer,
+                    noise=measured,
+                    note=self.note,
+                    dtype=self.dtype,
+                    discontinuity=self.discontinuity,
+                ),
+                self.batch,
             )
             for arrays, expected, answer, measured in zip(self.cases, self.expected, self.answers, self.noises)
         )
@@ -232,7 +244,9 @@ def verify(
         candidate: The rewritten model (same input and output structure).
         inputs: Inputs in the structure the models take; random ones from
             `random_inputs` when ``None``.
-        batch_size: Batch size of random inputs.
+        batch_size: Batch size of random inputs, reduced (down to 1) where the model's
+            activations take more than the check's memory budget (`kerasbn.deploy.budget`;
+            the result's ``batch_note`` says so).
         atol: Give it or ``rtol`` for the element-wise criterion
             ``|Δ| ≤ atol + rtol·|y_ref|``; by default ``candidate`` is judged by
             the exact answer (``reference`` evaluated in float64).
@@ -254,11 +268,33 @@ def verify(
         >>> kerasbn.verify(model, kerasbn.fold(model).model).passed
         True
     """
+    chosen = None
     if inputs is None:
-        inputs = random_inputs(reference, batch_size, seed)
+        chosen = check_batch(reference, batch_size)
+        inputs = random_inputs(reference, chosen.batch, seed)
         ref = outputs_on_random(reference, inputs)
     else:
         ref = keras_outputs(reference, inputs)
+    return _noted(_verify(reference, candidate, inputs, ref, atol=atol, rtol=rtol), chosen)
+
+
+def _noted(result: VerifyResult, chosen: CheckBatch | None) -> VerifyResult:
+    """``result`` saying why its batch is smaller than asked, where it is (the reduced batch)."""
+    if chosen is None or not chosen.reduced or result.batch_size != chosen.batch:
+        return result
+    return dataclasses.replace(result, batch_note=str(chosen))
+
+
+def _verify(
+    reference: keras.Model,
+    candidate: keras.Model,
+    inputs: Any,
+    ref: list[np.ndarray],
+    *,
+    atol: float | None,
+    rtol: float | None,
+) -> VerifyResult:
+    """`verify` once the inputs and the reference's outputs on them are known."""
     got = keras_outputs(candidate, inputs)
     if len(ref) != len(got):
         raise ValueError(f"The reference returns {len(ref)} outputs, the candidate {len(got)}.")

@@ -13,6 +13,7 @@ import keras
 
 from kerasbn.errors import UnsupportedModelError
 from kerasbn.folding import dataflow, plan
+from kerasbn.folding.families import unwrap
 from kerasbn.folding.graph import Graph, build_graph
 from kerasbn.folding.model_checks import weight_problems
 from kerasbn.folding.reports import AuditReport, RedundantBias
@@ -69,7 +70,7 @@ def audit(model: keras.Model) -> AuditReport:
     gained = {
         id(p.partner.layer): plan.out_channels(graph, p.partner)
         for p in decided.removals
-        if not getattr(p.partner.layer, "use_bias", False)
+        if not getattr(unwrap(p.partner.layer), "use_bias", False)
     }
     # A BN folded in place stays as an identity, so it saves nothing.
     saved = sum(f.parameters for f in findings if f.foldable and f.how != plan.IN_PLACE) - sum(gained.values())

@@ -12,6 +12,7 @@ ConvND (``groups``)       ``(*k, in/groups, out)``      last
 DepthwiseConvND           ``(*k, in, multiplier)``      ``(in, mult)`` → ``in·mult + j``
 SeparableConvND           pointwise ``(*1, in·mult, out)``  last of the pointwise kernel
 ConvNDTranspose           ``(*k, out, in)``             second to last
+TimeDistributed(layer)    the wrapped layer's           the wrapped layer's, one axis further
 ========================  ============================  ==========================
 
 Backward fold (BN after the layer): ``W' = W·s`` along the output-channel
@@ -185,12 +186,61 @@ class ConvTranspose(Family):
         return f"{described} after it sums fewer taps at the borders, so a forward fold is inexact"
 
 
+class TimeDistributed(Family):
+    """A `keras.layers.TimeDistributed` of a family's layer: the wrapped layer is the partner.
+
+    The wrapper applies its layer to every step of axis 1 with the same
+    weights, so a BN over the channel axis (one axis further than the wrapped
+    layer's own) folds into those weights exactly as into the layer itself,
+    in both directions and under the same padding rule. Its weights and
+    config are the wrapped layer's (`unwrap`; `kerasbn.folding.rewrite` patches
+    the wrapped layer's config).
+    """
+
+    layers = (keras.layers.TimeDistributed,)
+
+    def __init__(self, inner: Family) -> None:
+        self.inner = inner
+        self.name = f"time_distributed({inner.name})"
+        self.forward_exact_always = inner.forward_exact_always
+        self.forward_foldable = inner.forward_foldable
+
+    def channel_axis(self, layer: keras.layers.Layer, rank: int) -> int:
+        return self.inner.channel_axis(layer.layer, rank - 1) + 1
+
+    def backward(self, weights: Weights, s: np.ndarray, t: np.ndarray) -> Weights:
+        return self.inner.backward(weights, s, t)
+
+    def forward(self, weights: Weights, s: np.ndarray, t: np.ndarray) -> Weights:
+        return self.inner.forward(weights, s, t)
+
+    def forward_inexact(self, layer: keras.layers.Layer, described: str) -> str | None:
+        return self.inner.forward_inexact(layer.layer, described)
+
+    def output_columns(self, name: str, kernel: np.ndarray) -> np.ndarray:
+        return self.inner.output_columns(name, kernel)
+
+
 FAMILIES: tuple[Family, ...] = (Dense(), Conv(), DepthwiseConv(), SeparableConv(), ConvTranspose())
 _BY_CLASS: dict[type, Family] = {cls: family for family in FAMILIES for cls in family.layers}
 
 
+def unwrap(layer: object) -> object:
+    """The layer a `keras.layers.TimeDistributed` applies (through nested wrappers), else ``layer`` itself.
+
+    Its attributes (``activation``, ``use_bias``, ``quantization_mode``...) are the partner's.
+    """
+    while isinstance(layer, keras.layers.TimeDistributed):
+        layer = layer.layer
+    return layer
+
+
 def family_of(layer: object) -> Family | None:
-    """The family of a linear layer (subclasses of a family's classes included), or ``None``."""
+    """The family of a linear layer (subclasses of a family's classes included; a `TimeDistributed`
+    one of them), or ``None``."""
+    if isinstance(layer, keras.layers.TimeDistributed):
+        inner = family_of(layer.layer)
+        return None if inner is None else TimeDistributed(inner)
     for cls in type(layer).__mro__:
         family = _BY_CLASS.get(cls)
         if family is not None:

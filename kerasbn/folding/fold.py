@@ -86,7 +86,7 @@ def fold_in_place(step: plan.Plan, partner: keras.layers.Layer, bn: keras.layers
     # output distribution rather than the partner's old one.
     identity = {"gamma": 1.0, "beta": 0.0, "moving_mean": 0.0, "moving_stddev": 1.0, "renorm_mean": 0.0}
     identity["renorm_stddev"] = 1.0
-    if getattr(partner, "use_bias", False):
+    if getattr(families.unwrap(partner), "use_bias", False):
         new["bias"] = bias
     else:
         identity["beta"] = bias

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import keras
 
-from kerasbn.folding.families import Dense, family_of, is_bn
+from kerasbn.folding.families import Dense, family_of, is_bn, unwrap
 from kerasbn.folding.graph import Call, Graph, Op
 from kerasbn.folding.reports import BNFinding
 
@@ -64,8 +64,8 @@ def bn_axes(layer: keras.layers.Layer, rank: int) -> list[int]:
 
 
 def activation_name(layer: keras.layers.Layer) -> str | None:
-    """The name of the activation fused into ``layer``, or ``None`` if it is linear."""
-    act = getattr(layer, "activation", None)
+    """The name of the activation fused into ``layer`` (a wrapped layer's), or ``None`` if it is linear."""
+    act = getattr(unwrap(layer), "activation", None)
     if act is None or act is keras.activations.linear:
         return None
     name = getattr(act, "__name__", None) or type(act).__name__
@@ -141,11 +141,12 @@ def _usable(graph: Graph, call: Call, what: str) -> Refusal | None:
     n = len(graph.calls_of(layer))
     if n > 1:
         return Refusal(Reason.SHARED_LAYER, f"{what} {describe(call)} is a shared layer called {n} times", layer.name)
-    if getattr(layer, "quantization_mode", None):
+    inner = unwrap(layer)
+    if getattr(inner, "quantization_mode", None):
         return Refusal(
-            Reason.UNSUPPORTED, f"{what} {describe(call)} is quantized ({layer.quantization_mode})", layer.name
+            Reason.UNSUPPORTED, f"{what} {describe(call)} is quantized ({inner.quantization_mode})", layer.name
         )
-    if getattr(layer, "lora_enabled", False):
+    if getattr(inner, "lora_enabled", False):
         return Refusal(Reason.UNSUPPORTED, f"{what} {describe(call)} has LoRA enabled", layer.name)
     return None
 
@@ -292,7 +293,7 @@ def redundant_bias(graph: Graph, call: Call) -> Call | None:
     """
     layer = call.layer
     family = family_of(layer)
-    if family is None or not getattr(layer, "use_bias", False) or activation_name(layer):
+    if family is None or not getattr(unwrap(layer), "use_bias", False) or activation_name(layer):
         return None
     if len(graph.calls_of(layer)) != 1 or len(call.outputs) != 1:
         return None
@@ -302,7 +303,7 @@ def redundant_bias(graph: Graph, call: Call) -> Call | None:
     bn = graph.consumers_of(y)[0]
     if not is_bn(bn.layer) or getattr(bn.layer, "renorm", False) or len(graph.calls_of(bn.layer)) != 1:
         return None
-    if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
+    if getattr(unwrap(layer), "quantization_mode", None) or getattr(unwrap(layer), "lora_enabled", False):
         return None
     rank = len(graph.shapes[y])
     if bn_axes(bn.layer, rank) != [family.channel_axis(layer, rank)]:
@@ -328,7 +329,7 @@ def in_place_refusal(step: Plan) -> Refusal | None:
     into the BN's β; a forward fold's shift has to go into the partner's bias.
     """
     partner = step.partner.layer
-    if getattr(partner, "use_bias", False):
+    if getattr(unwrap(partner), "use_bias", False):
         return None
     if step.direction == BACKWARD and getattr(step.bn.layer, "center", True):
         return None

@@ -81,7 +81,7 @@ class _Rebuilder:
             try:
                 config = layer.get_config()
                 if patch is not None:
-                    config.update(patch.config)
+                    _override(layer, config, patch.config)
                 factory = self.replace.get(id(layer))
                 new = type(layer).from_config(config) if factory is None else factory(config)
             except Exception as exc:  # noqa: BLE001 (any failure means: not rebuildable)
@@ -176,6 +176,14 @@ class _Rebuilder:
                 elif dst.name in by_name:
                     dst.assign(_own_copy(by_name[dst.name]))
                 # Else a weight the replacement adds (a counter, a range) keeps its initial value.
+
+
+def _override(layer: keras.layers.Layer, config: dict, changes: dict) -> None:
+    """``config`` (of ``layer``) with ``changes``; a `TimeDistributed`'s go to the layer it wraps, whose
+    config (``use_bias``...) they are about."""
+    while isinstance(layer, keras.layers.TimeDistributed):
+        layer, config = layer.layer, config["layer"]["config"]
+    config.update(changes)
 
 
 def _own_copy(variable: keras.Variable) -> np.ndarray:

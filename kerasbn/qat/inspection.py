@@ -96,12 +96,15 @@ def _weights(layer: layers.QuantizedWeights) -> QuantizerRecord:
     bn = None
     if isinstance(layer, layers.FusedBatchNorm):
         bn = "fused, frozen" if bool(keras.ops.convert_to_numpy(layer.frozen())) else "fused"
-    return QuantizerRecord(layer.name, "weights", bits, "per_channel" if per_channel else "per_tensor", -a, a, bn)
+    granularity = "per_channel" if per_channel else "per_tensor"
+    return QuantizerRecord(layer=layer.name, kind="weights", bits=bits, granularity=granularity, low=-a, high=a, bn=bn)
 
 
 def _activation(layer: layers.ActivationQuantizer) -> QuantizerRecord:
     lo, hi, _ = (float(keras.ops.convert_to_numpy(v)) for v in layer.nudged_range())
-    return QuantizerRecord(layer.name, "activation", layer.bits, "per_tensor", lo, hi)
+    return QuantizerRecord(
+        layer=layer.name, kind="activation", bits=layer.bits, granularity="per_tensor", low=lo, high=hi
+    )
 
 
 def audit(model: keras.Model) -> QATReport:

@@ -16,7 +16,8 @@ import pytest
 
 import kerasbn
 from kerasbn.deploy.verify import VerifyResult
-from tests.cli.conftest import assert_clean_error, digest, invoke, listing, run_script, tiny_model
+from tests.cli.conftest import KERASBN, assert_clean_error, digest, invoke, listing, run_script, tiny_model
+from tests.helpers import assert_matches_original, randomize_bn
 
 
 def _bn_layers(model) -> list[str]:
@@ -141,6 +142,90 @@ def test_fold_of_a_mixed_precision_file(policy, tmp_path):
     assert {layer.dtype_policy.name for layer in folded.layers[1:]} == {policy}
     # Judged independently of the command's own report: against the original in float64.
     assert kerasbn.verify(kerasbn.load_model(source), folded, seed=5).passed
+
+
+def test_fold_of_an_unzipped_keras_folder_writes_a_keras_file(tmp_path):
+    model = tiny_model()
+    keras.saving.save_model(model, tmp_path / "tiny", zipped=False)
+    before = {p: digest(p) for p in (tmp_path / "tiny").rglob("*") if p.is_file()}
+    result = invoke("fold", tmp_path / "tiny")
+    assert result.exit_code == 0, result.stderr
+    assert "2/2 BN layers folded" in result.stdout
+    assert {p: digest(p) for p in (tmp_path / "tiny").rglob("*") if p.is_file()} == before
+    x = np.random.default_rng(0).standard_normal((4, 6, 6, 2)).astype("float32")
+    folded = kerasbn.load_model(tmp_path / "tiny.folded.keras")
+    assert _bn_layers(folded) == []
+    assert_matches_original(model, [np.asarray(folded(x), np.float64)], x, "float32")
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["no-bn", "bn-that-stays"])
+def test_fold_of_a_model_where_nothing_folds_says_so_and_checks_only_the_file(bn, tmp_path):
+    inputs = keras.Input((5,), name="x")
+    y = keras.layers.Dense(4, activation="relu")(keras.layers.Dense(3)(inputs))
+    if bn:  # after an activation, at the output: it stays
+        y = keras.layers.BatchNormalization()(y)
+    model = keras.Model(inputs, y)
+    model.save(tmp_path / "m.keras")
+    result = invoke("fold", tmp_path / "m.keras", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["changed"] is False and data["fold"]["totals"]["folded"] == 0
+    assert list(data["verification"]) == ["reloaded"] and data["verification"]["reloaded"]["passed"]
+    table = invoke("fold", tmp_path / "m.keras", "-o", tmp_path / "t.keras")
+    assert "Nothing folded: the model is unchanged" in table.stdout
+    assert "reloaded vs original" in table.stdout and "rewritten vs original" not in table.stdout
+    x = np.random.default_rng(0).standard_normal((4, 5)).astype("float32")
+    np.testing.assert_array_equal(kerasbn.load_model(tmp_path / "m.folded.keras")(x), model(x))
+
+
+def test_fold_of_a_time_distributed_video_model(tmp_path):
+    frames = keras.Input((3, 7, 7, 2), name="frames")
+    y = keras.layers.BatchNormalization(name="bn")(
+        keras.layers.TimeDistributed(keras.layers.Conv2D(4, 3), name="td")(frames)
+    )
+    model = randomize_bn(keras.Model(frames, y))
+    model.save(tmp_path / "video.keras")
+    result = invoke("fold", tmp_path / "video.keras", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [(f["layer"], f["partner"]) for f in data["fold"]["folded"]] == [("bn", "td")]
+    x = np.random.default_rng(2).standard_normal((2, 3, 7, 7, 2)).astype("float32")
+    folded = kerasbn.load_model(tmp_path / "video.folded.keras")
+    assert _bn_layers(folded) == []
+    assert_matches_original(model, [np.asarray(folded(x), np.float64)], x, "float32")
+
+
+# Runs a command and prints its exit status, its peak resident memory (KiB) and its output: a fresh process,
+# so the peak is that command's alone.
+PEAK = (
+    "import resource, subprocess, sys\n"
+    "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.stdout.write(done.stdout + done.stderr)\n"
+)
+
+
+@pytest.mark.large
+def test_fold_of_a_4096_square_image_model_is_checked_within_the_memory_budget(tmp_path):
+    """At the default batch 8 this check went past 6 GB; the batch now follows the model's activations."""
+    from kerasbn.deploy.budget import DEFAULT_BUDGET
+
+    image = keras.Input((4096, 4096, 3), name="image")
+    y = keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(8, 3, strides=2, name="conv")(image))
+    y = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(y)))
+    randomize_bn(keras.Model(image, y)).save(tmp_path / "big.keras")
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK, str(KERASBN), "fold", str(tmp_path / "big.keras")],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    (status, peak_kib), output = done.stdout.splitlines()[0].split(), done.stdout
+    assert status == "0", output
+    assert "Checked at batch 1 instead of 8: the model's activations take about 1.1 GiB a sample" in output
+    assert "rewritten vs original" in output and "reloaded vs original" in output
+    # The budget bounds the activations of one evaluation; the process adds TensorFlow and the model.
+    assert int(peak_kib) * 1024 <= DEFAULT_BUDGET + 2 * 2**30, f"peak {int(peak_kib) / 2**20:.2f} GiB"
 
 
 def test_fold_from_h5_writes_keras(model_files, copy_of):

@@ -41,7 +41,7 @@ EXPECTED = {
     "lambda_keras": "--unsafe",
     "lambda_h5": "--unsafe",
     "unbuilt_sequential": "no input shape",
-    "a_directory": "is a directory",
+    "a_directory": "is a TensorFlow SavedModel folder",
     "zip_bomb": "decompression bomb",
     "declares_huge_dense": "the model config declares more weights than the file holds (layer 'dense' (Dense)",
     "declares_huge_weights": "dataset 'layers/dense/vars/0' alone declares 3,600,000,000",

@@ -1,10 +1,12 @@
-"""`kerasbn --help` and `--version` answer at once: no TensorFlow, no kerasbn library import."""
+"""`kerasbn --help` and `--version` answer at once: no TensorFlow, no kerasbn library import.
+
+What the import graph buys in seconds is measured by benchmarks/startup.py, never asserted here:
+a duration depends on the machine's load."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -35,18 +37,6 @@ def test_help_imports_nothing_heavy(args):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
-
-
-@pytest.mark.parametrize("flag", ["--help", "--version"])
-def test_installed_script_starts_fast(flag):
-    # Best of three: the machine is shared, and one slow start says nothing about the import graph.
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        done = subprocess.run([str(KERASBN), flag], capture_output=True, text=True, timeout=60)
-        times.append(time.perf_counter() - start)
-        assert done.returncode == 0, done.stderr
-    assert min(times) <= 0.3, times
 
 
 def test_every_command_help_has_an_example():

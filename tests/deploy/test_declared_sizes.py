@@ -75,6 +75,22 @@ def _huge_weights_h5(tmp_path):
     return path
 
 
+def _huge_dense_folder(tmp_path):
+    folder = tmp_path / "huge_dense"
+    keras.saving.save_model(_model(), folder, zipped=False)
+    config = (folder / "config.json").read_text().replace('"units": 4', f'"units": {HUGE_UNITS}')
+    (folder / "config.json").write_text(config)
+    return folder
+
+
+def _huge_weights_folder(tmp_path):
+    folder = tmp_path / "huge_weights"
+    keras.saving.save_model(_model(), folder, zipped=False)
+    with h5py.File(folder / "model.weights.h5", "r+") as f:
+        _empty_declared(f, "layers/dense/vars/0")
+    return folder
+
+
 def _saved(tmp_path, name: str):
     path = tmp_path / name
     _model().save(path)
@@ -88,12 +104,15 @@ def _saved(tmp_path, name: str):
         (_huge_dense_h5, r"config declares more weights than the file holds \(layer 'dense' \(Dense\)"),
         (_huge_weights_keras, r"dataset 'layers/dense/vars/0' alone declares 3,600,000,000"),
         (_huge_weights_h5, r"dataset 'model_weights/dense/dense/kernel' alone declares 3,600,000,000"),
+        (_huge_dense_folder, r"config declares more weights than the file holds \(layer 'dense' \(Dense\)"),
+        (_huge_weights_folder, r"dataset 'layers/dense/vars/0' alone declares 3,600,000,000"),
     ],
-    ids=["keras-config", "h5-config", "keras-weights", "h5-weights"],
+    ids=["keras-config", "h5-config", "keras-weights", "h5-weights", "folder-config", "folder-weights"],
 )
 def test_a_file_that_declares_more_than_it_holds_is_refused(tmp_path, make, message):
     path = make(tmp_path)
-    before = path.read_bytes()
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    before = [f.read_bytes() for f in files if f.is_file()]
     add_weight = keras.layers.Layer.add_weight
 
     with pytest.raises(ModelLoadError, match=message) as refused:
@@ -101,7 +120,7 @@ def test_a_file_that_declares_more_than_it_holds_is_refused(tmp_path, make, mess
 
     assert str(refused.value).startswith(f"{path}: ") and "\n" not in str(refused.value)
     assert keras.layers.Layer.add_weight is add_weight  # Keras is left as it was
-    assert path.read_bytes() == before
+    assert [f.read_bytes() for f in files if f.is_file()] == before
 
 
 @pytest.mark.parametrize("name", ["m.keras", "m.h5"])
@@ -109,6 +128,16 @@ def test_weights_held_counts_every_saved_value(tmp_path, name):
     model = _model()
     model.save(tmp_path / name)
     assert weights_held(tmp_path / name, name.rsplit(".", 1)[1]) == model.count_params()
+
+
+def test_an_unzipped_folder_holds_the_values_of_its_weights_file(tmp_path):
+    # More values than the 2²⁴ a config may add beyond what the file holds: counted from the weights file,
+    # not from the folder's size, or the model would be refused.
+    inputs = keras.Input((3,), dtype="int32")
+    model = keras.Model(inputs, keras.layers.Embedding(20_000, 1_000)(inputs))
+    keras.saving.save_model(model, tmp_path / "folder", zipped=False)
+    assert weights_held(tmp_path / "folder", "keras") == model.count_params() == 20_000_000
+    assert kerasbn.load_model(tmp_path / "folder").count_params() == model.count_params()
 
 
 @pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])

@@ -40,7 +40,7 @@ def test_load_round_trip_keras_and_h5(tmp_path):
     ("setup", "error", "message"),
     [
         (lambda p: p / "absent.keras", ModelLoadError, "no such file"),
-        (lambda p: p, ModelLoadError, "is a directory"),
+        (lambda p: p, ModelLoadError, "is a directory without config.json"),
         (lambda p: (p / "x.keras").write_bytes(b"abc") and p / "x.keras", ModelLoadError, "not a .keras file"),
         (lambda p: (p / "x.h5").write_bytes(b"abc") and p / "x.h5", ModelLoadError, "not an HDF5 file"),
         (lambda p: (p / "x.onnx").write_bytes(b"abc") and p / "x.onnx", ModelLoadError, "unsupported file type"),
@@ -50,6 +50,37 @@ def test_load_round_trip_keras_and_h5(tmp_path):
 def test_load_errors(tmp_path, setup, error, message):
     with pytest.raises(error, match=message):
         kerasbn.load_model(setup(tmp_path))
+
+
+def test_an_unzipped_keras_folder_loads_like_the_archive(tmp_path):
+    model = _model()
+    keras.saving.save_model(model, tmp_path / "folder", zipped=False)
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    np.testing.assert_array_equal(kerasbn.load_model(tmp_path / "folder")(x), model(x))
+
+
+def test_an_unzipped_keras_folder_keeps_safe_mode(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda t: t + 1.0)])
+    keras.saving.save_model(model, tmp_path / "folder", zipped=False)
+    with pytest.raises(ModelLoadError, match="safe mode"):
+        kerasbn.load_model(tmp_path / "folder")
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"saved_model.pb": b""}, "is a TensorFlow SavedModel folder, not a Keras model"),
+        ({"config.json": b"{}"}, "folder without model weights"),
+        ({"config.json": b"{", "model.weights.h5": b""}, "config.json is not valid JSON"),
+        ({"config.json": b"[1]", "model.weights.h5": b""}, "config.json does not describe a model"),
+    ],
+    ids=["savedmodel", "no-weights", "bad-json", "not-a-model"],
+)
+def test_other_folders_are_refused_saying_what_they_are(tmp_path, files, message):
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        kerasbn.load_model(tmp_path)
 
 
 def test_lambda_needs_safe_mode_off(tmp_path):

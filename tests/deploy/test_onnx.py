@@ -17,6 +17,7 @@ import kerasbn.deploy.onnx_passes as onnx_passes
 from kerasbn.deploy.export import _passes
 from kerasbn.deploy.onnx import TARGET, op_counts, to_onnx
 from kerasbn.errors import KerasbnError, VerificationError
+from tests.helpers import assert_matches_original, file_outputs
 
 # What a BN leaves in an ONNX graph when it is not folded, and what a bias is when a Conv/Gemm does not carry it.
 ARITHMETIC = {"BatchNormalization", "Mul", "Add", "Sub", "Div", "Sqrt", "Reciprocal"}
@@ -350,6 +351,86 @@ def test_multi_input_multi_output(tmp_path):
     model = _randomize(keras.Model({"a": a, "b": b}, {"y": L.Concatenate()([x, b]), "x": x}))
     result = kerasbn.export_onnx(model, tmp_path / "m.onnx")
     assert result.verified and "BatchNormalization" not in result.op_counts
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_output_names_are_the_dict_keys_and_each_name_holds_its_output(fold, tmp_path):
+    a = keras.Input((5,), name="a")
+    b = keras.Input((3,), name="b")
+    x = BN()(L.Dense(4, use_bias=False)(a))
+    # "a" is also an input's name: the output gets a suffix, the input keeps its name.
+    outputs = {"scores": L.Concatenate()([x, b]), "features": x, "a": L.Dense(2)(b)}
+    model = _randomize(keras.Model({"a": a, "b": b}, outputs))
+    kerasbn.export(model, tmp_path / "m.onnx", fold=fold)
+    session = _session(tmp_path / "m.onnx")
+    assert [i.name for i in session.get_inputs()] == ["a", "b"]
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["a_0", "features", "scores"]  # keras.tree.flatten's order: sorted keys
+    rng = np.random.default_rng(3)
+    feed = {"a": rng.normal(size=(2, 5)).astype("float32"), "b": rng.normal(size=(2, 3)).astype("float32")}
+    expected = model.predict_on_batch(feed)
+    for key, name in zip(["a", "features", "scores"], names):
+        got = session.run([name], feed)[0]
+        np.testing.assert_allclose(got, expected[key], rtol=0, atol=64 * EPS32 * np.abs(expected[key]).max())
+
+
+def test_output_names_are_the_output_layers_names(tmp_path):
+    x = keras.Input((5,), name="x")
+    hidden = BN()(L.Dense(4)(x))
+    model = _randomize(keras.Model(x, [L.Dense(3, name="logits")(hidden), L.Dense(2, name="embedding")(hidden)]))
+    kerasbn.export(model, tmp_path / "m.onnx")
+    assert [o.name for o in _session(tmp_path / "m.onnx").get_outputs()] == ["logits", "embedding"]
+
+
+def test_a_subclassed_model_s_output_is_named_output(tmp_path):
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.bn = L.Dense(4), BN()
+
+        def call(self, inputs):
+            return self.bn(self.dense(inputs))
+
+    model = Net()
+    model(np.zeros((1, 5), "float32"))
+    kerasbn.export(model, tmp_path / "m.onnx", fold=False)
+    assert [o.name for o in _session(tmp_path / "m.onnx").get_outputs()] == ["output"]
+
+
+def _normalization_first() -> keras.Model:
+    """A preprocessing-normalized model: `Normalization` holds its mean and variance as plain tensors."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Normalization(mean=[0.4, 0.5, 0.6], variance=[0.05, 0.1, 0.2])(inputs)
+    return _randomize(keras.Model(inputs, BN()(L.Conv2D(4, 3)(x))))
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_normalization_first_model_exports_with_its_constants_as_initializers(fold, tmp_path):
+    model = _normalization_first()
+    path = tmp_path / "m.onnx"
+    kerasbn.export(model, path, fold=fold)
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["image"]
+    x = np.random.default_rng(0).normal(0.5, 0.3, (3, 8, 8, 3)).astype("float32")
+    assert_matches_original(model, file_outputs(path, "onnx", model, x), x, "float32")
+
+
+@pytest.mark.large
+def test_convnext_tiny_exports_and_matches_float64(tmp_path):
+    """keras.applications' ConvNeXt starts with a Normalization (and has no BN: nothing to fold)."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3), classes=10)
+    path = tmp_path / "convnext.onnx"
+    kerasbn.export(model, path)
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["input"]
+    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    assert_matches_original(model, file_outputs(path, "onnx", model, x), x, "float32")
 
 
 # The hand-written passes, on graphs built directly, against ONNX Runtime on the graph before the pass.

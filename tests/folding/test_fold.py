@@ -8,7 +8,14 @@ import pytest
 
 import kerasbn
 from kerasbn.errors import UnsupportedModelError
-from tests.helpers import assert_same_outputs, count_bn, randomize_biases, randomize_bn
+from tests.helpers import (
+    assert_matches_original,
+    assert_same_outputs,
+    count_bn,
+    outputs,
+    randomize_biases,
+    randomize_bn,
+)
 
 L = keras.layers
 CF = "channels_first"
@@ -44,6 +51,12 @@ BACKWARD = [
     ("conv2d_transpose", (5, 5, 3), lambda: L.Conv2DTranspose(4, 3, strides=2, use_bias=False), -1),
     ("conv2d_transpose_cf", (3, 5, 5), lambda: L.Conv2DTranspose(4, 3, strides=2, data_format=CF), 1),
     ("conv3d_transpose", (3, 3, 3, 2), lambda: L.Conv3DTranspose(3, 2, strides=2), -1),
+    # A layer applied at every step (video, sequences): the wrapped layer is the partner.
+    ("time_distributed_dense", (3, 5), lambda: L.TimeDistributed(L.Dense(6)), -1),
+    ("time_distributed_conv2d", (3, 7, 7, 2), lambda: L.TimeDistributed(L.Conv2D(4, 3, use_bias=False)), -1),
+    ("time_distributed_conv2d_cf", (3, 2, 7, 7), lambda: L.TimeDistributed(L.Conv2D(4, 3, data_format=CF)), 2),
+    ("time_distributed_depthwise", (3, 7, 7, 2), lambda: L.TimeDistributed(L.DepthwiseConv2D(3)), -1),
+    ("time_distributed_conv1d_transpose", (3, 5, 2), lambda: L.TimeDistributed(L.Conv1DTranspose(4, 3)), -1),
 ]
 
 FORWARD = [
@@ -63,6 +76,8 @@ FORWARD = [
     ("conv3d_valid_cf", (2, 5, 5, 5), lambda: L.Conv3D(3, 2, data_format=CF), 1),
     ("depthwise1d_valid", (9, 3), lambda: L.DepthwiseConv1D(3, depth_multiplier=2, use_bias=False), -1),
     ("separable1d_valid", (9, 3), lambda: L.SeparableConv1D(4, 3), -1),
+    ("time_distributed_dense", (3, 5), lambda: L.TimeDistributed(L.Dense(4, use_bias=False)), -1),
+    ("time_distributed_conv2d_valid", (3, 7, 7, 2), lambda: L.TimeDistributed(L.Conv2D(4, 3)), -1),
 ]
 
 
@@ -102,6 +117,45 @@ def test_forward_fold_through_flatten(data_format, axis):
     y = L.Dense(5)(L.Flatten(data_format=data_format)(h))
     result = _check(keras.Model(x, y), 1)
     assert result.report.folded[0].direction == "forward"
+
+
+TD = L.TimeDistributed
+TIME_DISTRIBUTED = {
+    "backward_conv2d": ((3, 7, 7, 2), lambda x: L.BatchNormalization()(TD(L.Conv2D(4, 3), name="td")(x))),
+    "backward_dense": ((4, 5), lambda x: L.BatchNormalization()(TD(L.Dense(3, use_bias=False), name="td")(x))),
+    "forward_conv2d_valid": ((3, 7, 7, 2), lambda x: TD(L.Conv2D(4, 3), name="td")(L.BatchNormalization()(x))),
+    "forward_dense": ((4, 5), lambda x: TD(L.Dense(3), name="td")(L.BatchNormalization()(x))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIME_DISTRIBUTED))
+def test_time_distributed_partner_folds_against_float64(case):
+    shape, build = TIME_DISTRIBUTED[case]
+    x = keras.Input(shape, name="frames")
+    model = randomize_biases(randomize_bn(keras.Model(x, build(x))))
+    result = kerasbn.fold(model)
+    (finding,) = result.report.folded
+    assert (finding.direction, finding.partner) == (case.split("_")[0], "td")
+    assert count_bn(result.model) == 0
+    data = np.random.default_rng(7).normal(size=(2, *shape)).astype("float32")
+    assert_matches_original(model, outputs(result.model, data), data, "float32")
+
+
+def test_bn_before_a_time_distributed_padded_conv_stays_saying_why():
+    x = keras.Input((3, 7, 7, 2))
+    model = keras.Model(x, TD(L.Conv2D(4, 3, padding="same"), name="td")(L.BatchNormalization()(x)))
+    result = kerasbn.fold(randomize_bn(model))
+    (finding,) = result.report.not_folded
+    assert finding.code == "zero_padding" and "zero padding ('same') in 'td' (TimeDistributed)" in finding.reason
+
+
+def test_a_time_distributed_bias_before_a_bn_is_redundant():
+    x = keras.Input((3, 5))
+    model = randomize_biases(keras.Model(x, L.BatchNormalization()(TD(L.Dense(4), name="td")(x))))
+    result = kerasbn.strip_redundant_biases(randomize_bn(model))
+    assert [b.layer for b in result.report.removed] == ["td"]
+    assert not result.model.get_layer("td").layer.use_bias
+    assert_same_outputs(model, result.model)
 
 
 # BN variants that differ from a plain BN only in training: at inference each
