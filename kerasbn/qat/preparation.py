@@ -279,6 +279,13 @@ class _Decider:
                 if producer is not None:
                     self.quantize_after.add(id(self._carrier(producer)))
                     quantized.add(self._output_of(producer))
+        # The int8 graph returns its outputs as integers on a grid (a global average pool's too): each
+        # float output needs a range, or the file's step is unknown and nothing can be exported.
+        for t in g.outputs:
+            producer = g.producer.get(t)
+            if t not in quantized and producer is not None and isinstance(producer.layer, keras.layers.Layer):
+                self.quantize_after.add(id(self._carrier(producer)))
+                quantized.add(self._output_of(producer))
 
     def _carrier(self, call: Call) -> keras.layers.Layer:
         """The layer after which the quantizer for ``call``'s output goes (a fused BN's partner)."""

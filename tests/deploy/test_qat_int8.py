@@ -23,6 +23,7 @@ import kerasbn
 import kerasbn.deploy.qat_int8 as qat_export
 from kerasbn.deploy.files import load_model
 from kerasbn.deploy.int8_file import litert_weights
+from kerasbn.deploy.qat_check import check_file
 from kerasbn.deploy.verify import Checks, keras_outputs
 from kerasbn.errors import UnsupportedModelError
 from kerasbn.model_signature import signature
@@ -196,11 +197,11 @@ def one_step_off(path, which: int) -> keras.Model:
 def test_the_check_detects_a_range_one_step_off(qat_file, int8_files, fmt, which):
     changed = one_step_off(qat_file, which)
     sig = signature(changed)
-    check = qat_export.check_file(changed, fmt, int8_files[fmt].read_bytes(), sig, Checks())
+    check = check_file(changed, fmt, int8_files[fmt].read_bytes(), sig, Checks())
     assert not check.passed
     name = qlayers.activation_quantizers(changed)[which].name
     assert any(f"activation quantizer '{name}'" in problem for problem in check.problems), check.problems
-    unchanged = qat_export.check_file(load_model(qat_file), fmt, int8_files[fmt].read_bytes(), sig, Checks())
+    unchanged = check_file(load_model(qat_file), fmt, int8_files[fmt].read_bytes(), sig, Checks())
     assert unchanged.passed, unchanged.failure()
 
 
@@ -418,3 +419,21 @@ def test_an_activation_the_kernel_does_not_fuse_reads_a_quantized_input(tmp_path
     (tensor,) = [t for t in litert_weights(content) if t.op == "CONV_2D"]
     q, _, _ = weight_grid(qlayers.fused(qat)[0])
     np.testing.assert_array_equal(tensor.values, np.moveaxis(q, -1, 0))
+
+
+def test_a_leaky_relu_is_refused_for_litert_and_exported_to_onnx(tmp_path):
+    # LiteRT's int8 LEAKY_RELU rounds negative inputs off the simulation's grid (kerasbn.deploy.qat_int8._refuse_unfaithful).
+    keras.utils.set_random_seed(9)
+    x = keras.Input((6, 6, 3))
+    y = keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(x))
+    model = keras.Model(x, keras.layers.GlobalAveragePooling2D()(keras.layers.LeakyReLU(negative_slope=0.1)(y)))
+    randomize_bn(model, seed=9)
+    calibration = np.random.default_rng(10).normal(size=(16, 6, 6, 3)).astype("float32")
+    qat = kerasbn.qat.prepare(model, calibration=calibration)
+    with pytest.raises(UnsupportedModelError, match="LeakyReLU"):
+        kerasbn.export(qat, tmp_path / "m.tflite")
+    assert not (tmp_path / "m.tflite").exists()
+    kerasbn.export(qat, tmp_path / "m.onnx")
+    expected = keras_outputs(qat, calibration)[0]
+    got = file_outputs(tmp_path / "m.onnx", "onnx", qat, calibration)[0]
+    assert np.max(np.abs(got - expected)) <= (MAX_STEPS + STEP_SLACK) * output_step(qat)

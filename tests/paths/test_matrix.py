@@ -192,6 +192,8 @@ REFUSED: dict[tuple[str | None, ...], str] = {
         for policy in models.POLICIES[1:]
         for op in QAT_OPERATIONS
     },
+    # keras-hub's CSPNet uses LeakyReLU, whose int8 LiteRT kernel rounds off the trained grid (kerasbn.deploy.qat_int8).
+    ("keras_hub", "float32", None, "qat_litert", None): "applies LeakyReLU, which LiteRT's int8 kernel rounds off",
 }
 
 # Combinations that cannot apply, and why (none of them is in `CELLS`).
