@@ -284,14 +284,7 @@ def export(
                 overwrite=settings.force,
                 on_step=step,
             )
-    from kerasbn.deploy.qat_int8 import QatExportResult
-
-    if isinstance(result, QatExportResult):
-        render.print_qat_export(settings, result, fmt)
-    elif int8:
-        render.print_int8(settings, result, fmt)
-    else:
-        render.print_export(settings, result, fmt)
+    render.print_export(settings, result, fmt)
     return EXIT_OK
 
 

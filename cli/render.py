@@ -81,14 +81,28 @@ def error(value: float) -> str:
 
 
 def print_export(settings: Any, result: Any, fmt: str) -> None:
-    """What kerasbn.export wrote (float): the op table and the runtime's checks (or the result as JSON)."""
+    """What kerasbn.export wrote (or the record as JSON), then the path.
+
+    A float export: its op table and the runtime's checks; int8: the float
+    export it was quantized from, then the int8 comparison, sizes and
+    latencies; a quantization-aware model's int8 file: its op table and the
+    integer check, which that record prints itself.
+    """
     if settings.quiet:
         return
     if fmt == "json":
         print_json(result.to_dict())
         return
     out = console()
-    _print_float_export(out, result)
+    float_export = getattr(result, "float_export", None)
+    if float_export is not None:
+        out.print("The float32 model, checked before quantization:")
+        _print_float_export(out, float_export)
+        out.print(result)
+    elif hasattr(result, "fold_report"):
+        _print_float_export(out, result)
+    else:
+        out.print(result)
     out.print(f"Wrote {result.path}")
 
 
@@ -122,32 +136,6 @@ def _print_float_export(out: Any, result: Any) -> None:
         )
     if not result.checks:
         out.print("Not verified (--no-verify).")
-
-
-def print_int8(settings: Any, report: Any, fmt: str) -> None:
-    """What kerasbn.export wrote with int8: the float export and its checks, then the int8 comparison, sizes and latencies."""
-    if settings.quiet:
-        return
-    if fmt == "json":
-        print_json(report.to_dict())
-        return
-    out = console()
-    out.print("The float32 model, checked before quantization:")
-    _print_float_export(out, report.float_export)
-    out.print(report)
-    out.print(f"Wrote {report.path}")
-
-
-def print_qat_export(settings: Any, result: Any, fmt: str) -> None:
-    """What kerasbn.export wrote for a quantization-aware model: the op table and the integer check."""
-    if settings.quiet:
-        return
-    if fmt == "json":
-        print_json(result.to_dict())
-        return
-    out = console()
-    out.print(result)
-    out.print(f"Wrote {result.path}")
 
 
 def print_audit(report: Any, fmt: str, sections: dict[str, Any] | None = None) -> None:
