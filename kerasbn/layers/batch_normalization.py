@@ -240,14 +240,17 @@ class BatchNormalization(keras.layers.Layer):
                 "The mask provided should be one dimension less than the inputs. "
                 f"Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
             )
+        # The calls made on every step go through the backend's own array
+        # functions where Keras's dispatch costs more than the op (torch).
+        fast = dispatch.array_ops()
         # Statistics of float16/bfloat16 data overflow and lose precision:
         # compute in float32 (or wider) and cast back once at the end.
-        x = ops.cast(inputs, backend.result_type(inputs.dtype, "float32"))
+        x = fast.cast(inputs, backend.result_type(inputs.dtype, "float32"))
         if training and self.trainable:
             outputs = self._train(inputs, x, mask)
         else:
             outputs = self._infer(inputs, x)
-        return ops.cast(outputs, self.compute_dtype)
+        return fast.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         ndim = len(input_shape)
@@ -298,7 +301,8 @@ class BatchNormalization(keras.layers.Layer):
         )
 
     def _bcast(self, v, dtype):
-        return ops.reshape(ops.cast(v, dtype), self._broadcast_shape)
+        fast = dispatch.array_ops()
+        return fast.reshape(fast.cast(v, dtype), self._broadcast_shape)
 
     def _affine(self, dtype):
         gamma = self._bcast(self.gamma, dtype) if self.scale else None
@@ -395,9 +399,10 @@ class BatchNormalization(keras.layers.Layer):
 
     def _param_view(self, stat):
         """A keepdims statistic reshaped to the weights' shape."""
+        fast = dispatch.array_ops()
         if self.virtual_batch_size is not None:
-            stat = ops.mean(stat, axis=0)
-        return ops.reshape(stat, self._param_shape)
+            stat = fast.mean(stat, axis=0)
+        return fast.reshape(stat, self._param_shape)
 
     def _update_moving_statistics(self, stats, m):
         """``m``: the values per feature, where known at trace time and the same for every feature."""
@@ -418,10 +423,11 @@ class BatchNormalization(keras.layers.Layer):
         if self.renorm:
             self._update_renorm_statistics(mean, variance, valid)
             return
-        moving_mean = ops.cast(self.moving_mean, dtype)
-        moving_variance = ops.cast(self.moving_variance, dtype)
+        fast = dispatch.array_ops()
+        moving_mean = fast.cast(self.moving_mean, dtype)
+        moving_variance = fast.cast(self.moving_variance, dtype)
         if self.momentum is None:
-            n = ops.cast(self.moving_count, dtype)
+            n = fast.cast(self.moving_count, dtype)
             step = 1.0 / (n + 1.0)
             new_mean = moving_mean + (mean - moving_mean) * step
             new_variance = moving_variance + (variance - moving_variance) * step
@@ -436,7 +442,7 @@ class BatchNormalization(keras.layers.Layer):
     def _assign(variable, new, old, valid):
         if valid is not None:
             new = ops.where(valid, new, old)
-        variable.assign(ops.cast(new, variable.dtype))
+        variable.assign(dispatch.array_ops().cast(new, variable.dtype))
 
     def _renorm_transform(self, stats, gamma, beta):
         """Batch Renormalization: ``x̂·r + d`` folded into γ and β."""

@@ -15,7 +15,7 @@ import importlib
 from collections.abc import Sequence
 from types import ModuleType
 
-from keras import backend
+from keras import backend, ops
 
 _MODULES = {"tensorflow": "kerasbn.ops.tensorflow", "jax": "kerasbn.ops.jax", "torch": "kerasbn.ops.torch"}
 
@@ -34,6 +34,15 @@ def module() -> ModuleType:
     if loaded is None:
         loaded = _LOADED[name] = importlib.import_module(name)
     return loaded
+
+
+def array_ops():
+    """`keras.ops`, or the backend's own functions of the same names where Keras's dispatch costs more than the op.
+
+    Only what the statistics and the layer call on every step
+    (`kerasbn.ops.torch.array_ops`); any other name is `keras.ops`'s.
+    """
+    return getattr(module(), "array_ops", ops)
 
 
 def sums(values: Sequence, axes: Sequence[int], exact: bool = True) -> list:

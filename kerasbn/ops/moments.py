@@ -34,8 +34,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from keras import ops
-
 from kerasbn.ops import dispatch
 
 # Values per feature in the sample whose mean is the shift: the shift then
@@ -78,6 +76,7 @@ def static_count(shape: Sequence[int | None], axes: Sequence[int]) -> int | None
 
 
 def _dynamic_count(x, axes: Sequence[int], dtype):
+    ops = dispatch.array_ops()
     m = static_count(x.shape, axes)
     if m is not None:
         return ops.convert_to_tensor(float(m), dtype=dtype)
@@ -100,6 +99,7 @@ def _sample(x, axes: Sequence[int]):
     takes none of it); a strided axis of size n with k samples has step
     n // k, so it gives between k and 2k − 1 values.
     """
+    ops = dispatch.array_ops()
     shape = ops.shape(x)
     outermost = min(axes)
     order = sorted(axes, key=lambda a: math.inf if x.shape[a] is None else x.shape[a])
@@ -126,6 +126,7 @@ def sample_mean(x, axes: Sequence[int]):
     so that the estimate is good to rounding at the scale of the spread,
     whatever the offset.
     """
+    ops = dispatch.array_ops()
     s = _sample(x, axes)
     first = s[tuple(slice(0, 1) if a in axes else slice(None) for a in range(len(x.shape)))]
     mean = first + ops.mean(s - first, axis=axes, keepdims=True)
@@ -141,6 +142,7 @@ def _masked_mean(x, axes: Sequence[int], w):
     far from the data (a shift there would cost every digit of the
     variance): masked batches take this extra pass over the data instead.
     """
+    ops = dispatch.array_ops()
     guess = ops.stop_gradient(sample_mean(x, axes))
     s1, count = dispatch.sums([(x - guess) * w, w], axes)
     delta = ops.cast(s1 / ops.maximum(count, 1.0), x.dtype)
@@ -160,6 +162,7 @@ def moments(x, axes: Sequence[int], mask=None, synchronized: bool = False) -> Mo
     Returns:
         A `Moments` with every field shaped like ``x`` reduced with keepdims.
     """
+    ops = dispatch.array_ops()
     axes = tuple(axes)
     if mask is None:
         shift = sample_mean(x, axes)

@@ -78,27 +78,32 @@ def moment_sums(d, axes: Sequence[int]) -> list:
     ``native_batch_norm_backward`` with ``dy = x = d``, mean 0 and inverse
     standard deviation 1 returns ``Σdy`` and ``Σdy·(x − mean)·invstd``,
     that is ``Σd`` and ``Σd²``, from one read of ``d``. Viewed as
-    ``(b, rest)`` with ``b`` a block of the leading reduced axis, its
-    "channels" are the partial sums over `reduce.BLOCK` values at most,
-    which are then added in float64 as `sums` adds its partials: one pass
+    ``(b, rest)``, ``b`` a block of the leading reduced positions (a divisor
+    of their count, at most `reduce.BLOCK`), its "channels" are partial sums
+    over ``b`` values, which torch's float32 cascade sums then add: one pass
     instead of three (``d·d`` written, then read by its sum, and ``d`` read
     by its own). Where that view does not exist (the first axis kept, no
-    block dividing it), under `torch.compile` (inductor fuses the plain
-    sums) or with a gradient to record, the exact `sums` of ``d`` and ``d·d``.
+    block dividing the count), under `torch.compile` (inductor fuses the
+    plain sums) or with a gradient to record, the exact `sums` of ``d`` and
+    ``d·d``.
     """
     axes = sorted(axes)
-    n = d.shape[0]
-    block = n if n <= reduce.BLOCK else reduce.block_size(n)
+    lead = 0
+    while lead < len(axes) and axes[lead] == lead:
+        lead += 1
+    n = math.prod(d.shape[:lead])
     m = math.prod(d.shape[a] for a in axes)
-    if (
-        _compiling()
-        or d.requires_grad
-        or d.dtype not in (torch.float32, torch.float64)
-        or axes[0] != 0
-        or block is None
-        or block < 8
-        or m <= 2 * reduce.BLOCK
-    ):
+    if _compiling() or d.requires_grad or d.dtype not in (torch.float32, torch.float64):
+        return sums([d, d * d], axes)
+    keep = [1 if a in axes else k for a, k in enumerate(d.shape)]
+    if lead == len(axes) and m <= reduce.SMALL:
+        # Up to a thousand rows torch's cascade sum over them is exact to
+        # float32 rounding, and a read of d and one of d·d cost less than the
+        # kernel's fixed cost (256×1024: 0.06 against 0.15 ms).
+        rows = d.reshape(m, -1)
+        return [s.to(torch.float64).reshape(keep) for s in (rows.sum(0), (rows * rows).sum(0))]
+    block = n if 8 <= n <= reduce.BLOCK else reduce.block_size(n)
+    if block is None or m <= 2 * reduce.BLOCK:
         return sums([d, d * d], axes)
     flat = d.reshape(block, -1)
     zero = torch.zeros(flat.shape[1], dtype=d.dtype, device=d.device)
@@ -106,8 +111,75 @@ def moment_sums(d, axes: Sequence[int]) -> list:
     _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
         flat, flat, None, None, None, zero, one, True, 0.0, [False, True, True]
     )
-    rest = [n // block, *d.shape[1:]]
-    return [p.reshape(rest).to(torch.float64).sum(axes, keepdim=True) for p in (s1, s2)]
+    # The partials as (leading blocks, *kept and trailing axes); torch's
+    # cascade sums each reduced run, the innermost first: a float64 pass
+    # over them cost more than the kernel's read of d (0.7 ms on 32×56×56×64).
+    rest = [n // block, *d.shape[lead:]]
+    inner = [a - lead + 1 for a in axes[lead:]]
+    out = []
+    for p in (s1, s2):
+        p = p.reshape(rest)
+        if inner:
+            p = p.sum(inner, keepdim=True)
+        out.append(p.reshape(n // block, -1).sum(0).to(torch.float64).reshape(keep))
+    return out
+
+
+# --------------------------------------------------------------------------- array functions
+
+
+def _tensor(x):
+    """A Keras variable's tensor, or ``x``."""
+    return getattr(x, "value", x) if not isinstance(x, torch.Tensor) else x
+
+
+def _dtype(dtype):
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+class _ArrayOps:
+    """The `keras.ops` functions the statistics and the layer call on every step, as torch calls.
+
+    Eagerly each `keras.ops` call costs 1 to 15 µs of Python (its symbolic
+    check, tree flattening, conversion) where the torch call costs about 1:
+    with some twenty per step, that was a fifth of a training step on
+    256×1024 (docs/benchmarks.md). The same signatures as `keras.ops`; any
+    other name is `keras.ops`'s own.
+    """
+
+    @staticmethod
+    def cast(x, dtype):
+        return _tensor(x).to(_dtype(dtype))
+
+    @staticmethod
+    def reshape(x, shape):
+        return _tensor(x).reshape(shape)
+
+    @staticmethod
+    def mean(x, axis, keepdims=False):
+        return torch.mean(x, dim=axis, keepdim=keepdims)
+
+    @staticmethod
+    def maximum(x, y):
+        if isinstance(y, (int, float)):
+            return torch.clamp_min(x, y)
+        return torch.maximum(x, y)
+
+    @staticmethod
+    def stop_gradient(x):
+        return _tensor(x).detach()
+
+    @staticmethod
+    def shape(x):
+        return tuple(x.shape)
+
+    def __getattr__(self, name):
+        import keras
+
+        return getattr(keras.ops, name)
+
+
+array_ops = _ArrayOps()
 
 
 # --------------------------------------------------------------------------- replicas
