@@ -852,6 +852,27 @@ DESIGN_MEASUREMENTS = [
     "inverse deviation 1 over 32-row blocks, its partial Σd² 2.7e-7 relative to float64. The training step, one "
     "thread, CPU time (the machine's load average near 9, wall times meaningless): 0.30 against 0.43 × Keras's "
     "(`ops/torch.py: moment_sums`).",
+    "torch eager, the kernel's partial sums added (quiet machine, right after a Keras step, so from memory as in a "
+    "model): in float64 0.7 ms of the 2.4 ms of the statistics on (32, 56, 56, 64), in float32 cascades 0.03 ms, "
+    "both within 3.2–3.6 units of 2⁻²⁴ of float64 (six shapes, three offsets, three seeds); blocks of the leading "
+    "reduced positions rather than of the batch: 8×28×28×256 read as 32 rows of 50,176 partials, not 8 of "
+    "200,704 (the kernel 0.38 against 1.1 ms); up to 1,024 rows torch's own sums of d and d·d (256×1024: 0.06 "
+    "against 0.15 ms in the step) (`ops/torch.py: moment_sums`).",
+    "torch eager, Python per step: a `keras.ops` call costs 1.3 (cast) to 15 µs (maximum, mean) against about 1 µs "
+    "for the torch call; the statistics and the layer's per-step calls through `dispatch.array_ops` took the "
+    "training step on a (2, 4) tensor from 0.71 to 0.57 ms (Keras's BN 0.48 ms, a Keras layer computing "
+    "x·γ + β with autograd 0.32 ms at 256×1024: the floor of any layer call there) (`ops/torch.py: array_ops`).",
+    "torch eager, (32, 56, 56, 64), 60 steps interleaved with Keras's: in a quarter of the steps freeing the "
+    "step's tensors took 4–13 ms (glibc handing the heap's top back), for both layers; writing dx over d in the "
+    "backward (one 25.7 MB buffer fewer a step) left that and the step's median unchanged (11.9–23.8 against "
+    "12.3–12.6 ms), and would break a second backward through a kept graph: not kept.",
+    "JAX on CPU, 256×1024: kerasbn's jitted step runs 15 XLA fusions to Keras's 14; the sample mean's slice stays "
+    "a copy of 64 rows because a one-operand sum, however written, becomes YNNPACK's reduction, which cannot "
+    "read a slice. One variadic second level for the gradient's two partial sums made it 14 (0.327 → 0.316 ms, "
+    "within the noise) at the price of a sequential reduction over m/8 partials: not kept (`ops/jax.py`).",
+    "keras-hub ResNet (96×96, batch 32), jitted JAX, kerasbn ÷ Keras per `train_on_batch` step, quiet machine: "
+    "as shipped 1.04, 0.99 and 0.99; without the shift's optimization barrier 0.99; the gradient's sums plain 1.02; the "
+    'statistics\' sums plain 1.01 (`benchmarks/swap.py --only JAX --model "keras-hub ResNet"`).',
     "JAX on CPU, the statistics of a small batch (256, 1024): YNNPACK's plain sums read a materialized d, one pass "
     "each, 11 passes over the data in the training step; one variadic reduction over leading blocks reads x "
     "once, 8 passes (XLA's dump). The step's CPU time 0.87 against 1.14 × Keras's, wall 0.90 against 1.21 × "
