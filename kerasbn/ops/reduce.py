@@ -85,7 +85,8 @@ def blocked_sums(
         small: Up to this many values per feature, one plain reduction.
     """
     x = values[0]
-    m = math.prod(x.shape[a] or 0 for a in axes)
+    # A list, not a generator: `torch.compile` breaks its graph at a generator expression.
+    m = math.prod([x.shape[a] or 0 for a in axes])
     if 0 < m <= small:
         # Few values per feature: one float32 reduction is exact enough and
         # its fixed cost is what counts.
@@ -137,7 +138,7 @@ def inner_block_sums(values: Sequence, axes: Sequence[int], variadic: Variadic) 
     shape = values[0].shape
     if list(axes) != list(range(lo, hi + 1)) or hi == len(shape) - 1:
         return None
-    m = math.prod(shape[a] or 0 for a in axes)
+    m = math.prod([shape[a] or 0 for a in axes])
     if m % INNER or m < 2 * INNER:
         return None
     pre, post = list(shape[:lo]), list(shape[hi + 1 :])

@@ -1,6 +1,7 @@
 """The PyTorch arrangements: torch's own batch-norm kernels eagerly, a
-closed-form `torch.autograd.Function` under `torch.compile`, and
-`torch.distributed`'s all-reduce.
+closed-form `torch.autograd.Function` under `torch.compile`,
+`torch.distributed`'s all-reduce, and the array functions the layer calls on
+every step as torch calls (`array_ops`).
 
 Sums. torch's CPU reductions add a contiguous inner run of float32 in
 cascades (pairwise blocks), good to float32 rounding of the result (3e-7
@@ -49,6 +50,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from keras import ops as keras_ops
 
 from kerasbn.ops import generic, reduce
 
@@ -87,14 +89,14 @@ def moment_sums(d, axes: Sequence[int]) -> list:
     plain sums) or with a gradient to record, the exact `sums` of ``d`` and
     ``d·d``.
     """
+    if _compiling() or d.requires_grad or d.dtype not in (torch.float32, torch.float64):
+        return sums([d, d * d], axes)
     axes = sorted(axes)
     lead = 0
     while lead < len(axes) and axes[lead] == lead:
         lead += 1
     n = math.prod(d.shape[:lead])
-    m = math.prod(d.shape[a] for a in axes)
-    if _compiling() or d.requires_grad or d.dtype not in (torch.float32, torch.float64):
-        return sums([d, d * d], axes)
+    m = math.prod([d.shape[a] for a in axes])
     keep = [1 if a in axes else k for a, k in enumerate(d.shape)]
     if lead == len(axes) and m <= reduce.SMALL:
         # Up to a thousand rows torch's cascade sum over them is exact to
@@ -174,9 +176,7 @@ class _ArrayOps:
         return tuple(x.shape)
 
     def __getattr__(self, name):
-        import keras
-
-        return getattr(keras.ops, name)
+        return getattr(keras_ops, name)
 
 
 array_ops = _ArrayOps()

@@ -476,3 +476,22 @@ def test_invalid_shapes_are_refused(kwargs, shape, message):
 def test_docstring_example_runs():
     failures, tried = doctest.testmod(bn_module, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert tried > 0 and failures == 0
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.compile is the torch backend's compiler")
+@pytest.mark.parametrize(
+    "shape,axis,virtual_batch_size",
+    [((8, 6, 6, 4), -1, None), ((8, 4, 6, 6), 1, None), ((300, 5), -1, None), ((8, 6, 6, 4), -1, 4)],
+    ids=["nhwc", "nchw", "dense", "ghost"],
+)
+def test_training_call_compiles_into_one_torch_graph(shape, axis, virtual_batch_size):
+    """A graph break splits Keras's compiled torch step and runs the layer's pieces eagerly between graphs:
+    a generator expression in a shape computation once cost seven (torch.compile step 0.68 → 0.26–0.41 ×
+    Keras's on 32×56×56×64 without them)."""
+    import torch
+
+    layer = kerasbn.BatchNormalization(axis=axis, virtual_batch_size=virtual_batch_size)
+    layer.build(shape)
+    x = torch.as_tensor(np.random.default_rng(0).normal(size=shape).astype("float32"))
+    explained = torch._dynamo.explain(lambda t: layer(t, training=True))(x)
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
