@@ -64,6 +64,8 @@ def test_steps_to_target_takes_the_first_evaluation_at_or_above_it():
     assert module.steps_to(rows, 0.99) is None
 
 
+# 53 s on 2 cores: the installed CLI's paths are also in tests/cli (make test); this runs in test-large.
+@pytest.mark.large
 @pytest.mark.slow
 def test_demo_runs_the_installed_cli_and_all_six_models_agree(tmp_path):
     """`make demo` end to end, in a scratch directory (it writes build/demo/ under the cwd)."""

@@ -26,6 +26,10 @@ import pytest
 
 from tests.conftest import BACKEND
 
+# The replica tests run their own subprocess on one backend, whatever the session's: each runs once per
+# suite, in the session of its own backend (make test runs tests/ops under all three).
+ONCE = "runs its own subprocess; once per suite, in the session of its backend"
+
 ROOT = Path(__file__).resolve().parents[2]
 
 COMMON = """
@@ -158,17 +162,20 @@ def check(got, ref):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "tensorflow", reason=ONCE)
 def test_tensorflow_mirrored_strategy_matches_one_device():
     check(*run_worker("tensorflow", TENSORFLOW))
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "jax", reason=ONCE)
 def test_jax_data_parallel_matches_one_device():
     flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
     check(*run_worker("jax", JAX, {"XLA_FLAGS": flags}))
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "torch", reason=ONCE)
 def test_torch_gloo_process_group_matches_one_process():
     """Two processes, 8 samples each, against one process over all 16."""
     with socket.socket() as probe:

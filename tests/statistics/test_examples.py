@@ -17,6 +17,7 @@ def load(name: str):
     return module
 
 
+@pytest.mark.large
 @pytest.mark.slow
 def test_domain_shift_calibration_recovers_the_accuracy(tmp_path):
     results = load("domain_shift").main(["--out", str(tmp_path)])
@@ -25,6 +26,7 @@ def test_domain_shift_calibration_recovers_the_accuracy(tmp_path):
     assert results["clean"] - results["shifted_after_calibrate"] < 0.05
 
 
+@pytest.mark.large
 @pytest.mark.slow
 def test_lagging_statistics_fixed_by_paper_calibration(tmp_path):
     results = load("lagging_statistics").main(["--out", str(tmp_path)])
