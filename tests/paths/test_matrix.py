@@ -225,11 +225,22 @@ assert {c[3] for c in DIAGONAL} == set(OPERATIONS)
 LARGE = {("application", op) for op in ("export_onnx", "int8_litert", *QAT_OPERATIONS)}
 
 
+# Known bugs, open: the cell fails today for the reason given and is expected to (the failure is asserted, not
+# skipped); fixing the bug turns the cell into an unexpected pass.
+KNOWN_BUGS: dict[tuple[str, ...], str] = {
+    # Found by CI's large slice at 814e62d: the JAX-saved CSPNet after one QAT step exports to ONNX 7 output steps
+    # from the simulated model (max 2), and the check refuses to write it; TF-saved it passes. Not yet explained.
+    ("keras_hub", "float32", "jax", "qat_onnx", "cli"): "JAX-saved CSPNet QAT → int8 ONNX is 7 steps off",
+}
+
+
 def _param(cell: Cell, rest: bool = False):
     if cell[:4] in DIAGONAL and not rest:
         return pytest.param(cell, id=cell.id)
     large = (pytest.mark.large,) if rest or (cell[0], cell[3]) in LARGE else ()
-    return pytest.param(cell, id=cell.id, marks=(pytest.mark.slow, *large))
+    known = KNOWN_BUGS.get(tuple(cell))
+    bug = (pytest.mark.xfail(reason=known, raises=AssertionError, strict=True),) if known else ()
+    return pytest.param(cell, id=cell.id, marks=(pytest.mark.slow, *large, *bug))
 
 
 def _flat(outputs) -> list[np.ndarray]:
