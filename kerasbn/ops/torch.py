@@ -132,7 +132,7 @@ def moment_sums(d, axes: Sequence[int]) -> list:
 
 def _tensor(x):
     """A Keras variable's tensor, or ``x``."""
-    return getattr(x, "value", x) if not isinstance(x, torch.Tensor) else x
+    return x if isinstance(x, torch.Tensor) else getattr(x, "value", x)
 
 
 def _dtype(dtype):
