@@ -3,8 +3,9 @@
 Two kinds of wrong, each named by its layer:
 
 - `check_runnable`: a model Keras builds but cannot run (an input listed twice,
-  a convolution fed integers, booleans or strings, a quantized dtype policy on
-  a layer without a quantized kernel). `kerasbn.load_model` refuses these, so
+  a convolution fed integers, booleans or strings, a BN whose dtype policy is
+  not a floating-point one, a quantized dtype policy on a layer without a
+  quantized kernel). `kerasbn.load_model` refuses these, so
   the failure is one line instead of an error from deep inside a layer's call.
 - `weight_problems` / `check_weights`: weights that are NaN or infinite, or a
   BN variance below zero. The audit lists them; `kerasbn.fold` and
@@ -62,7 +63,15 @@ def check_runnable(model: Any) -> None:
                         f"which it cannot compute with: the model cannot run (is an input's or a layer's dtype wrong?)"
                     )
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        mode = getattr(layer.dtype_policy, "quantization_mode", None)
+        policy = layer.dtype_policy
+        if is_bn(layer) and not all(map(keras.backend.is_float_dtype, (policy.compute_dtype, policy.variable_dtype))):
+            # Keras builds such a BN: a boolean one hands the next layer booleans (a ReLU then fails deep in its
+            # call), an integer one rounds its statistics and output, which no fold into a float kernel equals.
+            raise UnsupportedModelError(
+                f"layer '{layer.name}' ({type(layer).__name__}) has the dtype policy '{policy.name}', "
+                "but batch normalization computes and holds its statistics in floating point: the model cannot run"
+            )
+        mode = getattr(policy, "quantization_mode", None)
         if mode is not None and type(layer).quantize is keras.layers.Layer.quantize:
             raise UnsupportedModelError(
                 f"layer '{layer.name}' ({type(layer).__name__}) has the quantized dtype policy "

@@ -191,6 +191,7 @@ def corpus(tmp_path_factory, model_files) -> dict[str, Path]:
         "bn_int4_policy": with_config(
             "bn_int4.keras", json.dumps(with_layer(config, "bn_conv", dtype="int4_from_float32"))
         ),
+        "bn_bool_dtype": with_config("bn_bool.keras", json.dumps(with_layer(config, "bn_conv", dtype="bool"))),
         "input_listed_twice": with_config(
             "input_twice.keras",
             json.dumps(

@@ -48,6 +48,7 @@ EXPECTED = {
     "input_bool": "layer 'conv' (Conv2D) reads a tensor of dtype bool",
     "input_string": "layer 'conv' (Conv2D) reads a tensor of dtype string",
     "bn_int4_policy": "layer 'bn_conv' (BatchNormalization) has the quantized dtype policy 'int4_from_float32'",
+    "bn_bool_dtype": "layer 'bn_conv' (BatchNormalization) has the dtype policy 'bool'",
     "input_listed_twice": "lists the input 'image' more than once",
 }
 

@@ -49,10 +49,21 @@ def _string_into_dense() -> keras.Model:
             lambda: _convnet(bn_dtype="int4_from_float32"),
             "layer 'bn' (BatchNormalization) has the quantized dtype policy 'int4_from_float32'",
         ),
+        (lambda: _convnet(bn_dtype="bool"), "layer 'bn' (BatchNormalization) has the dtype policy 'bool'"),
+        (lambda: _convnet(bn_dtype="int32"), "layer 'bn' (BatchNormalization) has the dtype policy 'int32'"),
         (_listed_twice, "lists the input 'image' more than once"),
         (_string_into_dense, "layer 'head' (Dense) reads a tensor of dtype string"),
     ],
-    ids=["int32-into-conv", "bool-into-conv", "string-into-conv", "int4-bn", "input-twice", "string-into-dense"],
+    ids=[
+        "int32-into-conv",
+        "bool-into-conv",
+        "string-into-conv",
+        "int4-bn",
+        "bool-bn",
+        "int32-bn",
+        "input-twice",
+        "string-into-dense",
+    ],
 )
 def test_a_model_that_cannot_run_is_refused_naming_the_layer(make, message):
     with pytest.raises(UnsupportedModelError, match=re.escape(message)):
