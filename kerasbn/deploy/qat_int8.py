@@ -137,8 +137,15 @@ class QatExportResult(Printable):
                 if o.top1 is None
                 else f", top-1 {100 * o.top1:.1f} % ({100 * o.decisive_top1:.1f} % of decisive rows)"
             )
+            layers = (
+                ""
+                if o.layer_lsb is None
+                else f"; layer by layer on the file's inputs max {o.layer_lsb:.2g} step(s) over {o.layers} layers"
+            )
             verdict = "ok" if o.passed else "FAILED"
-            out.append(f"{runtime} vs the simulated model, {o.case}: max {o.max_lsb:.2g} output steps{top1}: {verdict}")
+            out.append(
+                f"{runtime} vs the simulated model, {o.case}: max {o.max_lsb:.2g} output steps{top1}{layers}: {verdict}"
+            )
         return out
 
 

@@ -23,7 +23,7 @@ import kerasbn
 import kerasbn.deploy.qat_int8 as qat_export
 from kerasbn.deploy.files import load_model
 from kerasbn.deploy.int8_file import litert_weights
-from kerasbn.deploy.qat_check import check_file
+from kerasbn.deploy.qat_check import MAX_LAYER_LSB, check_file, output_steps
 from kerasbn.deploy.verify import Checks, keras_outputs
 from kerasbn.errors import UnsupportedModelError
 from kerasbn.model_signature import signature
@@ -437,3 +437,45 @@ def test_a_leaky_relu_is_refused_for_litert_and_exported_to_onnx(tmp_path):
     expected = keras_outputs(qat, calibration)[0]
     got = file_outputs(tmp_path / "m.onnx", "onnx", qat, calibration)[0]
     assert np.max(np.abs(got - expected)) <= (MAX_STEPS + STEP_SLACK) * output_step(qat)
+
+
+@pytest.fixture(scope="module")
+def deep_qat():
+    """keras-hub's CSPNet (13 convolutions, LeakyReLU, residual adds, concatenations), calibrated, with its ONNX file."""
+    from tests.paths import models
+
+    model = models.build("keras_hub", "float32")
+    qat = kerasbn.qat.prepare(model, calibration=models.data("keras_hub", 64, 1)["image"])
+    x = models.data("keras_hub", 64, 2)["image"]
+    graph, _ = qat_export.convert(qat, "onnx")
+    return qat, graph, x
+
+
+def test_a_deep_network_is_judged_layer_by_layer_where_rounding_flips_add_up(deep_qat, tmp_path):
+    qat, graph, x = deep_qat
+    path = tmp_path / "m.onnx"
+    path.write_bytes(graph.SerializeToString())
+    step = output_steps(qat)[0]
+    end_to_end = np.max(np.abs(file_outputs(path, "onnx", qat, x)[0] - keras_outputs(qat, x)[0])) / step
+    assert end_to_end > MAX_STEPS + STEP_SLACK  # the outputs alone would refuse the file: the case is not vacuous
+    check = check_file(qat, "onnx", graph.SerializeToString(), signature(qat), Checks(inputs=x))
+    assert check.passed, check.failure()
+    judged = check.outputs[0]
+    assert judged.max_lsb == pytest.approx(end_to_end, rel=1e-6)
+    # Every activation quantizer found in the file, and the output, each within one step of the simulated layer.
+    assert judged.layers == len(qlayers.activation_quantizers(qat)) + 1
+    assert judged.layer_lsb <= MAX_LAYER_LSB + STEP_SLACK
+
+
+def test_layer_by_layer_names_a_layer_whose_bias_is_off(deep_qat):
+    qat, _, x = deep_qat
+    wrong = keras.models.clone_model(qat)
+    wrong.set_weights(qat.get_weights())
+    fused = qlayers.fused(wrong)[-1]
+    quantizer = wrong.get_layer(f"{fused.name}_quant")
+    fused.beta.assign(fused.beta.numpy() + 3 * float(quantizer.nudged_range()[2]))
+    graph, _ = qat_export.convert(wrong, "onnx")
+    check = check_file(qat, "onnx", graph.SerializeToString(), signature(qat), Checks(inputs=x))
+    assert not check.passed
+    assert check.outputs[0].layer_lsb > 2.5  # the three steps of the bias, through the layer's own rounding
+    assert f"layer '{quantizer.name}' fed the file's own inputs" in check.failure(), check.failure()
