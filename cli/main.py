@@ -228,7 +228,7 @@ def export(
     A quantization-aware model (kerasbn qat) is written as int8 from its
     learned ranges, without --int8 or --calibration; nothing is written
     unless the file holds its trained integer weights and ranges and its
-    outputs stay within 2 output steps of the simulated model (ONNX, where
+    outputs stay within 2 output steps of the simulated model (where
     rounding adds up past that: each layer within one step on the file's
     own inputs).
 

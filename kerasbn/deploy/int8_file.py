@@ -8,10 +8,9 @@ as a runtime would see it, without running anything:
   multiplies with (LiteRT's CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED,
   TRANSPOSE_CONV; ONNX's ``DequantizeLinear`` of an int8 constant), with its
   scales and the axis they run along; LiteRT's INT4 tensors unpacked.
-- `litert_activations` / `onnx_activations`: the ``(scale, zero point)`` of
-  every quantized activation (LiteRT's int8 non-constant tensors, ONNX's
-  ``QuantizeLinear`` of a computed tensor), zero points as unsigned 8-bit
-  values (LiteRT's int8 zero point + 128).
+- `litert_activations` / `onnx_activations`: every quantized activation
+  (LiteRT's int8 non-constant tensors, ONNX's ``QuantizeLinear`` of a
+  computed tensor) with its name, scale and zero point, as `IntegerActivation`.
 
 `kerasbn.deploy.qat_int8` compares both with the model's own grids and ranges.
 """
@@ -46,6 +45,31 @@ class IntegerWeights:
     scale: np.ndarray
     axis: int | None
     stored_bits: int = 8
+
+
+@dataclass(frozen=True)
+class IntegerActivation:
+    """One quantized activation tensor of a file.
+
+    Attributes:
+        name: What names it: the LiteRT tensor's name up to its first ``;``
+            (the op that makes it, of the ops the converter fused), the ONNX
+            ``QuantizeLinear`` node's name (the TensorFlow op it came from).
+        scale: Its one scale.
+        zero_point: Its zero point as stored (int8 or uint8).
+        unsigned_zero: The zero point as an unsigned 8-bit value (an int8 one + 128).
+        tensor: Where it is: LiteRT's (subgraph, tensor index), ONNX's tensor name.
+    """
+
+    name: str
+    scale: float
+    zero_point: int
+    unsigned_zero: int
+    tensor: tuple[int, int] | str
+
+    def dequantize(self, values: np.ndarray) -> np.ndarray:
+        """The float64 values the integers ``values`` of this tensor stand for."""
+        return (np.asarray(values, np.float64) - self.zero_point) * self.scale
 
 
 def litert_weights(content: bytes) -> list[IntegerWeights]:
@@ -92,8 +116,8 @@ def _unpack_int4(data: np.ndarray, count: int) -> np.ndarray:
     return np.where(nibbles > 7, nibbles - 16, nibbles)
 
 
-def litert_activations(content: bytes) -> list[tuple[float, int]]:
-    """``(scale, unsigned zero point)`` of every quantized computed tensor of the LiteRT flatbuffer."""
+def litert_activations(content: bytes) -> list[IntegerActivation]:
+    """Every quantized computed tensor of the LiteRT flatbuffer."""
     from kerasbn.deploy.litert import _schema
 
     schema = _schema()
@@ -109,8 +133,10 @@ def litert_activations(content: bytes) -> list[tuple[float, int]]:
                 continue
             if quantization is None or quantization.ScaleLength() != 1:
                 continue
+            zero = int(quantization.ZeroPoint(0))
             offset = 128 if tensor.Type() == schema.TensorType.INT8 else 0
-            found.append((float(quantization.Scale(0)), int(quantization.ZeroPoint(0)) + offset))
+            name = tensor.Name().decode(errors="replace").split(";")[0]
+            found.append(IntegerActivation(name, float(quantization.Scale(0)), zero, zero + offset, (g, t)))
     return found
 
 
@@ -141,8 +167,8 @@ def onnx_weights(model: Any) -> list[IntegerWeights]:
     return found
 
 
-def onnx_activations(model: Any) -> list[tuple[float, int]]:
-    """``(scale, unsigned zero point)`` of every ``QuantizeLinear`` of a computed tensor in the ONNX ``model``."""
+def onnx_activations(model: Any) -> list[IntegerActivation]:
+    """Every ``QuantizeLinear`` of a computed tensor in the ONNX ``model`` (its output is the tensor)."""
     from onnx import numpy_helper
 
     init = {t.name: t for t in model.graph.initializer}
@@ -156,5 +182,6 @@ def onnx_activations(model: Any) -> list[tuple[float, int]]:
         if scale.size != 1:
             continue
         offset = 128 if zero.dtype == np.int8 else 0
-        found.append((float(scale.reshape(())), int(zero.reshape(())) + offset))
+        raw = int(zero.reshape(()))
+        found.append(IntegerActivation(node.name, float(scale.reshape(())), raw, raw + offset, node.output[0]))
     return found

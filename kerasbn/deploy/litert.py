@@ -53,6 +53,9 @@ class LiteRTTarget(Target):
 
         return litert_runner(source, sig.names)
 
+    def probed(self, content: bytes, tensors: Sequence[Any]) -> bytes:
+        return probed(content, tensors)
+
     def op_counts(self, graph: bytes) -> dict[str, int]:
         return op_counts(graph)
 
@@ -180,6 +183,26 @@ def op_counts(content: bytes) -> dict[str, int]:
         for o in range(graph.OperatorsLength()):
             counts[codes[graph.Operators(o).OpcodeIndex()]] += 1
     return dict(sorted(counts.items()))
+
+
+def probed(content: bytes, tensors: Sequence[tuple[int, int]]) -> bytes:
+    """The flatbuffer with these (subgraph 0, index) tensors as outputs ``output_N``, ``output_N+1``, ... of
+    its signature and of its subgraph (a delegate keeps a subgraph output in memory, not only in its own)."""
+    import flatbuffers
+
+    schema = _schema()
+    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    graph, signature = model.subgraphs[0], model.signatureDefs[0]
+    indices = [index for subgraph, index in tensors if subgraph == 0]
+    graph.outputs = [*graph.outputs, *indices]
+    first = len(signature.outputs)
+    for k, index in enumerate(indices):
+        output = schema.TensorMapT()
+        output.name, output.tensorIndex = f"output_{first + k}", index
+        signature.outputs.append(output)
+    builder = flatbuffers.Builder(len(content) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def schema_version(content: bytes) -> int:

@@ -14,11 +14,11 @@
    (`OutputCheck.decisive_top1`: a row whose top two classes lie within
    ``2·MAX_LSB`` steps may swap them within the allowed error; the top-1
    agreement over all rows is reported beside it).
-4. Layer by layer, where the outputs are further off (ONNX): each activation
+4. Layer by layer, where the outputs are further off: each activation
    quantizer of the model fed the file's own integers for every tensor before
-   it (the file's quantized tensors exposed as outputs, which leaves ONNX
-   Runtime's fused kernels as they are) must give the file's integers within
-   `MAX_LAYER_LSB` step. Through a deep network the outputs alone cannot judge
+   it (the file's quantized tensors made outputs of the file too, which
+   leaves the kernels that compute them as they are) must give the file's
+   integers within `MAX_LAYER_LSB` step. Through a deep network the outputs alone cannot judge
    the file: the file sums integers exactly and the simulation sums float32, so
    0.1–0.3 % of a layer's elements, those within float32 error of a half step,
    round one step apart, and each such step moves the next layers' sums. On
@@ -38,7 +38,7 @@ simulation can differ by one step there, which the output budget covers.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +76,7 @@ class OutputCheck:
             top two classes lie more than ``2·MAX_LSB`` steps apart, the only
             ones whose class an error within `MAX_LSB` cannot swap (None
             without a classification output; 1.0 when no row is decisive).
-        layer_lsb: Where `max_lsb` exceeds `MAX_LSB` (ONNX): the max over the
+        layer_lsb: Where `max_lsb` exceeds `MAX_LSB`: the max over the
             judged layers of ``|Δ|`` in steps of the layer's quantizer, each
             fed the file's own inputs (module docstring, step 4); None when not
             judged so.
@@ -207,7 +207,7 @@ def check_file(
     activations = 0
     for quantizer in activation_quantizers(model):
         scale, zero = _nudged(quantizer)
-        if any(z == zero and abs(s - scale) <= SCALE_RTOL * scale for s, z in ranges):
+        if any(_same_range(quantizer, tensor) for tensor in ranges):
             activations += 1
         else:
             problems.append(
@@ -216,7 +216,7 @@ def check_file(
             )
     steps = steps if steps is not None else output_steps(model)
     run = target.runner(content, sig)
-    layer_by_layer = None  # built where an output is off by more than MAX_LSB: an ONNX Runtime session of its own
+    layer_by_layer = None  # built where an output is off by more than MAX_LSB: a second session of the runtime
     outputs = []
     for label, arrays in _cases(checks, sig):
         expected = keras_outputs(model, sig.pack(list(arrays)))
@@ -232,9 +232,9 @@ def check_file(
             top1.append(float(np.mean(same)))
             decisive.append(float(np.mean(same[clear])) if clear.any() else 1.0)
         layers = (0.0, "", 0)
-        if worst > MAX_LSB + LSB_SLACK and to == "onnx":
-            layer_by_layer = layer_by_layer or _LayerByLayer(model, graph, steps)
-            layers = layer_by_layer.judge(arrays, sig)
+        if worst > MAX_LSB + LSB_SLACK:
+            layer_by_layer = layer_by_layer or _LayerByLayer(model, target, content, ranges, sig, steps)
+            layers = layer_by_layer.judge(arrays)
         outputs.append(
             OutputCheck(
                 case=label,
@@ -253,46 +253,36 @@ def check_file(
 
 
 class _LayerByLayer:
-    """Step 4 of the module docstring for an ONNX file: each layer of the model fed the file's own inputs."""
+    """Step 4 of the module docstring: each layer of the model fed the file's own inputs."""
 
-    def __init__(self, model: Any, graph: Any, steps: Sequence[float]) -> None:
-        import onnx
+    def __init__(
+        self, model: Any, target: Any, content: bytes, activations: Sequence[Any], sig: Any, steps: Sequence[float]
+    ) -> None:
+        self.model, self.sig, self.steps = model, sig, list(steps)
+        self.quantizers = {id(q): q for q in activation_quantizers(model)}
+        self.tensors = _quantized_tensors(self.quantizers.values(), activations)
+        probed = target.probed(content, [tensor.tensor for tensor in self.tensors.values()])
+        self.run = target.runner(probed, sig)
 
-        from kerasbn.deploy.runtime import onnx_runner
-
-        self.model, self.steps = model, list(steps)
-        self.tensors = _quantized_tensors(model, graph)
-        exposed = onnx.ModelProto()
-        exposed.CopyFrom(graph)
-        self.outputs = len(graph.graph.output)
-        for name, _, _ in self.tensors.values():
-            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        self.run = onnx_runner(exposed.SerializeToString())
-
-    def judge(self, arrays: Sequence[np.ndarray], sig: Any) -> tuple[float, str, int]:
+    def judge(self, arrays: Sequence[np.ndarray]) -> tuple[float, str, int]:
         """(max steps, the layer, layers judged) of the model run with the file's tensors in place of its own."""
         import keras
 
         values = self.run(list(arrays))
-        ends, inner = values[: self.outputs], values[self.outputs :]
-        forced = {
-            key: (np.asarray(q, np.float64) - zero) * scale
-            for key, q, (_, scale, zero) in zip(self.tensors, inner, self.tensors.values())
-        }
+        ends, inner = values[: len(self.steps)], values[len(self.steps) :]
+        forced = {key: tensor.dequantize(q) for (key, tensor), q in zip(self.tensors.items(), inner)}
         computed: dict[int, np.ndarray] = {}
-        quantizers = {id(q): q for q in activation_quantizers(self.model)}
-        with _forced(list(quantizers.values()), forced, computed):
-            made = keras.tree.flatten(self.model(sig.pack(list(arrays)), training=False))
-        worst, where = 0.0, ""
-        judged = 0
+        with _forced(list(self.quantizers.values()), forced, computed):
+            made = keras.tree.flatten(self.model(self.sig.pack(list(arrays)), training=False))
+        worst, where, judged = 0.0, "", 0
         for key, value in forced.items():
             value = _keras_layout(value, computed[key])
             if value is None:
                 continue
             judged += 1
-            error = float(np.max(np.abs(value - computed[key]), initial=0.0)) / _nudged(quantizers[key])[0]
+            error = float(np.max(np.abs(value - computed[key]), initial=0.0)) / _nudged(self.quantizers[key])[0]
             if error > worst or not where:
-                worst, where = error, f"layer '{quantizers[key].name}'"
+                worst, where = error, f"layer '{self.quantizers[key].name}'"
         for index, (y, z, step) in enumerate(zip(made, ends, self.steps)):
             error = float(np.max(np.abs(np.asarray(y, np.float64) - z), initial=0.0)) / step
             if error > worst:
@@ -300,34 +290,38 @@ class _LayerByLayer:
         return worst, where, judged + len(ends)
 
 
-def _quantized_tensors(model: Any, graph: Any) -> dict[int, tuple[str, float, int]]:
-    """``id(quantizer)`` → (the file's integer tensor of it, its scale, its unsigned zero point).
+def _same_range(quantizer: Any, tensor: Any) -> bool:
+    """Whether the file's `IntegerActivation` ``tensor`` has the quantizer's nudged step and zero point."""
+    step, zero = _nudged(quantizer)
+    return tensor.unsigned_zero == zero and abs(tensor.scale - step) <= SCALE_RTOL * step
 
-    tf2onnx names each ``QuantizeLinear`` after the TensorFlow op it comes
-    from, inside the quantizer layer's name scope (``.../<name>_1/FakeQuant...``);
-    a quantizer whose name matches no node, or several, or whose node holds
-    another range, is not judged.
+
+def _quantized_tensors(quantizers: Iterable[Any], activations: Sequence[Any]) -> dict[int, Any]:
+    """``id(quantizer)`` → the file's `IntegerActivation` that is its output.
+
+    The converters name a tensor after the TensorFlow op that makes it, inside
+    its layer's name scope (``.../<name>_1/FakeQuant...``): the quantizer's own
+    (ONNX's ``QuantizeLinear``, LiteRT's input ``QUANTIZE``) or, where LiteRT
+    fused the quantizer into the kernel before it, that layer's
+    (``.../<name>_1/Relu``). A quantizer with no such tensor of its range, or
+    several, is not judged.
     """
     import re
 
-    from onnx import numpy_helper
-
-    init = {t.name: t for t in graph.graph.initializer}
-    nodes = [n for n in graph.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in init]
     found = {}
-    for quantizer in activation_quantizers(model):
-        scope = re.compile(rf"(?:^|/){re.escape(quantizer.name)}(?:_\d+)?/")
-        matches = [n for n in nodes if scope.search(n.name)]
-        if len(matches) != 1 or len(matches[0].input) < 3 or matches[0].input[1] not in init:
-            continue
-        node = matches[0]
-        scale = float(numpy_helper.to_array(init[node.input[1]]).reshape(()))
-        zero = numpy_helper.to_array(init[node.input[2]])
-        unsigned = int(zero.reshape(())) + (128 if zero.dtype == np.int8 else 0)
-        step, expected = _nudged(quantizer)
-        if unsigned == expected and abs(scale - step) <= SCALE_RTOL * step:
-            found[id(quantizer)] = (node.output[0], scale, int(zero.reshape(())))
+    for quantizer in quantizers:
+        names = [quantizer.name] + [layer.name for layer in _inbound_layers(quantizer)]
+        scopes = [re.compile(rf"(?:^|/){re.escape(name)}(?:_\d+)?/") for name in names]
+        matches = [t for t in activations if _same_range(quantizer, t) and any(p.search(t.name) for p in scopes)]
+        if len(matches) == 1:
+            found[id(quantizer)] = matches[0]
     return found
+
+
+def _inbound_layers(layer: Any) -> list[Any]:
+    """The layers whose outputs ``layer`` is called on."""
+    nodes = getattr(layer, "_inbound_nodes", None) or []
+    return [t._keras_history.operation for node in nodes for t in node.input_tensors if hasattr(t, "_keras_history")]
 
 
 def _keras_layout(value: np.ndarray, like: np.ndarray) -> np.ndarray | None:

@@ -76,6 +76,11 @@ class Target(abc.ABC):
         """A function running a file (a path, or its bytes) in the target's runtime: flat arrays in Keras order."""
 
     @abc.abstractmethod
+    def probed(self, content: bytes, tensors: Sequence[Any]) -> bytes:
+        """The file with these of its tensors (`kerasbn.deploy.int8_file.IntegerActivation.tensor`) as extra
+        outputs after the model's: what `runner` then returns for them, the kernels that make them unchanged."""
+
+    @abc.abstractmethod
     def op_counts(self, graph: Any) -> dict[str, int]:
         """Op type → count in the graph."""
 

@@ -96,7 +96,7 @@ def application() -> keras.Model:
     )
 
 
-def keras_hub() -> keras.Model:
+def keras_hub(activation: str = "leaky_relu") -> keras.Model:
     """A keras-hub CSPNet backbone from config (its own test config, narrower), 16×16."""
     import keras_hub
 
@@ -115,6 +115,7 @@ def keras_hub() -> keras.Model:
         block_type="dark_block",
         stage_type="csp",
         stem_padding="same",
+        activation=activation,
     )
 
 
