@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TensorFlow turns oneDNN on by default only on CPUs with AVX-512; without it
@@ -36,8 +37,12 @@ def in_mode(fn, mode: str):
         return jax.jit(fn)
     import torch
 
-    # A fresh compilation per call site; dynamic shapes off, as a fixed batch trains.
-    return torch.compile(fn, dynamic=False)
+    # Dynamo caches compilations on the code object, which the lambdas of one call site share: past its recompile
+    # limit (8) it ran them eagerly, silently (97 of the suite's compile-mode tests did). Each function gets a code
+    # object of its own, and hitting the limit fails the test. Dynamic shapes off, as a fixed batch trains.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(own, dynamic=False)
 
 
 def tensor(x):
@@ -69,8 +74,11 @@ def run(layer, x, *, training: bool, mode: str, mask=None):
             out = fn(tf.constant(x), mask)
         return keras.ops.convert_to_numpy(out)
     if BACKEND == "torch":
-        fn = in_mode(lambda t, m: layer(t, training=training, mask=m), mode)
-        return keras.ops.convert_to_numpy(fn(tensor(x), tensor(mask)))
+        # One compilation per layer, flag and mode: a test calling a layer again reuses it, as a training loop does.
+        calls = layer.__dict__.setdefault("_test_calls", {})  # past Keras's attribute tracking
+        if (training, mode) not in calls:
+            calls[training, mode] = in_mode(lambda t, m: layer(t, training=training, mask=m), mode)
+        return keras.ops.convert_to_numpy(calls[training, mode](tensor(x), tensor(mask)))
     import jax
 
     if mode == "eager":
