@@ -23,7 +23,7 @@ The candidate's layers are matched to the original's in their flattened order
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,23 +92,30 @@ def _match(original: keras.Model, candidate: keras.Model) -> dict[int, keras.lay
 
 
 @contextlib.contextmanager
-def _recording(layers: Sequence[keras.layers.Layer], captured: dict[int, Any]) -> Iterator[None]:
-    """Each layer's first input goes to ``captured[index]`` while the block runs (its ``call`` hooked)."""
+def hooked_calls(layers: Sequence[keras.layers.Layer], hook: Callable[[int, Callable], Callable]) -> Iterator[None]:
+    """While the block runs, each layer's ``call`` is ``hook(index, the layer's own call)``."""
     for index, layer in enumerate(layers):
-        original = layer.call
-
-        def hook(inputs, *args, _index=index, _original=original, **kwargs):
-            captured.setdefault(_index, inputs)
-            return _original(inputs, *args, **kwargs)
-
         # An instance attribute shadows the class's method in Layer.__call__;
         # object.__setattr__ keeps Keras's attribute tracking out of it.
-        object.__setattr__(layer, "call", hook)
+        object.__setattr__(layer, "call", hook(index, layer.call))
     try:
         yield
     finally:
         for layer in layers:
             object.__delattr__(layer, "call")
+
+
+def _recording(layers: Sequence[keras.layers.Layer], captured: dict[int, Any]) -> contextlib.AbstractContextManager:
+    """Each layer's first input goes to ``captured[index]`` while the block runs."""
+
+    def hook(index: int, own: Callable) -> Callable:
+        def call(inputs, *args, **kwargs):
+            captured.setdefault(index, inputs)
+            return own(inputs, *args, **kwargs)
+
+        return call
+
+    return hooked_calls(layers, hook)
 
 
 def _capture(model: keras.Model, layers: Sequence[keras.layers.Layer], inputs: Any) -> list[np.ndarray]:
@@ -124,7 +131,7 @@ def _capture(model: keras.Model, layers: Sequence[keras.layers.Layer], inputs: A
         import tensorflow as tf
 
         # Traced, not eager: TensorFlow's CPU kernels have no eager channels_first convolution.
-        run = _once(tf.function(run, autograph=False))
+        run = traced_once(tf.function(run, autograph=False))
     try:
         got = run(inputs)
         arrays = [np.asarray(keras.ops.convert_to_numpy(got[str(i)])) for i in range(len(layers))]
@@ -147,11 +154,11 @@ def _evaluate(chains: Sequence[Sequence[keras.layers.Layer]], xs: Sequence[np.nd
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        run = _once(tf.function(run, autograph=False))
+        run = traced_once(tf.function(run, autograph=False))
     return [np.asarray(keras.ops.convert_to_numpy(y), np.float64) for y in run(list(xs))]
 
 
-def _once(function: Any) -> Any:
+def traced_once(function: Any) -> Any:
     """A ``tf.function`` traced once by design: TensorFlow would warn about retracing on stderr (a private flag)."""
     function._omit_frequent_tracing_warning = True
     return function

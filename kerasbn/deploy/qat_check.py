@@ -37,8 +37,7 @@ simulation can differ by one step there, which the output budget covers.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,27 +266,55 @@ class _LayerByLayer:
     def judge(self, arrays: Sequence[np.ndarray]) -> tuple[float, str, int]:
         """(max steps, the layer, layers judged) of the model run with the file's tensors in place of its own."""
         import keras
+        import tensorflow as tf
+
+        from kerasbn.deploy.layerwise import hooked_calls, traced_once
 
         values = self.run(list(arrays))
         ends, inner = values[: len(self.steps)], values[len(self.steps) :]
-        forced = {key: tensor.dequantize(q) for (key, tensor), q in zip(self.tensors.items(), inner)}
-        computed: dict[int, np.ndarray] = {}
-        with _forced(list(self.quantizers.values()), forced, computed):
-            made = keras.tree.flatten(self.model(self.sig.pack(list(arrays)), training=False))
-        worst, where, judged = 0.0, "", 0
-        for key, value in forced.items():
-            value = _keras_layout(value, computed[key])
-            if value is None:
-                continue
-            judged += 1
-            error = float(np.max(np.abs(value - computed[key]), initial=0.0)) / _nudged(self.quantizers[key])[0]
-            if error > worst or not where:
-                worst, where = error, f"layer '{self.quantizers[key].name}'"
-        for index, (y, z, step) in enumerate(zip(made, ends, self.steps)):
-            error = float(np.max(np.abs(np.asarray(y, np.float64) - z), initial=0.0)) / step
-            if error > worst:
-                worst, where = error, f"output {index}"
-        return worst, where, judged + len(ends)
+        files = {key: tensor.dequantize(q) for (key, tensor), q in zip(self.tensors.items(), inner)}
+        quantizers = list(self.quantizers.values())
+
+        def forced(x: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+            # Each quantizer's own output, and the file's tensor it returns in its place.
+            own, taken = {}, {}
+
+            def hook(index: int, call: Any) -> Any:
+                def replaced(inputs, *args, **kwargs):
+                    y = call(inputs, *args, **kwargs)
+                    key = id(quantizers[index])
+                    value = _layouts(files[key], y) if key in files else None
+                    if value is None:
+                        return y
+                    own[str(key)], taken[str(key)] = y, value
+                    return value
+
+                return replaced
+
+            with hooked_calls(quantizers, hook):
+                return self.model(x, training=False), own, taken
+
+        # Traced, as the model runs: TensorFlow has no eager channels-first convolution on every CPU.
+        made, own, taken = traced_once(tf.function(forced, autograph=False))(self.sig.pack(list(arrays)))
+        # (steps off, what) per judged quantizer, then per output; the first of the largest is reported.
+        errors = [
+            (
+                _steps(taken[key], value, _nudged(self.quantizers[int(key)])[0]),
+                f"layer '{self.quantizers[int(key)].name}'",
+            )
+            for key, value in own.items()
+        ]
+        errors += [
+            (_steps(z, y, step), f"output {i}")
+            for i, (y, z, step) in enumerate(zip(keras.tree.flatten(made), ends, self.steps))
+        ]
+        worst, where = max(errors, key=lambda error: error[0])
+        return worst, where, len(errors)
+
+
+def _steps(a: Any, b: Any, step: float) -> float:
+    """max |a − b| in steps of ``step``."""
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)) / step
 
 
 def _same_range(quantizer: Any, tensor: Any) -> bool:
@@ -324,45 +351,23 @@ def _inbound_layers(layer: Any) -> list[Any]:
     return [t._keras_history.operation for node in nodes for t in node.input_tensors if hasattr(t, "_keras_history")]
 
 
-def _keras_layout(value: np.ndarray, like: np.ndarray) -> np.ndarray | None:
-    """``value`` in Keras's channels-last layout, None where no layout has the shape of ``like``.
+def _layouts(value: np.ndarray, like: Any) -> Any:
+    """The file's ``value`` in Keras's channels-last layout, as a tensor; None where no layout has ``like``'s shape.
 
     tf2onnx computes convolutions channels first. Where both layouts have the
-    same shape (8×8 pixels of 8 channels) the one closer to ``like`` is it: the
-    other is off by the range of the values.
+    same shape (8×8 pixels of 8 channels) the one closer to ``like`` is it, chosen
+    in the graph: the other is off by the range of the values.
     """
-    layouts = [value] + ([np.moveaxis(value, 1, -1)] if value.ndim > 2 else [])
-    fitting = [v for v in layouts if v.shape == like.shape]
-    return min(fitting, key=lambda v: float(np.max(np.abs(v - like), initial=0.0)), default=None)
-
-
-@contextlib.contextmanager
-def _forced(
-    quantizers: Sequence[Any], values: dict[int, np.ndarray], computed: dict[int, np.ndarray]
-) -> Iterator[None]:
-    """While the block runs, each quantizer records its output in ``computed`` and returns ``values``' instead."""
     import keras
 
-    for quantizer in quantizers:
-        original, key = quantizer.call, id(quantizer)
-
-        def hook(inputs, *args, _key=key, _original=original, **kwargs):
-            own = _original(inputs, *args, **kwargs)
-            computed[_key] = np.asarray(keras.ops.convert_to_numpy(own), np.float64)
-            if _key not in values:
-                return own
-            value = _keras_layout(values[_key], computed[_key])
-            if value is None:
-                return own
-            return keras.ops.convert_to_tensor(value.astype(keras.backend.standardize_dtype(own.dtype)))
-
-        # An instance attribute shadows the class's method in Layer.__call__ (as kerasbn.deploy.layerwise does).
-        object.__setattr__(quantizer, "call", hook)
-    try:
-        yield
-    finally:
-        for quantizer in quantizers:
-            object.__delattr__(quantizer, "call")
+    shape = tuple(like.shape)
+    fitting = [v for v in (value, np.moveaxis(value, 1, -1) if value.ndim > 2 else None) if v is not None]
+    fitting = [keras.ops.convert_to_tensor(v.astype(np.float32)) for v in fitting if v.shape == shape]
+    if len(fitting) < 2:
+        return fitting[0] if fitting else None
+    first, second = fitting
+    closer = keras.ops.max(keras.ops.abs(first - like)) <= keras.ops.max(keras.ops.abs(second - like))
+    return keras.ops.where(closer, first, second)
 
 
 def _cases(checks: Any, sig: Any) -> list[tuple[str, list[np.ndarray]]]:
