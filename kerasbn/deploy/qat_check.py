@@ -18,13 +18,14 @@
    quantizer of the model fed the file's own integers for every tensor before
    it (the file's quantized tensors made outputs of the file too, which
    leaves the kernels that compute them as they are) must give the file's
-   integers within `MAX_LAYER_LSB` step. Through a deep network the outputs alone cannot judge
-   the file: the file sums integers exactly and the simulation sums float32, so
-   0.1–0.3 % of a layer's elements, those within float32 error of a half step,
-   round one step apart, and each such step moves the next layers' sums. On
-   keras-hub's CSPNet (13 convolutions) that reaches 7 output steps while no
-   layer is more than one step from the simulated layer fed the file's inputs.
-   A wrong bias or kernel is off by several steps at its own layer.
+   integers within `MAX_LAYER_LSB` step. Through a deep network the outputs
+   alone cannot judge the file: the file sums integers exactly and the
+   simulation sums float32, so 0.1–0.3 % of a layer's elements, those within
+   float32 error of a half step, round one step apart, and each such step
+   moves the next layers' sums. On keras-hub's CSPNet (13 convolutions) that
+   reaches 7 output steps while no layer is more than one step from the
+   simulated layer fed the file's inputs. A wrong bias or kernel is off by
+   several steps at its own layer.
 
 Rounding: the weights reach the file as integers already (the ``qdq``
 lowering hands tf2onnx the grid itself, whose quotient by the scale is an
@@ -80,7 +81,7 @@ class OutputCheck:
             fed the file's own inputs (module docstring, step 4); None when not
             judged so.
         worst_layer: The layer (activation quantizer or output) of `layer_lsb`.
-        layers: How many layers that judged.
+        layers: How many layers were judged so (activation quantizers and outputs).
     """
 
     case: str
