@@ -7,6 +7,7 @@ import numpy as np
 
 from kerasbn.deploy import twins
 from kerasbn.deploy.target import targets
+from kerasbn.deploy.tolerances import EXACT_FACTOR, ROUNDING_FLOOR
 from kerasbn.deploy.verify import keras_outputs, random_inputs
 from kerasbn.folding import plan
 from kerasbn.model_signature import signature
@@ -92,7 +93,10 @@ def assert_matches_original(original: keras.Model, candidate: list[np.ndarray], 
     exact64 = twins.evaluate(original, x, "float64")
     own = relative_error(exact64, twins.evaluate(original, x, dtype) if dtype != "float64" else exact64)
     err = relative_error(exact64, candidate)
-    bound = 4 * own + 8 * ROUNDOFF[dtype]
+    # The verification rule's numbers: another runtime's kernels (ONNX Runtime's MLAS, LiteRT's XNNPACK) block
+    # their reductions otherwise, which on a shallow network is a few u past the original's own error (a 900-position
+    # average pool in ONNX Runtime: 1.3e-6 = 22 u against TensorFlow's 1.2e-7, at one random test order).
+    bound = EXACT_FACTOR * own + ROUNDING_FLOOR * ROUNDOFF[dtype]
     assert err <= bound, f"max|Δ|/max|y64| = {err:.3g} > {bound:.3g} (the original's own error in {dtype}: {own:.3g})"
     return err
 

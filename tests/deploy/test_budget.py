@@ -75,6 +75,7 @@ def three_samples(monkeypatch):
 
 
 def _conv_bn() -> keras.Model:
+    keras.utils.set_random_seed(0)
     x = keras.Input((32, 32, 3), name="image")
     y = L.BatchNormalization()(L.Conv2D(16, 3)(x))
     return randomize_bn(keras.Model(x, L.GlobalAveragePooling2D()(y)))

@@ -440,7 +440,15 @@ def test_a_leaky_relu_is_refused_for_litert_and_exported_to_onnx(tmp_path):
     assert np.max(np.abs(got - expected)) <= (MAX_STEPS + STEP_SLACK) * output_step(qat)
 
 
-@pytest.fixture(scope="module", params=[("leaky_relu", "onnx"), ("relu", "onnx"), ("relu", "litert")], ids=str)
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(("leaky_relu", "onnx"), id="leaky_relu-onnx"),
+        # The same check through the other format and kernel: make test-large.
+        pytest.param(("relu", "onnx"), id="relu-onnx", marks=pytest.mark.large),
+        pytest.param(("relu", "litert"), id="relu-litert", marks=pytest.mark.large),
+    ],
+)
 def deep_qat(request):
     """keras-hub's CSPNet (13 convolutions, residual adds, concatenations), calibrated, with its int8 file's bytes.
 
