@@ -30,11 +30,12 @@ def _build(name):
     return model, images
 
 
-# Xception and InceptionV3 fold as plainly as ResNet50 (every BN after its convolution): test-large.
+# Xception and InceptionV3 fold as plainly as ResNet50 (every BN after its convolution), and MobileNetV2 is the
+# user-path matrix's keras.applications model (tests/paths): test-large.
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.large) if n in ("Xception", "InceptionV3") else n for n in ZOO],
+    [pytest.param(n, marks=pytest.mark.large) if n in ("Xception", "InceptionV3", "MobileNetV2") else n for n in ZOO],
 )
 def test_zoo_fold(name, tmp_path):
     model, images = _build(name)

@@ -19,8 +19,13 @@ CUSTOM_BLOCKS = {"HGNetV2", "MobileNet (v3)", "EfficientNet (fused-MBConv)"}
 FAST = "HGNetV2"
 
 
+# CSPNet is the user-path matrix's keras-hub model (tests/paths), which audits, folds and reloads it: test-large.
+REPEATED = "CSPNet"
+
+
 def _params():
-    return [pytest.param(name, marks=() if name == FAST else pytest.mark.slow) for name in BACKBONES]
+    marks = {FAST: (), REPEATED: (pytest.mark.slow, pytest.mark.large)}
+    return [pytest.param(name, marks=marks.get(name, pytest.mark.slow)) for name in BACKBONES]
 
 
 @pytest.mark.parametrize("name", _params())
