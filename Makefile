@@ -45,10 +45,11 @@ test-jax: $(STAMP)
 	KERAS_BACKEND=jax $(PYTEST) tests/layers tests/ops
 
 test-torch: $(STAMP)
-	KERAS_BACKEND=torch $(PYTEST) tests/layers tests/ops
+	KERAS_BACKEND=torch $(PYTEST) -m "not large" tests/layers tests/ops
 
 test-large: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PYTEST) -m large
+	KERAS_BACKEND=torch $(PYTEST) -m large tests/layers tests/ops
 
 ## CI's share of the large tests: slice K of LARGE_SLICES by a hash of each test's id, K the HEAD commit's hash
 ## mod LARGE_SLICES (tests/conftest.py, --slice), so each commit runs a different twelfth (about 10 minutes on

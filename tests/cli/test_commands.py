@@ -461,7 +461,12 @@ def test_installed_script_folds_and_audits(model_files, copy_of):
 
 @pytest.mark.parametrize(
     "args",
-    [["--version"], ["audit", "{model}", "--strict", "--format", "json"], ["fold", "{model}", "--batch", "0"]],
+    [
+        ["--version"],
+        # The installed script audits --strict in a process of its own above: test-large.
+        pytest.param(["audit", "{model}", "--strict", "--format", "json"], marks=pytest.mark.large),
+        ["fold", "{model}", "--batch", "0"],
+    ],
     ids=["version", "audit-strict-findings", "bad-usage"],
 )
 def test_python_dash_m_runs_the_same_command(args, model_files):

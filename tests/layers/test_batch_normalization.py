@@ -145,7 +145,9 @@ def test_cumulative_average_is_the_population_statistic(rng):
     np.testing.assert_allclose(np.asarray(layer.moving_variance), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", MODES)
+# Compiled by torch, both layers on seven shapes take half a minute: test-large (test_renorm_matches_keras_when_biased
+# and the algorithm tests compile in make test).
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.large) if m == "compile" else m for m in MODES])
 @pytest.mark.parametrize("shape,axis", [(s, a) for s, a in CASES if isinstance(a, int)])
 def test_biased_matches_keras(shape, axis, mode, rng):
     """unbiased=False reproduces keras.layers.BatchNormalization step by step."""
